@@ -1,0 +1,5 @@
+import sys
+
+from hoopops.cli import main
+
+sys.exit(main())

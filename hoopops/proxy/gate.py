@@ -1,0 +1,86 @@
+"""The seam between the relay and the gateway's judgement.
+
+The session asks the gate what to do with each statement and tells it what came back;
+the gate consults policy, approvals, audit and masking. ``StatementGate`` itself lets
+everything through untouched (a plain relay); ``hoopops.gateway`` supplies the real one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hoopops.proxy.session import Run, Session
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do with one statement, and what to tell the client if it may not run."""
+
+    action: str  # allow | block | review
+    sqlstate: str = "42501"
+    message: str = ""
+    hint: str | None = None
+    rule_id: str | None = None
+    decision: Any = None  # the policy engine's full Decision (facts, timing)
+    approval_id: Any = None
+
+
+ALLOW = Verdict("allow")
+
+
+class StatementGate:
+    """Pass-through gate: allows everything, records nothing, masks nothing."""
+
+    sample_limits: tuple[int, int] = (0, 0)
+
+    def new_session_state(self) -> Any:
+        return None
+
+    async def decide(self, session: Session, sql: str, statement_name: str | None) -> Verdict:
+        return ALLOW
+
+    def session_allows(self, session: Session, verdict: Verdict) -> bool:
+        return True
+
+    async def request_approval(self, session: Session, verdict: Verdict, sql: str,
+                               params: tuple[bytes | None, ...] | None) -> Verdict:
+        return Verdict("block", message=verdict.message or "approval is required and no "
+                       "approvals broker is configured")
+
+    async def record_refusal(self, session: Session, sql: str,
+                             params: tuple[bytes | None, ...] | None, verdict: Verdict,
+                             received_at: float) -> None:
+        return None
+
+    async def before_forward(self, session: Session, run: Run) -> None:
+        return None
+
+    async def after_result(self, session: Session, run: Run) -> None:
+        return None
+
+    async def on_row_description(self, session: Session, run: Run) -> None:
+        return None
+
+    async def rewrite_row(self, session: Session, run: Run, message: bytes) -> bytes:
+        if run.hasher is not None:
+            run.hasher.update(message)
+        return message
+
+    async def rewrite_copy(self, session: Session, run: Run, message: bytes) -> bytes:
+        return message
+
+    async def on_error(self, session: Session, fields: dict[str, str], payload: bytes
+                       ) -> bytes | None:
+        return None
+
+    async def on_async_message(self, session: Session, mtype: int, payload: bytes
+                               ) -> bytes | None:
+        return None
+
+    async def session_opened(self, session: Session) -> None:
+        return None
+
+    async def session_closed(self, session: Session) -> None:
+        return None

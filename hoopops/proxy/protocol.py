@@ -1,0 +1,493 @@
+"""Pure framing and codecs for the PostgreSQL frontend/backend protocol 3.0 (no I/O).
+
+The PostgreSQL documentation's "Frontend/Backend Protocol" chapter, sections "Message
+Flow" and "Message Formats", is the specification; comments cite the section where the
+code follows a subtle rule.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+PROTOCOL_3_0 = 196608  # 3 << 16
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+HEADER = struct.Struct("!cI")
+_INT32 = struct.Struct("!i")
+_UINT32 = struct.Struct("!I")
+_INT16 = struct.Struct("!h")
+_HEADER_UNPACK = struct.Struct("!BI").unpack_from
+
+# Backend message types (first byte), as ints for fast comparison against buffer bytes.
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+BIND_COMPLETE = ord("2")
+CLOSE_COMPLETE = ord("3")
+COMMAND_COMPLETE = ord("C")
+COPY_DATA = ord("d")
+COPY_DONE = ord("c")
+COPY_FAIL = ord("f")
+COPY_IN_RESPONSE = ord("G")
+COPY_OUT_RESPONSE = ord("H")
+COPY_BOTH_RESPONSE = ord("W")
+DATA_ROW = ord("D")
+EMPTY_QUERY_RESPONSE = ord("I")
+ERROR_RESPONSE = ord("E")
+FUNCTION_CALL_RESPONSE = ord("V")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NO_DATA = ord("n")
+NOTICE_RESPONSE = ord("N")
+NOTIFICATION_RESPONSE = ord("A")
+PARAMETER_DESCRIPTION = ord("t")
+PARAMETER_STATUS = ord("S")
+PARSE_COMPLETE = ord("1")
+PORTAL_SUSPENDED = ord("s")
+READY_FOR_QUERY = ord("Z")
+ROW_DESCRIPTION = ord("T")
+
+# Frontend message types.
+BIND = ord("B")
+CLOSE = ord("C")
+DESCRIBE = ord("D")
+EXECUTE = ord("E")
+FLUSH = ord("H")
+FUNCTION_CALL = ord("F")
+PARSE = ord("P")
+PASSWORD = ord("p")
+QUERY = ord("Q")
+SYNC = ord("S")
+TERMINATE = ord("X")
+
+FRONTEND_TYPES = frozenset(b"BCDEHFPpQSXdcf")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection cannot continue."""
+
+    def __init__(self, message: str, sqlstate: str = "08P01") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+# -- framing ----------------------------------------------------------------------------
+
+
+class MessageBuffer:
+    """Accumulates bytes and yields complete typed messages.
+
+    ``max_size`` bounds the length a peer may announce, so a hostile length cannot make us
+    buffer gigabytes before noticing.
+    """
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_size: int = 1 << 30) -> None:
+        self._buf = bytearray()
+        self._max = max_size
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def take_all(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def messages(self) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(type, payload)`` for each complete message, consuming them."""
+        buf = self._buf
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= 5:
+                mtype, length = _HEADER_UNPACK(buf, pos)
+                if length < 4:
+                    raise ProtocolError(f"invalid message length {length}")
+                if length > self._max:
+                    raise ProtocolError(
+                        f"message of {length} bytes exceeds the gateway limit of {self._max} "
+                        "bytes (limits.max_message_size)", "54000")
+                if end - pos < 1 + length:
+                    break
+                payload = bytes(buf[pos + 5:pos + 1 + length])
+                pos += 1 + length
+                yield mtype, payload
+        finally:
+            del buf[:pos]
+
+    def peek_header(self) -> tuple[int, int] | None:
+        if len(self._buf) < 5:
+            return None
+        mtype, length = _HEADER_UNPACK(self._buf, 0)
+        return mtype, length
+
+
+def frame(mtype: int | bytes, payload: bytes = b"") -> bytes:
+    """One complete message: type byte, int32 length (including itself), payload."""
+    type_byte = mtype if isinstance(mtype, bytes) else bytes((mtype,))
+    return type_byte + _UINT32.pack(len(payload) + 4) + payload
+
+
+def cstr(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape") + b"\x00"
+
+
+def read_cstr(data: bytes, pos: int) -> tuple[str, int]:
+    """The NUL-terminated string at ``pos`` and the position after it."""
+    end = data.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolError("string field is not NUL-terminated")
+    return data[pos:end].decode("utf-8", "surrogateescape"), end + 1
+
+
+def read_cstr_bytes(data: bytes, pos: int) -> tuple[bytes, int]:
+    end = data.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolError("string field is not NUL-terminated")
+    return data[pos:end], end + 1
+
+
+# -- startup ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartupPacket:
+    code: int
+    params: dict[str, str]
+    raw_options: tuple[str, ...] = ()
+
+    @property
+    def major(self) -> int:
+        return self.code >> 16
+
+    @property
+    def minor(self) -> int:
+        return self.code & 0xFFFF
+
+
+def parse_startup(payload: bytes) -> StartupPacket:
+    """Parse the body of a length-prefixed startup-phase packet (after the length)."""
+    if len(payload) < 4:
+        raise ProtocolError("startup packet too short")
+    (code,) = _UINT32.unpack_from(payload, 0)
+    if code in (SSL_REQUEST, GSSENC_REQUEST):
+        if len(payload) != 4:
+            raise ProtocolError("malformed SSL/GSS request")
+        return StartupPacket(code, {})
+    if code == CANCEL_REQUEST:
+        # 3.2 allows variable-length keys (4 to 256 bytes).
+        if not 12 <= len(payload) <= 264:
+            raise ProtocolError("malformed CancelRequest")
+        return StartupPacket(code, {"pid": str(_INT32.unpack_from(payload, 4)[0]),
+                                    "key": payload[8:].hex()})
+    if code >> 16 != 3:
+        raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                            "the gateway speaks protocol 3", "0A000")
+    params: dict[str, str] = {}
+    order: list[str] = []
+    pos = 4
+    data = payload
+    while True:
+        if pos >= len(data):
+            raise ProtocolError("startup packet is not terminated")
+        if data[pos] == 0:
+            if pos != len(data) - 1:
+                raise ProtocolError("unexpected bytes after the startup packet terminator")
+            break
+        name, pos = read_cstr(data, pos)
+        value, pos = read_cstr(data, pos)
+        if name in params:
+            raise ProtocolError(f"startup parameter {name!r} given twice")
+        params[name] = value
+        order.append(name)
+    return StartupPacket(code, params, tuple(order))
+
+
+def startup_message(params: dict[str, str], code: int = PROTOCOL_3_0) -> bytes:
+    body = _UINT32.pack(code) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    return _UINT32.pack(len(body) + 4) + body
+
+
+def ssl_request() -> bytes:
+    return _UINT32.pack(8) + _UINT32.pack(SSL_REQUEST)
+
+
+def cancel_request(pid: int, key: bytes) -> bytes:
+    body = _UINT32.pack(CANCEL_REQUEST) + _INT32.pack(pid) + key
+    return _UINT32.pack(len(body) + 4) + body
+
+
+# -- backend messages the gateway builds --------------------------------------------------
+
+
+def authentication(code: int, extra: bytes = b"") -> bytes:
+    return frame(AUTHENTICATION, _INT32.pack(code) + extra)
+
+
+AUTH_OK = authentication(0)
+AUTH_CLEARTEXT = authentication(3)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return frame(PARAMETER_STATUS, cstr(name) + cstr(value))
+
+
+def backend_key_data(pid: int, key: bytes) -> bytes:
+    return frame(BACKEND_KEY_DATA, _INT32.pack(pid) + key)
+
+
+def ready_for_query(status: bytes) -> bytes:
+    return frame(READY_FOR_QUERY, status)
+
+
+def negotiate_protocol_version(minor: int, unsupported: Sequence[str]) -> bytes:
+    body = _INT32.pack(minor) + _INT32.pack(len(unsupported)) + b"".join(
+        cstr(o) for o in unsupported)
+    return frame(NEGOTIATE_PROTOCOL_VERSION, body)
+
+
+def error_fields(fields: dict[str, str]) -> bytes:
+    return b"".join(k.encode() + cstr(v) for k, v in fields.items()) + b"\0"
+
+
+def error_response(sqlstate: str, message: str, severity: str = "ERROR",
+                   detail: str | None = None, hint: str | None = None) -> bytes:
+    fields = {"S": severity, "V": severity, "C": sqlstate, "M": message}
+    if detail:
+        fields["D"] = detail
+    if hint:
+        fields["H"] = hint
+    return frame(ERROR_RESPONSE, error_fields(fields))
+
+
+def notice_response(message: str, severity: str = "NOTICE", sqlstate: str = "00000",
+                    detail: str | None = None) -> bytes:
+    fields = {"S": severity, "V": severity, "C": sqlstate, "M": message}
+    if detail:
+        fields["D"] = detail
+    return frame(NOTICE_RESPONSE, error_fields(fields))
+
+
+def parse_error_fields(payload: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse payload keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(payload) and payload[pos] != 0:
+        code = chr(payload[pos])
+        value, pos = read_cstr(payload, pos + 1)
+        fields[code] = value
+    return fields
+
+
+# -- frontend messages ------------------------------------------------------------------
+
+
+def query(sql: str) -> bytes:
+    return frame(QUERY, cstr(sql))
+
+
+def password_message(data: bytes) -> bytes:
+    return frame(PASSWORD, data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return frame(PASSWORD, cstr(mechanism) + _INT32.pack(len(data)) + data)
+
+
+SYNC_MESSAGE = frame(SYNC)
+FLUSH_MESSAGE = frame(FLUSH)
+TERMINATE_MESSAGE = frame(TERMINATE)
+
+
+def parse_message(name: str, sql: str, param_types: Sequence[int] = ()) -> bytes:
+    body = cstr(name) + cstr(sql) + _INT16.pack(len(param_types)) + b"".join(
+        _UINT32.pack(t) for t in param_types)
+    return frame(PARSE, body)
+
+
+def bind_message(portal: str, statement: str) -> bytes:
+    return frame(BIND, cstr(portal) + cstr(statement) + b"\0\0\0\0\0\0")
+
+
+def execute_message(portal: str, max_rows: int = 0) -> bytes:
+    return frame(EXECUTE, cstr(portal) + _INT32.pack(max_rows))
+
+
+@dataclass(frozen=True)
+class ParseMsg:
+    name: str
+    sql: str
+    param_types: tuple[int, ...]
+
+
+def decode_parse(payload: bytes) -> ParseMsg:
+    name, pos = read_cstr(payload, 0)
+    sql_bytes, pos = read_cstr_bytes(payload, pos)
+    if pos + 2 > len(payload):
+        raise ProtocolError("truncated Parse message")
+    (count,) = _INT16.unpack_from(payload, pos)
+    pos += 2
+    if count < 0 or pos + 4 * count != len(payload):
+        raise ProtocolError("malformed Parse parameter types")
+    types = struct.unpack_from(f"!{count}I", payload, pos) if count else ()
+    return ParseMsg(name, decode_sql(sql_bytes), tuple(types))
+
+
+@dataclass(frozen=True)
+class BindMsg:
+    portal: str
+    statement: str
+    param_formats: tuple[int, ...]
+    params: tuple[bytes | None, ...]
+    result_formats: tuple[int, ...]
+
+
+def decode_bind(payload: bytes) -> BindMsg:
+    try:
+        portal, pos = read_cstr(payload, 0)
+        statement, pos = read_cstr(payload, pos)
+        (nfmt,) = _INT16.unpack_from(payload, pos)
+        pos += 2
+        if nfmt < 0:
+            raise ProtocolError("malformed Bind message")
+        fmts = struct.unpack_from(f"!{nfmt}h", payload, pos) if nfmt else ()
+        pos += 2 * nfmt
+        (nparams,) = _INT16.unpack_from(payload, pos)
+        pos += 2
+        if nparams < 0:
+            raise ProtocolError("malformed Bind message")
+        params: list[bytes | None] = []
+        for _ in range(nparams):
+            (size,) = _INT32.unpack_from(payload, pos)
+            pos += 4
+            if size == -1:
+                params.append(None)
+                continue
+            if size < 0 or pos + size > len(payload):
+                raise ProtocolError("malformed Bind parameter")
+            params.append(payload[pos:pos + size])
+            pos += size
+        (nres,) = _INT16.unpack_from(payload, pos)
+        pos += 2
+        if nres < 0:
+            raise ProtocolError("malformed Bind message")
+        results = struct.unpack_from(f"!{nres}h", payload, pos) if nres else ()
+        pos += 2 * nres
+    except struct.error:
+        raise ProtocolError("truncated Bind message") from None
+    if pos != len(payload):
+        raise ProtocolError("trailing bytes in Bind message")
+    return BindMsg(portal, statement, tuple(fmts), tuple(params), tuple(results))
+
+
+def decode_describe_or_close(payload: bytes) -> tuple[str, str]:
+    """``('S' or 'P', name)`` from a Describe or Close message."""
+    if not payload or payload[:1] not in (b"S", b"P"):
+        raise ProtocolError("Describe/Close must name a statement (S) or portal (P)")
+    name, pos = read_cstr(payload, 1)
+    if pos != len(payload):
+        raise ProtocolError("trailing bytes in Describe/Close message")
+    return chr(payload[0]), name
+
+
+def decode_execute(payload: bytes) -> tuple[str, int]:
+    portal, pos = read_cstr(payload, 0)
+    if pos + 4 != len(payload):
+        raise ProtocolError("malformed Execute message")
+    return portal, _INT32.unpack_from(payload, pos)[0]
+
+
+def decode_query(payload: bytes) -> str:
+    if not payload or payload[-1] != 0:
+        raise ProtocolError("Query message is not NUL-terminated")
+    return decode_sql(payload[:-1])
+
+
+class SqlTextError(ProtocolError):
+    """Statement text the gateway cannot read exactly as the server would."""
+
+
+def decode_sql(raw: bytes) -> str:
+    """Strict UTF-8; a NUL inside the text would end it early for the server."""
+    if b"\x00" in raw:
+        raise SqlTextError("statement text contains a NUL byte", "22021")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SqlTextError("statement text is not valid UTF-8", "22021") from None
+
+
+# -- backend messages the gateway reads ------------------------------------------------------
+
+
+def decode_command_tag(payload: bytes) -> str:
+    return payload.rstrip(b"\x00").decode("utf-8", "replace")
+
+
+def rows_from_tag(tag: str) -> int | None:
+    """Row count carried by a CommandComplete tag (``SELECT 5``, ``INSERT 0 3``...)."""
+    last = tag.rpartition(" ")[2]
+    return int(last) if last.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    table_oid: int
+    attnum: int
+    type_oid: int
+    type_size: int
+    type_mod: int
+    format_code: int
+
+
+def decode_row_description(payload: bytes) -> list[Field]:
+    (count,) = _INT16.unpack_from(payload, 0)
+    pos = 2
+    fields = []
+    for _ in range(count):
+        name, pos = read_cstr(payload, pos)
+        table_oid, attnum, type_oid, size, mod, fmt = struct.unpack_from("!IhIhih", payload, pos)
+        pos += 18
+        fields.append(Field(name, table_oid, attnum, type_oid, size, mod, fmt))
+    return fields
+
+
+def decode_data_row(payload: bytes) -> list[bytes | None]:
+    (count,) = _INT16.unpack_from(payload, 0)
+    pos = 2
+    values: list[bytes | None] = []
+    for _ in range(count):
+        (size,) = _INT32.unpack_from(payload, pos)
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(payload[pos:pos + size])
+            pos += size
+    return values
+
+
+def decode_auth(payload: bytes) -> tuple[int, bytes]:
+    if len(payload) < 4:
+        raise ProtocolError("truncated authentication message")
+    return _INT32.unpack_from(payload, 0)[0], payload[4:]
+
+
+def decode_backend_key(payload: bytes) -> tuple[int, bytes]:
+    if len(payload) < 8:
+        raise ProtocolError("truncated BackendKeyData")
+    return _INT32.unpack_from(payload, 0)[0], payload[4:]
+
+
+def decode_parameter_status(payload: bytes) -> tuple[str, str]:
+    name, pos = read_cstr(payload, 0)
+    value, _ = read_cstr(payload, pos)
+    return name, value

@@ -1,0 +1,649 @@
+"""The relay for one authenticated client: statements in, results out.
+
+Two tasks per session. The client pump reads frontend messages, decides each statement
+(policy, approvals), records it (audit) and forwards what may run. The server pump relays
+backend messages to the client, attributing each one to the request it answers through a
+FIFO of expectations (``Pending``), which is what lets the gateway know which statement a
+row belongs to, mask it, hash it and drop the replies to anything the gateway injected.
+
+A blocked statement is answered by making the *server* raise the error (a ``DO`` block
+that raises 42501 with the gateway's message), except for a simple query while idle,
+which the gateway answers itself. Either way the client sees exactly what a server error
+would produce: the extended protocol skips to Sync, and a transaction block is aborted on
+the server too, so client and server never disagree about the transaction state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import struct
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hoopops import events
+from hoopops.proxy import protocol as p
+from hoopops.proxy.upstream import UpstreamConnection, send_cancel
+
+if TYPE_CHECKING:
+    from hoopops.config import Target
+    from hoopops.identity import Identity
+    from hoopops.proxy.gate import StatementGate
+
+log = logging.getLogger("hoopops.session")
+
+_HDR = struct.Struct("!BI").unpack_from
+
+# What a forwarded request expects back (see protocol docs, "Extended Query").
+K_QUERY, K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC = range(7)
+_EXTENDED = frozenset((K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE))
+
+# Fields of a server error that only describe the gateway's injected DO block.
+_INJECTION_NOISE = frozenset("WFLRsqP")
+
+
+@dataclass(slots=True)
+class Run:
+    """One statement's execution as seen in the response stream."""
+
+    sql: str
+    decision: Any = None
+    params: tuple[bytes | None, ...] | None = None
+    audit_id: Any = None
+    received_at: float = 0.0
+    started_at: float = 0.0
+    rows: int = 0
+    tag: str | None = None
+    sqlstate: str | None = None
+    error: str | None = None
+    hasher: Any = None
+    sample: list[bytes] | None = None
+    sample_bytes: int = 0
+    fields: list[p.Field] | None = None
+    plan: Any = None
+    finished: bool = False
+
+
+@dataclass(slots=True)
+class Pending:
+    kind: int
+    run: Run | None = None
+    name: str = ""
+    swallow: bool = False  # drop every reply (gateway-injected request)
+    injected_error: bool = False  # pass the error but strip the DO block's context
+
+
+@dataclass
+class PreparedInfo:
+    """What the gateway knows about a named (or unnamed) prepared statement."""
+
+    sql: str
+    decision: Any
+    fields: list[p.Field] | None = None
+
+
+@dataclass
+class PortalInfo:
+    statement: PreparedInfo
+    params: tuple[bytes | None, ...]
+    result_formats: tuple[int, ...]
+    fields: list[p.Field] | None = None
+
+
+@dataclass
+class SessionStats:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    statements: int = 0
+    blocked: int = 0
+
+
+@dataclass
+class SessionInfo:
+    """Facts about a session that the console and the audit trail show."""
+
+    id: str
+    identity: Identity
+    target: str
+    client_addr: str
+    client_port: int
+    application_name: str
+    claimed_user: str
+    tls: bool
+    started_at: float = field(default_factory=time.time)
+    state: str = "idle"
+    last_sql: str = ""
+    stats: SessionStats = field(default_factory=SessionStats)
+
+
+def _refusal_do_block(sqlstate: str, message: str, hint: str | None) -> str:
+    """SQL that makes the server raise exactly our error (so its state matches)."""
+    def lit(text: str) -> str:
+        return "'" + text.replace("$hoopops$", "").replace("'", "''") + "'"
+
+    options = f"ERRCODE = {lit(sqlstate)}, MESSAGE = {lit(message)}"
+    if hint:
+        options += f", HINT = {lit(hint)}"
+    return f"DO $hoopops$BEGIN RAISE EXCEPTION USING {options}; END$hoopops$"
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Session:
+    def __init__(self, info: SessionInfo, target: Target, gate: StatementGate,
+                 client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                 upstream: UpstreamConnection, bus: events.EventBus,
+                 max_message_size: int) -> None:
+        self.info = info
+        self.target = target
+        self.gate = gate
+        self.client_reader = client_reader
+        self.client_writer = client_writer
+        self.upstream = upstream
+        self.bus = bus
+        self.max_message_size = max_message_size
+        self.gateway_pid = secrets.randbits(31)
+        self.gateway_key = secrets.token_bytes(4)
+        self.pending: deque[Pending] = deque()
+        self.tx_status = b"I"
+        self.statements: dict[str, PreparedInfo] = {}
+        self.portals: dict[str, PortalInfo] = {}
+        self.skip_until_sync = False
+        self.end_reason = "client closed the connection"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._waiting: asyncio.Future[Any] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._current_simple: Run | None = None
+        self.sql_state: Any = gate.new_session_state()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    def startup_messages(self) -> bytes:
+        """ParameterStatus from the server, then our own cancel key, then ReadyForQuery."""
+        parts = [p.AUTH_OK]
+        parts += [p.parameter_status(k, v) for k, v in self.upstream.parameters.items()]
+        parts.append(p.backend_key_data(self.gateway_pid, self.gateway_key))
+        parts.append(p.ready_for_query(b"I"))
+        return b"".join(parts)
+
+    async def run(self) -> None:
+        expires = self.info.identity.expires_at
+        if expires is not None:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(max(0.0, expires - time.time()), self._token_expired)
+        client_task = asyncio.create_task(self._client_pump(), name=f"client-{self.id}")
+        server_task = asyncio.create_task(self._server_pump(), name=f"server-{self.id}")
+        self._tasks = [client_task, server_task]
+        try:
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, ClientGone | ConnectionError):
+                    log.exception("session %s failed", self.id, exc_info=exc)
+                    self.end_reason = f"gateway error: {type(exc).__name__}"
+                    self._fatal("XX000", "the gateway hit an internal error and closed this "
+                                "session; nothing after the last completed statement ran")
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        self._closing = True
+        if self._expiry:
+            self._expiry.cancel()
+        if self._waiting and not self._waiting.done():
+            self._waiting.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.upstream.close()
+        with contextlib.suppress(Exception):
+            self.client_writer.close()
+        await self.gate.session_closed(self)
+
+    def _fatal(self, sqlstate: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            if not self.client_writer.is_closing():
+                self.client_writer.write(p.error_response(sqlstate, message, "FATAL"))
+
+    def _token_expired(self) -> None:
+        self.end_reason = "token expired"
+        self._fatal("28000", "your token expired; the gateway closed the session. Reconnect "
+                    "with a fresh token")
+        self._stop()
+
+    def kill(self, reason: str = "terminated by an analyst") -> None:
+        """End the session now: the client gets a FATAL, the upstream backend is cancelled."""
+        self.end_reason = reason
+        self._fatal("57P01", f"hoopops: session {reason}")
+        asyncio.ensure_future(self.cancel_upstream())
+        self._stop()
+
+    def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def cancel(self) -> None:
+        """A CancelRequest with this session's key arrived."""
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.cancel()
+            return
+        await self.cancel_upstream()
+
+    async def cancel_upstream(self) -> None:
+        await send_cancel(self.target.upstream, self.upstream.backend_pid,
+                          self.upstream.backend_key)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.info.state:
+            self.info.state = state
+            self.bus.publish(events.SESSION_STATE, session_id=self.id, state=state)
+
+    # -- client -> server -----------------------------------------------------------------
+
+    async def _client_pump(self) -> None:
+        reader = self.client_reader
+        buffer = p.MessageBuffer(self.max_message_size)
+        upstream = self.upstream.writer
+        while True:
+            data = await reader.read(262144)
+            if not data:
+                self.end_reason = "client closed the connection"
+                raise ClientGone
+            self.info.stats.bytes_in += len(data)
+            buffer.feed(data)
+            out: list[bytes] = []
+            try:
+                for mtype, payload in buffer.messages():
+                    if mtype == p.TERMINATE:
+                        if out:
+                            upstream.write(b"".join(out))
+                        self.end_reason = "client terminated the session"
+                        raise ClientGone
+                    await self._on_client_message(mtype, payload, out)
+            except p.ProtocolError as exc:
+                if out:
+                    upstream.write(b"".join(out))
+                self.end_reason = f"protocol error: {exc}"
+                self._fatal(exc.sqlstate, f"hoopops: {exc}")
+                raise ClientGone from None
+            if out:
+                upstream.write(b"".join(out))
+                await upstream.drain()
+
+    async def _on_client_message(self, mtype: int, payload: bytes, out: list[bytes]) -> None:
+        if self.skip_until_sync and mtype != p.SYNC:
+            # The server would discard these after an error; so does the gateway.
+            return
+        if mtype == p.QUERY:
+            await self._on_query(payload, out)
+        elif mtype == p.PARSE:
+            await self._on_parse(payload, out)
+        elif mtype == p.BIND:
+            await self._on_bind(payload, out)
+        elif mtype == p.EXECUTE:
+            await self._on_execute(payload, out)
+        elif mtype == p.DESCRIBE:
+            kind, name = p.decode_describe_or_close(payload)
+            self.pending.append(Pending(K_DESCRIBE, name=kind + name))
+            out.append(p.frame(mtype, payload))
+        elif mtype == p.CLOSE:
+            kind, name = p.decode_describe_or_close(payload)
+            if kind == "S":
+                self.statements.pop(name, None)
+            else:
+                self.portals.pop(name, None)
+            self.pending.append(Pending(K_CLOSE))
+            out.append(p.frame(mtype, payload))
+        elif mtype == p.SYNC:
+            self.skip_until_sync = False
+            self.pending.append(Pending(K_SYNC))
+            out.append(p.SYNC_MESSAGE)
+        elif mtype == p.FLUSH:
+            out.append(p.FLUSH_MESSAGE)
+        elif mtype in (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL):
+            out.append(p.frame(mtype, payload))
+        elif mtype == p.FUNCTION_CALL:
+            self._flush(out)
+            self._refuse_simple("0A000", "the fastpath function-call protocol is not allowed "
+                                "through hoopops; call the function with SELECT instead")
+        else:
+            raise p.ProtocolError(f"unexpected message type {chr(mtype)!r} from the client")
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out:
+            self.upstream.writer.write(b"".join(out))
+            out.clear()
+
+    async def _on_query(self, payload: bytes, out: list[bytes]) -> None:
+        received = time.time()
+        try:
+            sql = p.decode_query(payload)
+        except p.SqlTextError as exc:
+            self._flush(out)
+            self._refuse_simple(exc.sqlstate, f"hoopops refused the statement: {exc} "
+                                "(the gateway cannot read it exactly as the server would)")
+            return
+        self.info.stats.statements += 1
+        self.info.last_sql = sql
+        verdict = await self.gate.decide(self, sql, None)
+        if verdict.action == "review":
+            self._flush(out)
+            verdict = await self._hold(verdict, sql, None)
+        if verdict.action != "allow":
+            self._flush(out)
+            await self.gate.record_refusal(self, sql, None, verdict, received)
+            self.info.stats.blocked += 1
+            self._refuse_simple(verdict.sqlstate, verdict.message, verdict.hint)
+            return
+        run = Run(sql, verdict, None, received_at=received)
+        await self.gate.before_forward(self, run)
+        self.pending.append(Pending(K_QUERY, run))
+        out.append(p.frame(p.QUERY, payload))
+
+    async def _on_parse(self, payload: bytes, out: list[bytes]) -> None:
+        received = time.time()
+        try:
+            msg = p.decode_parse(payload)
+        except p.SqlTextError as exc:
+            self._flush(out)
+            self._refuse_extended(exc.sqlstate, f"hoopops refused the statement: {exc}",
+                                  None, out)
+            return
+        verdict = await self.gate.decide(self, msg.sql, msg.name)
+        if verdict.action == "block":
+            self.info.stats.statements += 1
+            self.info.stats.blocked += 1
+            self.info.last_sql = msg.sql
+            await self.gate.record_refusal(self, msg.sql, None, verdict, received)
+            self._refuse_extended(verdict.sqlstate, verdict.message, verdict.hint, out,
+                                  drop_unnamed=msg.name == "")
+            return
+        # "review" is held at Bind, when the parameters it would run with are known.
+        self.statements[msg.name] = PreparedInfo(msg.sql, verdict)
+        self.pending.append(Pending(K_PARSE, name=msg.name))
+        out.append(p.frame(p.PARSE, payload))
+
+    async def _on_bind(self, payload: bytes, out: list[bytes]) -> None:
+        msg = p.decode_bind(payload)
+        stmt = self.statements.get(msg.statement)
+        if stmt is None:
+            # Unknown to the gateway means unknown to the server: let it say so.
+            self.pending.append(Pending(K_BIND))
+            out.append(p.frame(p.BIND, payload))
+            return
+        verdict = stmt.decision
+        if verdict is not None and verdict.action == "review" and not (
+                self.gate.session_allows(self, verdict)):
+            self._flush(out)
+            verdict = await self._hold(verdict, stmt.sql, msg.params)
+            if verdict.action != "allow":
+                self.info.stats.blocked += 1
+                await self.gate.record_refusal(self, stmt.sql, msg.params, verdict, time.time())
+                self._refuse_extended(verdict.sqlstate, verdict.message, verdict.hint, out)
+                return
+        approved = PreparedInfo(stmt.sql, verdict, stmt.fields)
+        self.portals[msg.portal] = PortalInfo(approved, msg.params, msg.result_formats)
+        self.pending.append(Pending(K_BIND, name=msg.portal))
+        out.append(p.frame(p.BIND, payload))
+
+    async def _on_execute(self, payload: bytes, out: list[bytes]) -> None:
+        name, _ = p.decode_execute(payload)
+        portal = self.portals.get(name)
+        if portal is None:
+            self.pending.append(Pending(K_EXECUTE))
+            out.append(p.frame(p.EXECUTE, payload))
+            return
+        self.info.stats.statements += 1
+        self.info.last_sql = portal.statement.sql
+        run = Run(portal.statement.sql, portal.statement.decision, portal.params,
+                  received_at=time.time(), fields=portal.fields or portal.statement.fields)
+        await self.gate.before_forward(self, run)
+        self.pending.append(Pending(K_EXECUTE, run, name=name))
+        out.append(p.frame(p.EXECUTE, payload))
+
+    async def _hold(self, verdict: Any, sql: str, params: tuple[bytes | None, ...] | None
+                    ) -> Any:
+        """Wait for an analyst's decision while watching for the client going away."""
+        self._set_state("waiting")
+        try:
+            outcome = await self.gate.request_approval(self, verdict, sql, params)
+        finally:
+            self._set_state("active")
+        return outcome
+
+    def notify_client(self, message: str) -> None:
+        """Send an out-of-band NoticeResponse (allowed at any point between messages)."""
+        if not self.client_writer.is_closing():
+            self.client_writer.write(p.notice_response(message))
+
+    def _refuse_simple(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        if not self.pending and self.tx_status == b"I":
+            self.client_writer.write(p.error_response(sqlstate, message, hint=hint)
+                                     + p.ready_for_query(b"I"))
+            return
+        # Something is in flight or a transaction is open: let the server raise it, so the
+        # reply lands in order and the transaction is aborted on the server as well.
+        self.pending.append(Pending(K_QUERY, injected_error=True))
+        self.upstream.writer.write(p.query(_refusal_do_block(sqlstate, message, hint)))
+
+    def _refuse_extended(self, sqlstate: str, message: str, hint: str | None,
+                         out: list[bytes], drop_unnamed: bool = False) -> None:
+        """Make the server fail this pipeline with our error; skip the client to Sync."""
+        do_block = _refusal_do_block(sqlstate, message, hint)
+        if drop_unnamed:
+            out.append(p.frame(p.CLOSE, b"S\0"))
+            self.pending.append(Pending(K_CLOSE, swallow=True))
+            self.statements.pop("", None)
+        out.append(p.frame(p.CLOSE, b"Shoopops_refusal\0"))
+        self.pending.append(Pending(K_CLOSE, swallow=True))
+        out.append(p.parse_message("hoopops_refusal", do_block))
+        self.pending.append(Pending(K_PARSE, swallow=True))
+        out.append(p.bind_message("hoopops_refusal", "hoopops_refusal"))
+        self.pending.append(Pending(K_BIND, swallow=True))
+        out.append(p.execute_message("hoopops_refusal"))
+        self.pending.append(Pending(K_EXECUTE, injected_error=True))
+        self.skip_until_sync = True
+
+    # -- server -> client -----------------------------------------------------------------
+
+    async def _server_pump(self) -> None:
+        reader = self.upstream.reader
+        client = self.client_writer
+        buf = bytearray()
+        pending = self.pending
+        while True:
+            data = await reader.read(262144)
+            if not data:
+                self.end_reason = f"target '{self.target.name}' closed the connection"
+                self._fatal("08006", f"hoopops: the target '{self.target.name}' closed the "
+                            "connection")
+                raise ClientGone
+            buf += data
+            end = len(buf)
+            pos = 0
+            out: list[bytes] = []
+            flushed = 0  # buf[flushed:pos] is relayed unchanged when the chunk ends
+            run: Run | None = None
+            head = pending[0] if pending else None
+            if head is not None:
+                run = head.run
+            seg = 0  # rows in buf[seg:pos] are relayed unchanged and not yet hashed
+            while end - pos >= 5:
+                mtype, length = _HDR(buf, pos)
+                nxt = pos + 1 + length
+                if nxt > end:
+                    break
+                if mtype == 68 and run is not None and run.plan is None:  # DataRow, fast path
+                    run.rows += 1
+                    if run.sample is not None:
+                        self._sample(run, buf, pos, nxt)
+                    pos = nxt
+                    continue
+                # Any other message: settle the hash of the rows relayed unchanged so far.
+                if run is not None and run.hasher is not None and seg < pos:
+                    run.hasher.update(memoryview(buf)[seg:pos])
+                replacement = await self._on_server_message(mtype, buf, pos, nxt)
+                if replacement is not None:
+                    out.append(bytes(buf[flushed:pos]))
+                    out.append(replacement)
+                    flushed = nxt
+                pos = seg = nxt
+                head = pending[0] if pending else None
+                run = head.run if head is not None else None
+                if run is not None and run.finished:
+                    run = None
+            if run is not None and run.hasher is not None and seg < pos:
+                run.hasher.update(memoryview(buf)[seg:pos])
+            if flushed < pos:
+                out.append(bytes(buf[flushed:pos]))
+            del buf[:pos]
+            if out:
+                data_out = b"".join(out)
+                self.info.stats.bytes_out += len(data_out)
+                client.write(data_out)
+                await client.drain()
+
+    def _sample(self, run: Run, buf: bytearray, pos: int, nxt: int) -> None:
+        sample = run.sample
+        assert sample is not None
+        limit_rows, limit_bytes = self.gate.sample_limits
+        if len(sample) < limit_rows and run.sample_bytes + (nxt - pos) <= limit_bytes:
+            sample.append(bytes(buf[pos + 5:nxt]))
+            run.sample_bytes += nxt - pos
+
+    async def _on_server_message(self, mtype: int, buf: bytearray, pos: int, nxt: int
+                                 ) -> bytes | None:
+        """Attribute one backend message; return replacement bytes (b"" drops it)."""
+        pending = self.pending
+        head = pending[0] if pending else None
+        if mtype in (p.NOTICE_RESPONSE, p.NOTIFICATION_RESPONSE, p.PARAMETER_STATUS):
+            return await self.gate.on_async_message(self, mtype, bytes(buf[pos + 5:nxt]))
+        if head is None:
+            if mtype == p.ERROR_RESPONSE:
+                return None  # a FATAL from the server (shutdown, terminate): pass it on
+            raise p.ProtocolError(f"server sent {chr(mtype)!r} with nothing outstanding")
+        kind = head.kind
+        if mtype == p.READY_FOR_QUERY:
+            self.tx_status = bytes(buf[pos + 5:pos + 6])
+            pending.popleft()
+            self._set_state({b"I": "idle", b"T": "in transaction",
+                             b"E": "failed transaction"}.get(self.tx_status, "idle")
+                            if not pending else "active")
+            if head.run is not None and not head.run.finished:
+                await self._finish(head.run)
+            return None
+        if mtype == p.ERROR_RESPONSE:
+            payload = bytes(buf[pos + 5:nxt])
+            fields = p.parse_error_fields(payload)
+            run = head.run
+            if run is not None and not run.finished:
+                run.sqlstate = fields.get("C")
+                run.error = fields.get("M")
+            replacement: bytes | None = None
+            if head.injected_error:
+                kept = {k: v for k, v in fields.items() if k not in _INJECTION_NOISE}
+                replacement = p.frame(p.ERROR_RESPONSE, p.error_fields(kept))
+            else:
+                replacement = await self.gate.on_error(self, fields, payload)
+            if head.swallow:
+                replacement = b""
+            if kind in _EXTENDED:
+                if run is not None and not run.finished:
+                    await self._finish(run)
+                # The server discards everything up to Sync after an error.
+                while pending and pending[0].kind != K_SYNC:
+                    dropped = pending.popleft()
+                    if dropped.run is not None and not dropped.run.finished:
+                        await self._finish(dropped.run)
+            elif fields.get("S") in ("FATAL", "PANIC"):
+                return replacement
+            return replacement
+        if kind == K_QUERY:
+            return await self._on_simple_reply(head, mtype, buf, pos, nxt)
+        replacement = b"" if head.swallow else None
+        if mtype == p.PARSE_COMPLETE or mtype == p.BIND_COMPLETE or mtype == p.CLOSE_COMPLETE:
+            pending.popleft()
+            return replacement
+        if mtype == p.PARAMETER_DESCRIPTION:
+            return replacement
+        if mtype == p.ROW_DESCRIPTION or mtype == p.NO_DATA:
+            fields_ = p.decode_row_description(bytes(buf[pos + 5:nxt])) if (
+                mtype == p.ROW_DESCRIPTION) else []
+            name = head.name
+            if name.startswith("S") and name[1:] in self.statements:
+                self.statements[name[1:]].fields = fields_
+            elif name.startswith("P") and name[1:] in self.portals:
+                portal = self.portals[name[1:]]
+                portal.fields = fields_
+            pending.popleft()
+            return replacement
+        if kind == K_EXECUTE:
+            run = head.run
+            if mtype == p.DATA_ROW:
+                if run is not None:
+                    run.rows += 1
+                    return await self.gate.rewrite_row(self, run, bytes(buf[pos:nxt]))
+                return replacement
+            if mtype in (p.COMMAND_COMPLETE, p.EMPTY_QUERY_RESPONSE, p.PORTAL_SUSPENDED):
+                pending.popleft()
+                if run is not None:
+                    if mtype == p.COMMAND_COMPLETE:
+                        run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+                    await self._finish(run)
+                return replacement
+            if mtype in (p.COPY_OUT_RESPONSE, p.COPY_IN_RESPONSE, p.COPY_DONE):
+                return replacement
+            if mtype == p.COPY_DATA:
+                if run is not None:
+                    return await self.gate.rewrite_copy(self, run, bytes(buf[pos:nxt]))
+                return replacement
+        raise p.ProtocolError(f"server sent {chr(mtype)!r} where the gateway expected a "
+                              f"reply to request kind {kind}")
+
+    async def _on_simple_reply(self, head: Pending, mtype: int, buf: bytearray, pos: int,
+                               nxt: int) -> bytes | None:
+        run = head.run
+        if run is None:
+            return None
+        if mtype == p.ROW_DESCRIPTION:
+            run.fields = p.decode_row_description(bytes(buf[pos + 5:nxt]))
+            await self.gate.on_row_description(self, run)
+            return None
+        if mtype == p.DATA_ROW:
+            run.rows += 1
+            return await self.gate.rewrite_row(self, run, bytes(buf[pos:nxt]))
+        if mtype == p.COPY_DATA:
+            return await self.gate.rewrite_copy(self, run, bytes(buf[pos:nxt]))
+        if mtype == p.COMMAND_COMPLETE:
+            run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+            return None
+        if mtype == p.COPY_BOTH_RESPONSE:
+            raise p.ProtocolError("replication (CopyBoth) is not relayed by the gateway")
+        return None
+
+    async def _finish(self, run: Run) -> None:
+        run.finished = True
+        await self.gate.after_result(self, run)
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+def result_hasher() -> Any:
+    return hashlib.sha256()
