@@ -75,7 +75,9 @@ _PREFERENCE = ("HS256", "RS256", "ES256", "ES384", "ES512", "ES256K", "EdDSA", "
                "RS384", "RS512", "PS384", "PS512", "HS384", "HS512")
 
 _JWS_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_JWE_SHAPE = re.compile(r"[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){4}")
+# JWE compact form: header.encrypted_key.iv.ciphertext.tag (the key part may be empty).
+_JWE_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"
+                        r"\.[A-Za-z0-9_-]+")
 # Header values end up in error messages and logs; only echo ones that look harmless.
 _SAFE_ECHO = re.compile(r"[A-Za-z0-9+._:/-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -319,8 +321,10 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _fetch_jwks(url: str, timeout: float, context: ssl.SSLContext) -> Any:
+def _fetch_jwks(url: str, timeout: float, context: ssl.SSLContext | None) -> Any:
     """GET a JWKS document (blocking; run it in a thread). KeySourceError on any failure."""
+    # Built here, in the worker thread: loading the system CA store takes milliseconds.
+    context = context or ssl.create_default_context()
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
                                          _HttpsOnlyRedirects())
     request = urllib.request.Request(url, headers={"Accept": "application/json",
@@ -455,7 +459,10 @@ class TokenVerifier:
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._last_error: str | None = None
+        # Completed fetch attempts; lets a task that waited on the lock see that another
+        # task fetched meanwhile (single flight).
         self._generation = 0
+        self._fetching = False
         self._lock = asyncio.Lock()
 
         sources = [s for s in (config.hs256_secret, config.public_key_file, config.jwks_file,
@@ -605,7 +612,7 @@ class TokenVerifier:
         if kid is not None:
             candidates = self._by_kid.get(kid)
             if not candidates:
-                if self._url is not None and self._may_fetch():
+                if self._url_may_have_it():
                     raise KeyRefreshNeeded(kid)
                 if self._url is not None and not self._all:
                     raise AuthError("signing keys are unavailable (the identity provider's "
@@ -621,7 +628,7 @@ class TokenVerifier:
         fitting = [k for k in self._all if alg in k.algorithms]
         if len(fitting) == 1:
             return fitting[0]
-        if not fitting and self._url is not None and self._may_fetch():
+        if not fitting and self._url_may_have_it():
             raise KeyRefreshNeeded(None)
         if not fitting:
             raise AuthError(f"no signing key for algorithm {alg}")
@@ -700,6 +707,11 @@ class TokenVerifier:
         return self._fetched_at is not None and (
             self._clock() - self._fetched_at > self._max_key_age)
 
+    def _url_may_have_it(self) -> bool:
+        # A fetch in flight counts: the login should wait for it (in verify_async) rather
+        # than be refused because the first key set has not arrived yet.
+        return self._url is not None and (self._fetching or self._may_fetch())
+
     def _may_fetch(self) -> bool:
         # Rate limit: tokens with random key ids must not turn the gateway into a
         # request amplifier against the identity provider.
@@ -730,22 +742,28 @@ class TokenVerifier:
 
     async def _fetch_now(self) -> None:
         assert self._url is not None
-        self._generation += 1
         self._last_attempt = self._clock()
-        context = self._ssl_context or ssl.create_default_context()
+        self._fetching = True
+        try:
+            await self._fetch_and_install(self._url)
+        finally:
+            self._fetching = False
+            self._generation += 1
+
+    async def _fetch_and_install(self, url: str) -> None:
         try:
             data = await asyncio.wait_for(
-                asyncio.to_thread(_fetch_jwks, self._url, self._fetch_timeout, context),
+                asyncio.to_thread(_fetch_jwks, url, self._fetch_timeout, self._ssl_context),
                 self._fetch_timeout + 1.0)
-            keys, problems = _parse_jwks(data, f"identity.jwks_url {self._url}",
+            keys, problems = _parse_jwks(data, f"identity.jwks_url {url}",
                                          self._config_algs)
             for problem in problems:
                 log.warning("skipping key: %s", problem)
             if not keys:
-                raise KeySourceError(f"identity.jwks_url {self._url}: no signing key usable "
+                raise KeySourceError(f"identity.jwks_url {url}: no signing key usable "
                                      "with identity.algorithms")
         except TimeoutError:
-            self._last_error = (f"identity.jwks_url {self._url}: timed out after "
+            self._last_error = (f"identity.jwks_url {url}: timed out after "
                                 f"{self._fetch_timeout:g}s")
             log.warning("%s", self._last_error)
             raise KeySourceError(self._last_error) from None
@@ -756,7 +774,7 @@ class TokenVerifier:
         self._last_error = None
         self._install(keys)
         self._fetched_at = self._clock()
-        log.info("loaded %d signing keys from %s", len(keys), self._url)
+        log.info("loaded %d signing keys from %s", len(keys), url)
 
 
 # --------------------------------------------------------------------------- minting

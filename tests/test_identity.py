@@ -656,6 +656,7 @@ class _Jwks:
         self.status = 200
         self.hits = 0
         self.delay = 0.0
+        self.redirect_to: str | None = None
 
 
 def _tls_material(folder: Path) -> tuple[Path, Path, Path]:
@@ -706,6 +707,12 @@ def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, _Jwks, 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.hits += 1
+            if state.redirect_to:
+                self.send_response(302)
+                self.send_header("Location", state.redirect_to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if state.delay:
                 time.sleep(state.delay)
             body = json.dumps(state.document).encode()
@@ -738,7 +745,7 @@ def jwks_url(idp: tuple[str, _Jwks, ssl.SSLContext],
              rsa_key: rsa.RSAPrivateKey) -> tuple[str, _Jwks, ssl.SSLContext]:
     url, state, context = idp
     state.document = {"keys": [jwk_of(rsa_key, "rsa-1", "RS256")]}
-    state.status, state.hits, state.delay = 200, 0, 0.0
+    state.status, state.hits, state.delay, state.redirect_to = 200, 0, 0.0, None
     return url, state, context
 
 
@@ -804,6 +811,45 @@ async def test_jwks_url_unknown_kid_flood_is_rate_limited(
     assert all(isinstance(r, AuthError) and r.reason.startswith("unknown signing key id")
                for r in results)
     assert state.hits == 1
+
+
+async def test_logins_during_the_first_fetch_wait_for_it(
+        jwks_url: tuple[str, _Jwks, ssl.SSLContext], rsa_key: rsa.RSAPrivateKey) -> None:
+    url, state, context = jwks_url
+    state.delay = 0.1
+    verifier = TokenVerifier(IdentityConfig(issuer=ISSUER, audience=AUDIENCE, jwks_url=url),
+                             ssl_context=context)
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    results = await asyncio.gather(*(verifier.verify_async(token) for _ in range(10)))
+    assert {r.subject for r in results} == {"agent-7"}
+    assert state.hits == 1
+
+
+async def test_jwks_url_stale_keys_are_refreshed(jwks_url: tuple[str, _Jwks, ssl.SSLContext],
+                                                 rsa_key: rsa.RSAPrivateKey,
+                                                 rsa_key2: rsa.RSAPrivateKey) -> None:
+    url, state, context = jwks_url
+    clock = FakeClock()
+    verifier = TokenVerifier(IdentityConfig(issuer=ISSUER, audience=AUDIENCE, jwks_url=url),
+                             ssl_context=context, max_key_age=600, clock=clock)
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    assert (await verifier.verify_async(token)).subject
+    # The IdP withdraws rsa-1 (say it leaked); once the cache is old it stops working.
+    state.document = {"keys": [jwk_of(rsa_key2, "rsa-2")]}
+    clock.now += 601
+    with pytest.raises(AuthError, match="unknown signing key id rsa-1"):
+        await verifier.verify_async(token)
+    assert state.hits == 2
+
+
+async def test_jwks_url_refuses_redirect_to_http(jwks_url: tuple[str, _Jwks, ssl.SSLContext]
+                                                 ) -> None:
+    url, state, context = jwks_url
+    state.redirect_to = "http://127.0.0.1:9/jwks.json"
+    verifier = TokenVerifier(IdentityConfig(issuer=None, audience=None, jwks_url=url),
+                             ssl_context=context)
+    with pytest.raises(KeySourceError, match="refused redirect to non-https"):
+        await verifier.refresh()
 
 
 async def test_jwks_url_failure_fails_closed(jwks_url: tuple[str, _Jwks, ssl.SSLContext],

@@ -1,0 +1,276 @@
+"""The SQLite schema: the chain, its head, and the query tables derived from it.
+
+``chain`` is the evidence: one row per record, append-only, hash-linked. The other tables
+(``sessions``, ``statements``, ``approvals``, ``masking_actions``, ``gateway_events``) are
+projections that exist so the console's questions are answered by an index instead of a
+scan. They are written only by the triggers below, from the chain row being inserted, so:
+
+- every writer (the gateway, ``hoopops approvals approve`` in another terminal) keeps them
+  consistent without knowing how;
+- ``verify`` can rebuild them from the chain into a scratch database with the very same
+  triggers and compare row for row, so editing a projection is caught like editing the
+  chain.
+
+Migrations: ``MIGRATIONS[n]`` upgrades a store from version n-1 to n and is applied inside
+one transaction that also sets ``PRAGMA user_version``. ``schema_statements`` always
+describes the newest version, because ``verify`` rebuilds the projections with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hoopops.audit.chain import GENESIS
+
+SCHEMA_VERSION = 1
+
+CHAIN_COLUMNS = ("seq", "kind", "at", "session_id", "payload", "prev_hash", "hash")
+
+# Closing an approval, whoever does it, is one of these record kinds.
+APPROVAL_CLOSE_KINDS = ("approval.decided", "approval.withdrawn", "approval.expired")
+
+
+def _x(path: str) -> str:
+    return f"json_extract(NEW.payload, '$.{path}')"
+
+
+def schema_statements(s: str, *, guards: bool = True) -> list[str]:
+    """DDL for the newest schema in database ``s`` (``main``, or ``rebuilt`` for verify).
+
+    ``guards`` adds the triggers that refuse edits and out-of-order appends; the scratch
+    copy verify builds does without them because it starts mid-chain after a prune.
+    """
+    close_kinds = ", ".join(f"'{k}'" for k in APPROVAL_CLOSE_KINDS)
+    statements = [
+        f"""CREATE TABLE {s}.chain (
+            seq INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            at TEXT NOT NULL,
+            session_id TEXT,
+            payload TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL)""",
+        # Prune asks "does this session have records after k?"; show asks "all of one".
+        f"CREATE INDEX {s}.chain_session ON chain(session_id, seq)",
+        f"CREATE INDEX {s}.chain_anchor ON chain(seq) WHERE kind = 'audit.pruned'",
+        f"""CREATE TABLE {s}.chain_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL,
+            pruning INTEGER NOT NULL DEFAULT 0)""",
+        f"INSERT INTO {s}.chain_head (id, seq, hash, pruning) VALUES (1, 0, '{GENESIS}', 0)",
+        # The head follows every append, so a cut-off tail no longer matches it.
+        f"""CREATE TRIGGER {s}.chain_head_follows AFTER INSERT ON chain BEGIN
+            UPDATE chain_head SET seq = NEW.seq, hash = NEW.hash WHERE id = 1;
+        END""",
+        f"""CREATE TABLE {s}.sessions (
+            id TEXT PRIMARY KEY,
+            started_seq INTEGER NOT NULL,
+            subject TEXT NOT NULL,
+            groups TEXT NOT NULL,
+            issuer TEXT,
+            token_id TEXT,
+            claimed_user TEXT,
+            client_addr TEXT,
+            client_port INTEGER,
+            application_name TEXT,
+            target TEXT NOT NULL,
+            tls INTEGER NOT NULL,
+            started_at TEXT NOT NULL,
+            ended_seq INTEGER,
+            ended_at TEXT,
+            end_reason TEXT,
+            bytes_in INTEGER,
+            bytes_out INTEGER,
+            statements INTEGER)""",
+        f"CREATE INDEX {s}.sessions_started ON sessions(started_at)",
+        f"CREATE INDEX {s}.sessions_subject ON sessions(subject, started_at)",
+        f"CREATE INDEX {s}.sessions_target ON sessions(target, started_at)",
+        f"CREATE INDEX {s}.sessions_open ON sessions(started_at) WHERE ended_seq IS NULL",
+        f"""CREATE TRIGGER {s}.project_session_started AFTER INSERT ON chain
+        WHEN NEW.kind = 'session.started' BEGIN
+            INSERT INTO sessions (id, started_seq, subject, groups, issuer, token_id,
+                claimed_user, client_addr, client_port, application_name, target, tls,
+                started_at)
+            VALUES (NEW.session_id, NEW.seq, {_x('subject')}, {_x('groups')}, {_x('issuer')},
+                {_x('token_id')}, {_x('claimed_user')}, {_x('client_addr')},
+                {_x('client_port')}, {_x('application_name')}, {_x('target')}, {_x('tls')},
+                {_x('started_at')});
+        END""",
+        f"""CREATE TRIGGER {s}.project_session_ended AFTER INSERT ON chain
+        WHEN NEW.kind = 'session.ended' BEGIN
+            UPDATE sessions SET ended_seq = NEW.seq, ended_at = {_x('ended_at')},
+                end_reason = {_x('reason')}, bytes_in = {_x('bytes_in')},
+                bytes_out = {_x('bytes_out')}, statements = {_x('statements')}
+            WHERE id = NEW.session_id;
+        END""",
+        f"""CREATE TABLE {s}.statements (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            received_at TEXT NOT NULL,
+            sql TEXT NOT NULL,
+            params TEXT,
+            facts TEXT NOT NULL,
+            decision TEXT NOT NULL,
+            rule_id TEXT,
+            approval_id INTEGER,
+            finished_seq INTEGER,
+            started_at TEXT,
+            finished_at TEXT,
+            duration_us INTEGER,
+            rows INTEGER,
+            command_tag TEXT,
+            sqlstate TEXT,
+            error_message TEXT,
+            result_sha256 TEXT,
+            result_sample TEXT)""",
+        f"CREATE INDEX {s}.statements_session ON statements(session_id, seq)",
+        f"CREATE INDEX {s}.statements_received ON statements(received_at)",
+        f"CREATE INDEX {s}.statements_decision ON statements(decision, session_id)",
+        f"""CREATE TRIGGER {s}.project_statement_received AFTER INSERT ON chain
+        WHEN NEW.kind = 'statement.received' BEGIN
+            INSERT INTO statements (id, session_id, seq, received_at, sql, params, facts,
+                decision, rule_id, approval_id)
+            VALUES (NEW.seq, NEW.session_id, {_x('seq')}, {_x('received_at')}, {_x('sql')},
+                {_x('params')}, {_x('facts')}, {_x('decision')}, {_x('rule_id')},
+                {_x('approval_id')});
+        END""",
+        f"""CREATE TRIGGER {s}.project_statement_finished AFTER INSERT ON chain
+        WHEN NEW.kind = 'statement.finished' BEGIN
+            UPDATE statements SET finished_seq = NEW.seq, started_at = {_x('started_at')},
+                finished_at = {_x('finished_at')}, duration_us = {_x('duration_us')},
+                rows = {_x('rows')}, command_tag = {_x('command_tag')},
+                sqlstate = {_x('sqlstate')}, error_message = {_x('error_message')},
+                result_sha256 = {_x('result_sha256')},
+                result_sample = {_x('result_sample')}
+            WHERE id = {_x('statement_id')};
+        END""",
+        f"""CREATE TABLE {s}.approvals (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL,
+            statement_id INTEGER,
+            subject TEXT NOT NULL,
+            groups TEXT NOT NULL,
+            issuer TEXT,
+            token_id TEXT,
+            sql TEXT NOT NULL,
+            params TEXT,
+            fingerprint TEXT NOT NULL,
+            rule_id TEXT,
+            reason TEXT,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            binding_sha256 TEXT NOT NULL,
+            status TEXT NOT NULL,
+            scope TEXT,
+            decided_seq INTEGER,
+            decided_by TEXT,
+            decided_at TEXT,
+            comment TEXT)""",
+        f"CREATE INDEX {s}.approvals_pending ON approvals(id) WHERE status = 'pending'",
+        f"CREATE INDEX {s}.approvals_session ON approvals(session_id)",
+        f"""CREATE TRIGGER {s}.project_approval_requested AFTER INSERT ON chain
+        WHEN NEW.kind = 'approval.requested' BEGIN
+            INSERT INTO approvals (id, session_id, statement_id, subject, groups, issuer,
+                token_id, sql, params, fingerprint, rule_id, reason, created_at, expires_at,
+                binding_sha256, status)
+            VALUES (NEW.seq, NEW.session_id, {_x('statement_id')}, {_x('subject')},
+                {_x('groups')}, {_x('issuer')}, {_x('token_id')}, {_x('sql')},
+                {_x('params')}, {_x('fingerprint')}, {_x('rule_id')}, {_x('reason')},
+                {_x('created_at')}, {_x('expires_at')}, {_x('binding_sha256')}, 'pending');
+            UPDATE statements SET approval_id = NEW.seq
+            WHERE id = {_x('statement_id')} AND approval_id IS NULL;
+        END""",
+        f"""CREATE TRIGGER {s}.project_approval_closed AFTER INSERT ON chain
+        WHEN NEW.kind IN ({close_kinds}) BEGIN
+            UPDATE approvals SET status = {_x('status')}, scope = {_x('scope')},
+                decided_seq = NEW.seq, decided_by = {_x('decided_by')},
+                decided_at = {_x('decided_at')}, comment = {_x('comment')}
+            WHERE id = {_x('approval_id')} AND status = 'pending';
+        END""",
+        f"""CREATE TABLE {s}.masking_actions (
+            seq INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            statement_id INTEGER NOT NULL,
+            session_id TEXT NOT NULL,
+            at TEXT NOT NULL,
+            column_or_detector TEXT NOT NULL,
+            strategy TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (seq, idx)) WITHOUT ROWID""",
+        f"CREATE INDEX {s}.masking_statement ON masking_actions(statement_id)",
+        f"""CREATE TRIGGER {s}.project_masking AFTER INSERT ON chain
+        WHEN NEW.kind = 'masking.applied' BEGIN
+            INSERT INTO masking_actions (seq, idx, statement_id, session_id, at,
+                column_or_detector, strategy, count)
+            SELECT NEW.seq, j.key, {_x('statement_id')}, NEW.session_id, NEW.at,
+                json_extract(j.value, '$.column'), json_extract(j.value, '$.strategy'),
+                json_extract(j.value, '$.count')
+            FROM json_each(NEW.payload, '$.actions') AS j;
+        END""",
+        f"""CREATE TABLE {s}.gateway_events (
+            seq INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL)""",
+        f"""CREATE TRIGGER {s}.project_gateway_event AFTER INSERT ON chain
+        WHEN NEW.session_id IS NULL BEGIN
+            INSERT INTO gateway_events (seq, at, kind, data)
+            VALUES (NEW.seq, NEW.at, NEW.kind, NEW.payload);
+        END""",
+    ]
+    if guards:
+        statements += [
+            # Guard rails against accidents (a hand-typed UPDATE), not against an attacker:
+            # anyone who can write the file can drop a trigger. The hash chain is what
+            # makes tampering evident.
+            f"""CREATE TRIGGER {s}.chain_no_update BEFORE UPDATE ON chain BEGIN
+                SELECT RAISE(ABORT, 'the audit chain is append-only');
+            END""",
+            f"""CREATE TRIGGER {s}.chain_no_delete BEFORE DELETE ON chain
+            WHEN (SELECT pruning FROM chain_head WHERE id = 1) = 0 BEGIN
+                SELECT RAISE(ABORT, 'audit records are removed only by hoopops audit prune');
+            END""",
+            f"""CREATE TRIGGER {s}.chain_in_order BEFORE INSERT ON chain
+            WHEN NEW.seq <> (SELECT seq FROM chain_head WHERE id = 1) + 1
+              OR NEW.prev_hash <> (SELECT hash FROM chain_head WHERE id = 1) BEGIN
+                SELECT RAISE(ABORT, 'audit record out of order: it must extend the head');
+            END""",
+        ]
+    return statements
+
+
+GUARD_TRIGGERS = ("chain_no_update", "chain_no_delete", "chain_in_order", "chain_head_follows")
+
+MIGRATIONS: dict[int, Callable[[str], list[str]]] = {
+    1: lambda s: schema_statements(s, guards=True),
+}
+
+
+@dataclass(frozen=True)
+class Projection:
+    """How verify names the chain record behind a projection row that does not match."""
+
+    table: str
+    key: tuple[str, ...]
+    # column -> the column holding the seq of the record that column comes from
+    origins: dict[str, str]
+    default_origin: str
+
+
+PROJECTIONS: tuple[Projection, ...] = (
+    Projection("sessions", ("id",), {c: "ended_seq" for c in (
+        "ended_seq", "ended_at", "end_reason", "bytes_in", "bytes_out", "statements")},
+        "started_seq"),
+    Projection("statements", ("id",), {
+        **{c: "finished_seq" for c in (
+            "finished_seq", "started_at", "finished_at", "duration_us", "rows",
+            "command_tag", "sqlstate", "error_message", "result_sha256", "result_sample")},
+        "approval_id": "approval_id"}, "id"),
+    Projection("approvals", ("id",), {c: "decided_seq" for c in (
+        "status", "scope", "decided_seq", "decided_by", "decided_at", "comment")}, "id"),
+    Projection("masking_actions", ("seq", "idx"), {}, "seq"),
+    Projection("gateway_events", ("seq",), {}, "seq"),
+)
