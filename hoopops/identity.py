@@ -317,6 +317,7 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
                          headers: Any, newurl: str) -> urllib.request.Request | None:
         if not newurl.lower().startswith("https://"):
+            fp.close()  # the base class would close it after a successful redirect
             raise urllib.error.URLError(f"refused redirect to non-https URL ({code})")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -333,6 +334,7 @@ def _fetch_jwks(url: str, timeout: float, context: ssl.SSLContext | None) -> Any
         with opener.open(request, timeout=timeout) as response:
             body = response.read(MAX_JWKS_BYTES + 1)
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response socket
         raise KeySourceError(f"identity.jwks_url {url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         raise KeySourceError(f"identity.jwks_url {url}: {exc.reason}") from None
@@ -343,7 +345,7 @@ def _fetch_jwks(url: str, timeout: float, context: ssl.SSLContext | None) -> Any
                              f"{MAX_JWKS_BYTES} bytes")
     try:
         return _strict_json(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise KeySourceError(f"identity.jwks_url {url}: not JSON ({exc})") from None
 
 
@@ -498,7 +500,7 @@ class TokenVerifier:
             data = _strict_json(path.read_bytes())
         except OSError as exc:
             raise KeySourceError(f"{source}: cannot read it ({exc.strerror or exc})") from None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise KeySourceError(f"{source}: not JSON ({exc})") from None
         keys, problems = _parse_jwks(data, source, self._config_algs)
         if problems:
@@ -580,7 +582,8 @@ class TokenVerifier:
             raise AuthError("not a JWT (expected a token as the password)")
         try:
             header = _strict_json(_b64url(text.split(".", 1)[0]))
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+            # RecursionError: a 32 KiB header of "[[[[..." nests deeper than json can go.
             raise AuthError("not a JWT (expected a token as the password)") from None
         if not isinstance(header, dict):
             raise AuthError("not a JWT (expected a token as the password)")
@@ -643,7 +646,7 @@ class TokenVerifier:
             raise AuthError("malformed token (its parts could not be decoded)") from None
         try:
             payload = _strict_json(decoded["payload"])
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise AuthError("malformed token (its claims are not valid JSON)") from None
         if not isinstance(payload, dict):
             raise AuthError("malformed token (its claims are not a JSON object)")

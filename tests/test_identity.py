@@ -345,6 +345,16 @@ def test_not_a_jwt(garbage: str) -> None:
         "not a JWT (expected a token as the password)")
 
 
+def test_deeply_nested_json_is_refused_not_crashed() -> None:
+    verifier = TokenVerifier(hs_config())
+    deep_header = f"{b64(b'[' * 20000)}.e30.c2ln"
+    assert reason(verifier, deep_header).startswith("not a JWT")
+    deep_claims = raw_token({"alg": "HS256"}, b"[" * 20000,
+                            lambda data: hmac.new(SECRET.encode(), data,
+                                                  hashlib.sha256).digest())
+    assert reason(verifier, deep_claims).startswith("malformed token")
+
+
 def test_non_ascii_bytes_are_not_a_jwt() -> None:
     assert reason(TokenVerifier(hs_config()), "pässword".encode()).startswith("not a JWT")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 
 from hoopops.cli.common import add_config_argument, load_config_or_exit
@@ -31,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
         gateway = await build_gateway(config)
         await gateway.serve_forever()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-    except KeyboardInterrupt:
-        pass
     return 0

@@ -54,8 +54,16 @@ class StatementGate:
                              received_at: float) -> None:
         return None
 
-    async def before_forward(self, session: Session, run: Run) -> None:
+    async def before_forward(self, session: Session, run: Run) -> Verdict | None:
+        """Called just before a statement goes to the server; a Verdict refuses it."""
         return None
+
+    def needs_row_description(self, session: Session, run: Run) -> bool:
+        return False
+
+    def withdrawn_verdict(self, session: Session) -> Verdict:
+        return Verdict("block", sqlstate="57014", message="canceling statement due to user "
+                       "request; the pending approval was withdrawn")
 
     async def after_result(self, session: Session, run: Run) -> None:
         return None

@@ -104,9 +104,11 @@ class MessageBuffer:
         """Yield ``(type, payload)`` for each complete message, consuming them."""
         buf = self._buf
         pos = 0
-        end = len(buf)
         try:
-            while end - pos >= 5:
+            # len(buf) is re-read each time: the relay may feed more bytes mid-iteration
+            # (while a statement is held for approval).
+            while len(buf) - pos >= 5:
+                end = len(buf)
                 mtype, length = _HEADER_UNPACK(buf, pos)
                 if length < 4:
                     raise ProtocolError(f"invalid message length {length}")

@@ -235,7 +235,7 @@ class GatewayServer:
                 await writer.drain()
                 # Bytes that arrived before the handshake were sent in plaintext and could
                 # have been injected by anyone on the path (CVE-2021-23214): refuse them.
-                if reader._buffer:  # noqa: SLF001 - asyncio exposes no public peek
+                if reader._buffer:
                     raise p.ProtocolError("received unencrypted data after the TLS request")
                 await writer.start_tls(self._ssl)
                 tls_active = True

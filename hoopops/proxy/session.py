@@ -67,6 +67,7 @@ class Run:
     sample_bytes: int = 0
     fields: list[p.Field] | None = None
     plan: Any = None
+    result_formats: tuple[int, ...] = ()
     finished: bool = False
 
 
@@ -164,6 +165,8 @@ class Session:
         self._expiry: asyncio.TimerHandle | None = None
         self._current_simple: Run | None = None
         self.sql_state: Any = gate.new_session_state()
+        self._inbuf = p.MessageBuffer(max_message_size)
+        self._cancel_task: asyncio.Future[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -230,7 +233,7 @@ class Session:
         """End the session now: the client gets a FATAL, the upstream backend is cancelled."""
         self.end_reason = reason
         self._fatal("57P01", f"hoopops: session {reason}")
-        asyncio.ensure_future(self.cancel_upstream())
+        self._cancel_task = asyncio.ensure_future(self.cancel_upstream())
         self._stop()
 
     def _stop(self) -> None:
@@ -257,7 +260,7 @@ class Session:
 
     async def _client_pump(self) -> None:
         reader = self.client_reader
-        buffer = p.MessageBuffer(self.max_message_size)
+        buffer = self._inbuf
         upstream = self.upstream.writer
         while True:
             data = await reader.read(262144)
@@ -351,7 +354,11 @@ class Session:
             self._refuse_simple(verdict.sqlstate, verdict.message, verdict.hint)
             return
         run = Run(sql, verdict, None, received_at=received)
-        await self.gate.before_forward(self, run)
+        refusal = await self.gate.before_forward(self, run)
+        if refusal is not None:
+            self._flush(out)
+            self._refuse_simple(refusal.sqlstate, refusal.message, refusal.hint)
+            return
         self.pending.append(Pending(K_QUERY, run))
         out.append(p.frame(p.QUERY, payload))
 
@@ -411,8 +418,19 @@ class Session:
         self.info.stats.statements += 1
         self.info.last_sql = portal.statement.sql
         run = Run(portal.statement.sql, portal.statement.decision, portal.params,
-                  received_at=time.time(), fields=portal.fields or portal.statement.fields)
-        await self.gate.before_forward(self, run)
+                  received_at=time.time(), fields=portal.fields or portal.statement.fields,
+                  result_formats=portal.result_formats)
+        refusal = await self.gate.before_forward(self, run)
+        if refusal is not None:
+            self._refuse_extended(refusal.sqlstate, refusal.message, refusal.hint, out)
+            return
+        if run.fields is None and self.gate.needs_row_description(self, run):
+            # The client executes without describing; masking needs to know the columns,
+            # so ask the server ourselves and keep the reply from the client.
+            out.append(p.frame(p.DESCRIBE, b"P" + p.cstr(name)))
+            self.pending.append(Pending(K_DESCRIBE, run, name="P" + name, swallow=True))
+        elif run.fields is not None:
+            await self.gate.on_row_description(self, run)
         self.pending.append(Pending(K_EXECUTE, run, name=name))
         out.append(p.frame(p.EXECUTE, payload))
 
@@ -420,11 +438,39 @@ class Session:
                     ) -> Any:
         """Wait for an analyst's decision while watching for the client going away."""
         self._set_state("waiting")
+        waiting = asyncio.ensure_future(self.gate.request_approval(self, verdict, sql, params))
+        self._waiting = waiting
         try:
-            outcome = await self.gate.request_approval(self, verdict, sql, params)
+            while True:
+                watch = asyncio.ensure_future(self.client_reader.read(65536))
+                done, _ = await asyncio.wait({waiting, watch},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if watch not in done:
+                    watch.cancel()
+                    with contextlib.suppress(BaseException):
+                        await watch
+                    break
+                data = watch.result()
+                if not data:
+                    # The agent went away: withdraw, so nobody approves a dead statement.
+                    waiting.cancel()
+                    with contextlib.suppress(BaseException):
+                        await waiting
+                    self.end_reason = "client closed the connection while awaiting approval"
+                    raise ClientGone
+                self.info.stats.bytes_in += len(data)
+                self._inbuf.feed(data)
+                if len(self._inbuf) > self.max_message_size:
+                    # Stop reading (backpressure) and just wait for the decision.
+                    await asyncio.wait({waiting})
+                    break
+            try:
+                return waiting.result()
+            except asyncio.CancelledError:
+                return self.gate.withdrawn_verdict(self)
         finally:
+            self._waiting = None
             self._set_state("active")
-        return outcome
 
     def notify_client(self, message: str) -> None:
         """Send an out-of-band NoticeResponse (allowed at any point between messages)."""
@@ -591,6 +637,9 @@ class Session:
                 portal = self.portals[name[1:]]
                 portal.fields = fields_
             pending.popleft()
+            if head.run is not None:
+                head.run.fields = fields_
+                await self.gate.on_row_description(self, head.run)
             return replacement
         if kind == K_EXECUTE:
             run = head.run

@@ -8,6 +8,7 @@ BackendKeyData, which the session relays (with its own key) to the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from dataclasses import dataclass, field
 
@@ -35,10 +36,8 @@ class UpstreamConnection:
 
     def close(self) -> None:
         if not self.writer.is_closing():
-            try:
+            with contextlib.suppress(ConnectionError, RuntimeError):
                 self.writer.write(p.TERMINATE_MESSAGE)
-            except (ConnectionError, RuntimeError):
-                pass
             self.writer.close()
 
 
@@ -154,9 +153,7 @@ async def _connect(upstream: Upstream, target: str, params: dict[str, str]) -> U
             conn.parameters[name] = value
         elif mtype == p.BACKEND_KEY_DATA:
             conn.backend_pid, conn.backend_key = p.decode_backend_key(payload)
-        elif mtype == p.NEGOTIATE_PROTOCOL_VERSION:
-            continue
-        elif mtype == p.NOTICE_RESPONSE:
+        elif mtype == p.NEGOTIATE_PROTOCOL_VERSION or mtype == p.NOTICE_RESPONSE:
             continue
         elif mtype == p.READY_FOR_QUERY:
             return conn

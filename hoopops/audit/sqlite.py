@@ -1,0 +1,1016 @@
+"""The SQLite audit store (aiosqlite, WAL), with group commit.
+
+Durability before forwarding is the whole point, and it must not serialise the gateway.
+So one writer task owns the write connection: callers put a record on a queue and await a
+future; the writer takes *everything* waiting, appends it to the chain in one
+``BEGIN IMMEDIATE`` transaction (one fsync), and resolves every future after ``COMMIT``.
+While one batch commits, the next one gathers, so the batch size grows with load.
+
+``synchronous=FULL`` is the default: in WAL mode that fsyncs the log at every commit, so a
+record the gateway was told is durable survives not only SIGKILL of the process (which
+NORMAL also survives, the WAL being in the OS page cache) but also a kernel panic or power
+loss, which NORMAL does not. Group commit pays that fsync once per batch instead of once
+per statement; ``benchmarks/bench_audit.py`` measures both settings.
+
+Reads use a second, read-only connection (WAL readers never block the writer); ``verify``
+and ``export`` open their own so a long walk never stalls the console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiosqlite
+
+from hoopops.audit import export as export_format
+from hoopops.audit.chain import (
+    PRUNE_KIND,
+    ChainChecker,
+    ChainRow,
+    Problem,
+    VerifyReport,
+    canonical_json,
+    record_hash_text,
+)
+from hoopops.audit.records import (
+    ApprovalRequest,
+    ApprovalView,
+    Filters,
+    MaskingAction,
+    MaskingView,
+    SessionRecord,
+    SessionView,
+    StatementRecord,
+    StatementResult,
+    StatementView,
+    cap_sample,
+    from_iso,
+    iso,
+    json_params,
+    opt_from_iso,
+    opt_iso,
+)
+from hoopops.audit.schema import (
+    CHAIN_COLUMNS,
+    GUARD_TRIGGERS,
+    MIGRATIONS,
+    PROJECTIONS,
+    SCHEMA_VERSION,
+    Projection,
+    schema_statements,
+)
+from hoopops.audit.store import (
+    ApprovalNotFound,
+    ApprovalNotPending,
+    AuditError,
+    AuditStore,
+    AuditStoreMissing,
+    AuditWriteError,
+    PruneReport,
+)
+
+log = logging.getLogger(__name__)
+
+_RESERVED_PREFIXES = ("session.", "statement.", "approval.", "masking.", "audit.")
+_INSERT_CHAIN = f"INSERT INTO chain ({', '.join(CHAIN_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Bounded so one transaction (and the memory it holds) stays small under a flood.
+_MAX_BATCH = 2000
+
+
+class _Rejected(Exception):
+    """A guard refused one record; only that record's caller gets ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+Guard = Callable[[aiosqlite.Connection], Awaitable[str | None]]
+
+
+@dataclass(eq=False)
+class _Item:
+    kind: str
+    at: str
+    session_id: str | None
+    payload_text: str
+    future: asyncio.Future[int]
+    # Checked inside the transaction, after everything queued before it: returns the
+    # session id the record belongs to, or raises _Rejected.
+    guard: Guard | None = None
+
+
+@dataclass
+class WriterStats:
+    records: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    failed_batches: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-native data (facts and event data come from many places)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) \
+            else str(value)
+    if isinstance(value, Enum):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((plain(v) for v in value), key=lambda v: canonical_json(v))
+    if is_dataclass(value) and not isinstance(value, type):
+        return plain(asdict(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"hex": bytes(value).hex()}
+    return str(value)
+
+
+class SQLiteAuditStore(AuditStore):
+    """See the module docstring. Create with ``await SQLiteAuditStore.open(path)``."""
+
+    def __init__(self, path: Path, *, result_rows: int, result_bytes: int,
+                 synchronous: str, busy_timeout: float) -> None:
+        self.path = path
+        self.result_rows = result_rows
+        self.result_bytes = result_bytes
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self.stats = WriterStats()
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        # The writer batch and prune both use the write connection; never at once.
+        self._write_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
+        self._closed = False
+        # statement id -> session id for statements received here and not yet finished,
+        # so the hot path never has to read back a row it just wrote.
+        self._open_statements: dict[int, str] = {}
+
+    # --- opening and closing -------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | Path, *, create: bool = True, result_rows: int = 100,
+                   result_bytes: int = 64 * 1024, synchronous: str = "FULL",
+                   busy_timeout: float = 5.0) -> SQLiteAuditStore:
+        path = Path(path)
+        synchronous = synchronous.upper()
+        if synchronous not in _SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNC_MODES)}")
+        if not create and not path.exists():
+            raise AuditStoreMissing(f"no audit store at {path} (has the gateway run with this "
+                                    "configuration? check audit.path in hoopops.yaml)")
+        store = cls(path, result_rows=result_rows, result_bytes=result_bytes,
+                    synchronous=synchronous, busy_timeout=busy_timeout)
+        try:
+            await store._open()
+        except (sqlite3.Error, OSError) as exc:
+            await store._close_connections()
+            raise AuditError(f"cannot open the audit store {path}: {exc}") from exc
+        except BaseException:
+            await store._close_connections()
+            raise
+        return store
+
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None, iter_chunk_size=1024)
+        await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        return db
+
+    async def _open(self) -> None:
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = db = await self._connect()
+        version = await self._scalar(db, "PRAGMA user_version")
+        if version == 0:
+            # Only possible before the first table exists; lets prune hand pages back.
+            await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = await self._scalar(db, "PRAGMA journal_mode = WAL")
+        if str(mode).lower() != "wal":
+            raise AuditError(f"the audit store {self.path} cannot use WAL mode (got {mode}); "
+                             "put it on a local file system")
+        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await self._migrate(db)
+        self._reader = await self._connect()
+        self._reader.row_factory = sqlite3.Row
+        await self._reader.execute("PRAGMA query_only = 1")
+        self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        version = await self._scalar(db, "PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            raise AuditError(f"the audit store {self.path} has schema version {version}, newer "
+                             f"than this hoopops understands ({SCHEMA_VERSION}); upgrade hoopops")
+        if version == SCHEMA_VERSION:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            version = await self._scalar(db, "PRAGMA user_version")
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]("main"):
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+        async with db.execute(sql, params) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            # Everything queued before close is still written; the sentinel comes last.
+            self._queue.put_nowait(None)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for db in (self._reader, self._db):
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await db.close()
+        self._reader = self._db = None
+
+    # --- the writer ----------------------------------------------------------------------
+
+    async def _append(self, kind: str, at: str, session_id: str | None, payload: Any,
+                      guard: Guard | None = None) -> int:
+        if self._closed:
+            raise AuditWriteError("the audit store is closed")
+        try:
+            text = canonical_json(payload)
+        except (TypeError, ValueError) as exc:
+            raise AuditWriteError(f"audit record {kind} is not serialisable: {exc}") from exc
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(kind, at, session_id, text, future, guard))
+        # Shielded: a caller cancelled mid-write must not cancel the shared future; the
+        # record is still written and the rest of the batch is unaffected.
+        return await asyncio.shield(future)
+
+    async def _write_loop(self) -> None:
+        stop = False
+        while not stop:
+            item = await self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                await self._write_batch(batch)
+            except Exception as exc:  # the writer must outlive any one bad batch
+                log.exception("audit writer failed")
+                _fail(batch, AuditWriteError(f"audit write failed: {exc}"))
+
+    async def _write_batch(self, batch: list[_Item]) -> None:
+        async with self._write_lock:
+            try:
+                outcomes = await self._transact(batch)
+            except sqlite3.IntegrityError as exc:
+                await self._rollback()
+                if len(batch) == 1:
+                    self.stats.failed_batches += 1
+                    _fail(batch, AuditWriteError(f"audit write refused: {exc}"))
+                    return
+                # One bad record must not sink everyone else's: retry each on its own.
+                outcomes = []
+                for item in batch:
+                    try:
+                        outcomes += await self._transact([item])
+                    except sqlite3.Error as single:
+                        await self._rollback()
+                        outcomes.append((item, AuditWriteError(
+                            f"audit write refused: {single}")))
+            except (sqlite3.Error, ValueError) as exc:
+                # ValueError: aiosqlite's "no active connection" after an I/O failure.
+                await self._rollback()
+                self.stats.failed_batches += 1
+                _fail(batch, AuditWriteError(
+                    f"audit write failed ({exc}); the statement was not run. Check that "
+                    f"{self.path} is writable and its disk has space"))
+                return
+        for item, outcome in outcomes:
+            if item.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+    async def _rollback(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await self._db.execute("ROLLBACK")
+
+    async def _transact(self, batch: list[_Item]) -> list[tuple[_Item, int | Exception]]:
+        db = self._db
+        if db is None:
+            raise AuditWriteError("the audit store is closed")
+        await db.execute("BEGIN IMMEDIATE")
+        # Read the head inside the write lock: another process (the CLI deciding an
+        # approval) may have appended since our last batch.
+        async with db.execute("SELECT seq, hash FROM chain_head WHERE id = 1") as cursor:
+            head = await cursor.fetchone()
+        if head is None:
+            raise AuditWriteError("the audit store has no chain head; run hoopops audit "
+                                  "verify")
+        seq, prev = int(head[0]), str(head[1])
+        rows: list[tuple[Any, ...]] = []
+        outcomes: list[tuple[_Item, int | Exception]] = []
+        for item in batch:
+            session_id = item.session_id
+            if item.guard is not None:
+                if rows:
+                    # The guard must see the records queued before its own.
+                    await db.executemany(_INSERT_CHAIN, rows)
+                    rows = []
+                try:
+                    session_id = await item.guard(db)
+                except _Rejected as rejected:
+                    outcomes.append((item, rejected.error))
+                    continue
+            seq += 1
+            digest = record_hash_text(seq, item.kind, item.at, session_id, item.payload_text,
+                                      prev)
+            rows.append((seq, item.kind, item.at, session_id, item.payload_text, prev, digest))
+            prev = digest
+            outcomes.append((item, seq))
+        if rows:
+            await db.executemany(_INSERT_CHAIN, rows)
+        await db.execute("COMMIT")
+        written = sum(1 for _, o in outcomes if not isinstance(o, Exception))
+        self.stats.records += written
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        return outcomes
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def session_started(self, session: SessionRecord) -> int:
+        payload = {"id": session.id, "subject": session.subject,
+                   "groups": list(session.groups), "issuer": session.issuer,
+                   "token_id": session.token_id, "claimed_user": session.claimed_user,
+                   "client_addr": session.client_addr, "client_port": session.client_port,
+                   "application_name": session.application_name, "target": session.target,
+                   "tls": bool(session.tls), "started_at": iso(session.started_at)}
+        return await self._append("session.started", payload["started_at"], session.id,
+                                  payload)
+
+    async def session_ended(self, session_id: str, reason: str, ended_at: float,
+                            bytes_in: int | None, bytes_out: int | None,
+                            statements: int | None) -> int:
+        payload = {"session_id": session_id, "reason": reason, "ended_at": iso(ended_at),
+                   "bytes_in": bytes_in, "bytes_out": bytes_out, "statements": statements}
+        seq = await self._append("session.ended", payload["ended_at"], session_id, payload)
+        # Statements of this session that never got a result (client vanished mid-query)
+        # are not going to: stop remembering them.
+        for statement_id in [k for k, v in self._open_statements.items() if v == session_id]:
+            del self._open_statements[statement_id]
+        return seq
+
+    async def statement_received(self, statement: StatementRecord) -> int:
+        payload = {"session_id": statement.session_id, "seq": statement.seq,
+                   "received_at": iso(statement.received_at), "sql": statement.sql,
+                   "params": json_params(statement.params), "facts": plain(statement.facts),
+                   "decision": statement.decision, "rule_id": statement.rule_id,
+                   "approval_id": statement.approval_id}
+        statement_id = await self._append("statement.received", payload["received_at"],
+                                          statement.session_id, payload)
+        self._open_statements[statement_id] = statement.session_id
+        return statement_id
+
+    async def statement_finished(self, statement_id: int, result: StatementResult) -> int:
+        session_id = self._open_statements.pop(statement_id, None)
+        if session_id is None:
+            session_id = await self._statement_session(statement_id)
+        duration = None
+        if result.started_at is not None:
+            duration = max(0, round((result.finished_at - result.started_at) * 1_000_000))
+        payload = {"statement_id": statement_id, "started_at": opt_iso(result.started_at),
+                   "finished_at": iso(result.finished_at), "duration_us": duration,
+                   "rows": result.rows, "command_tag": result.command_tag,
+                   "sqlstate": result.sqlstate, "error_message": result.error_message,
+                   "result_sha256": result.result_sha256,
+                   "result_sample": plain(cap_sample(result.result_sample, self.result_rows,
+                                                     self.result_bytes))}
+        return await self._append("statement.finished", payload["finished_at"], session_id,
+                                  payload)
+
+    async def _statement_session(self, statement_id: int) -> str:
+        async with self._read_lock:
+            session_id = await self._scalar(self._reader_db(),
+                                            "SELECT session_id FROM statements WHERE id = ?",
+                                            (statement_id,))
+        if session_id is None:
+            raise AuditWriteError(f"no statement #{statement_id} in the audit store")
+        return str(session_id)
+
+    async def masking_actions(self, statement_id: int, session_id: str,
+                              actions: Sequence[MaskingAction],
+                              at: float | None = None) -> int | None:
+        if not actions:
+            return None
+        when = iso(time.time() if at is None else at)
+        payload = {"statement_id": statement_id, "actions": [
+            {"column": a.column_or_detector, "strategy": a.strategy, "count": int(a.count)}
+            for a in actions]}
+        return await self._append("masking.applied", when, session_id, payload)
+
+    async def gateway_event(self, kind: str, data: dict[str, Any],
+                            at: float | None = None) -> int:
+        if kind.startswith(_RESERVED_PREFIXES) or "." not in kind:
+            raise ValueError(f"gateway event kind {kind!r} must be dotted (gateway.started, "
+                             "policy.reloaded) and not one of the audit's own record kinds")
+        return await self._append(kind, iso(time.time() if at is None else at), None,
+                                  plain(data))
+
+    async def approval_requested(self, request: ApprovalRequest) -> int:
+        payload = {"session_id": request.session_id, "statement_id": request.statement_id,
+                   "subject": request.subject, "groups": list(request.groups),
+                   "issuer": request.issuer, "token_id": request.token_id, "sql": request.sql,
+                   "params": json_params(request.params), "fingerprint": request.fingerprint,
+                   "rule_id": request.rule_id, "reason": request.reason,
+                   "created_at": iso(request.created_at), "expires_at": iso(request.expires_at),
+                   "binding_sha256": request.binding_sha256}
+        return await self._append("approval.requested", payload["created_at"],
+                                  request.session_id, payload)
+
+    def _pending_guard(self, approval_id: int) -> Guard:
+        async def guard(db: aiosqlite.Connection) -> str | None:
+            async with db.execute("SELECT session_id, status, decided_by, scope FROM approvals "
+                                  "WHERE id = ?", (approval_id,)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise _Rejected(ApprovalNotFound(f"no approval #{approval_id}"))
+            if row[1] != "pending":
+                by = f" by {row[2]}" if row[2] else ""
+                raise _Rejected(ApprovalNotPending(
+                    f"approval #{approval_id} is no longer pending: it was {row[1]}{by}"))
+            return str(row[0])
+        return guard
+
+    async def approval_decided(self, approval_id: int, approved: bool, scope: str | None,
+                               decided_by: str, comment: str | None,
+                               decided_at: float) -> ApprovalView:
+        if approved and scope not in ("once", "session"):
+            raise ValueError("an approval's scope is 'once' or 'session'")
+        payload = {"approval_id": approval_id, "status": "approved" if approved else "denied",
+                   "scope": scope if approved else None, "decided_by": decided_by,
+                   "decided_at": iso(decided_at), "comment": comment}
+        try:
+            await self._append("approval.decided", payload["decided_at"], None, payload,
+                               self._pending_guard(approval_id))
+        except ApprovalNotPending as exc:
+            raise ApprovalNotPending(str(exc), await self.get_approval(approval_id)) from None
+        return await self._must_get_approval(approval_id)
+
+    async def approval_closed(self, approval_id: int, status: str, at: float,
+                              reason: str | None) -> ApprovalView:
+        if status not in ("withdrawn", "expired"):
+            raise ValueError("an approval is closed as 'withdrawn' or 'expired'")
+        payload = {"approval_id": approval_id, "status": status, "scope": None,
+                   "decided_by": None, "decided_at": iso(at), "comment": reason}
+        with contextlib.suppress(ApprovalNotPending):
+            await self._append(f"approval.{status}", payload["decided_at"], None, payload,
+                               self._pending_guard(approval_id))
+        return await self._must_get_approval(approval_id)
+
+    async def _must_get_approval(self, approval_id: int) -> ApprovalView:
+        view = await self.get_approval(approval_id)
+        if view is None:
+            raise ApprovalNotFound(f"no approval #{approval_id}")
+        return view
+
+    async def close_orphaned_sessions(self, reason: str, at: float | None = None) -> int:
+        when = time.time() if at is None else at
+        async with self._read_lock:
+            db = self._reader_db()
+            async with db.execute("SELECT id FROM approvals WHERE status = 'pending'") as cur:
+                approvals = [int(r[0]) for r in await cur.fetchall()]
+            async with db.execute(
+                    "SELECT s.id, (SELECT COUNT(*) FROM statements t WHERE t.session_id = s.id) "
+                    "FROM sessions s WHERE s.ended_seq IS NULL") as cur:
+                sessions = [(str(r[0]), int(r[1])) for r in await cur.fetchall()]
+        for approval_id in approvals:
+            await self.approval_closed(approval_id, "withdrawn", when, reason)
+        for session_id, count in sessions:
+            await self.session_ended(session_id, reason, when, None, None, count)
+        return len(sessions)
+
+    # --- prune ---------------------------------------------------------------------------
+
+    async def prune(self, older_than: float, *, now: float | None = None,
+                    dry_run: bool = False) -> PruneReport:
+        """Remove whole sessions and events older than ``older_than`` seconds.
+
+        Only a prefix of the chain is removed, and never through the middle of a session
+        (a session still writing keeps its start). The removal is itself a chained record,
+        ``audit.pruned``, naming the last removed record and its hash, which is where the
+        surviving chain now begins; verify checks that link.
+        """
+        when = time.time() if now is None else now
+        cutoff = iso(when - older_than)
+        if self._closed or self._db is None:
+            raise AuditWriteError("the audit store is closed")
+        db = self._db
+        async with self._write_lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                report = await self._prune_locked(db, cutoff, when, older_than, dry_run)
+            except BaseException:
+                await self._rollback()
+                raise
+            if report.records and not dry_run:
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("PRAGMA incremental_vacuum")
+        return report
+
+    async def _prune_locked(self, db: aiosqlite.Connection, cutoff: str, when: float,
+                            older_than: float, dry_run: bool) -> PruneReport:
+        head_seq = int(await self._scalar(db, "SELECT seq FROM chain_head WHERE id = 1"))
+        head_hash = str(await self._scalar(db, "SELECT hash FROM chain_head WHERE id = 1"))
+        first_kept = await self._scalar(
+            db, "SELECT seq FROM chain WHERE at >= ? ORDER BY seq LIMIT 1", (cutoff,))
+        through = head_seq if first_kept is None else int(first_kept) - 1
+        while True:
+            # Pull the cut back to the start of any session that straddles it.
+            straddler = await self._scalar(db, """
+                SELECT MIN(c.seq) FROM chain c
+                WHERE c.seq <= :k AND c.session_id IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM chain d WHERE d.session_id = c.session_id AND d.seq > :k)
+            """, {"k": through})
+            if straddler is None:
+                break
+            through = int(straddler) - 1
+        lowest = await self._scalar(db, "SELECT MIN(seq) FROM chain")
+        if lowest is None or through < int(lowest):
+            await db.execute("ROLLBACK")
+            return PruneReport(cutoff, dry_run, 0, 0, None, None, None)
+        records = int(await self._scalar(db, "SELECT COUNT(*) FROM chain WHERE seq <= ?",
+                                         (through,)))
+        sessions = int(await self._scalar(
+            db, "SELECT COUNT(*) FROM chain WHERE seq <= ? AND kind = 'session.started'",
+            (through,)))
+        through_hash = str(await self._scalar(db, "SELECT hash FROM chain WHERE seq = ?",
+                                              (through,)))
+        if dry_run:
+            await db.execute("ROLLBACK")
+            return PruneReport(cutoff, True, records, sessions, through, through_hash, None)
+        await db.execute("UPDATE chain_head SET pruning = 1 WHERE id = 1")
+        await db.execute("DELETE FROM chain WHERE seq <= ?", (through,))
+        for table, column in (("sessions", "started_seq"), ("statements", "id"),
+                              ("approvals", "id"), ("masking_actions", "seq"),
+                              ("gateway_events", "seq")):
+            await db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (through,))
+        await db.execute("UPDATE chain_head SET pruning = 0 WHERE id = 1")
+        anchor_seq = head_seq + 1
+        at = iso(when)
+        payload_text = canonical_json({
+            "cutoff": cutoff, "older_than_s": older_than, "through_seq": through,
+            "through_hash": through_hash, "records": records, "sessions": sessions})
+        digest = record_hash_text(anchor_seq, PRUNE_KIND, at, None, payload_text, head_hash)
+        await db.execute(_INSERT_CHAIN, (anchor_seq, PRUNE_KIND, at, None, payload_text,
+                                         head_hash, digest))
+        await db.execute("COMMIT")
+        self.stats.records += 1
+        return PruneReport(cutoff, False, records, sessions, through, through_hash, anchor_seq)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def _reader_db(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise AuditError("the audit store is closed")
+        return self._reader
+
+    async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+                     ) -> list[sqlite3.Row]:
+        async with self._read_lock:
+            async with self._reader_db().execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+
+    async def list_sessions(self, since: float | None = None, until: float | None = None,
+                            identity: str | None = None, target: str | None = None,
+                            decision: str | None = None, text: str | None = None,
+                            limit: int = 100) -> list[SessionView]:
+        where, params = _session_filters(Filters(since=since, until=until, identity=identity,
+                                                 target=target, decision=decision, text=text))
+        params["limit"] = int(limit)
+        rows = await self._fetch(f"{_SESSION_SELECT} WHERE {where} "
+                                 "ORDER BY s.started_at DESC, s.started_seq DESC LIMIT :limit",
+                                 params)
+        return [_session_view(r) for r in rows]
+
+    async def get_session(self, session_id: str) -> SessionView | None:
+        rows = await self._fetch(f"{_SESSION_SELECT} WHERE s.id = :id", {"id": session_id})
+        return _session_view(rows[0]) if rows else None
+
+    async def session_statements(self, session_id: str) -> list[StatementView]:
+        async with self._read_lock:
+            db = self._reader_db()
+            # One snapshot, so a statement and its approval or masking never disagree.
+            await db.execute("BEGIN")
+            try:
+                async with db.execute("SELECT * FROM statements WHERE session_id = ? "
+                                      "ORDER BY seq, id", (session_id,)) as cursor:
+                    statements = list(await cursor.fetchall())
+                async with db.execute(
+                        "SELECT * FROM approvals WHERE session_id = ? OR id IN (SELECT "
+                        "approval_id FROM statements WHERE session_id = ?)",
+                        (session_id, session_id)) as cursor:
+                    approvals = {int(r["id"]): _approval_view(r)
+                                 for r in await cursor.fetchall()}
+                async with db.execute(
+                        f"{_MASKING_SELECT} WHERE m.session_id = ? ORDER BY m.seq, m.idx",
+                        (session_id,)) as cursor:
+                    masking = [_masking_view(r) for r in await cursor.fetchall()]
+            finally:
+                await db.execute("COMMIT")
+        by_statement: dict[int, list[MaskingView]] = {}
+        for m in masking:
+            by_statement.setdefault(m.statement_id, []).append(m)
+        views = []
+        for row in statements:
+            approval_id = row["approval_id"]
+            views.append(_statement_view(
+                row, approvals.get(int(approval_id)) if approval_id is not None else None,
+                tuple(by_statement.get(int(row["id"]), ()))))
+        return views
+
+    async def pending_approvals(self) -> list[ApprovalView]:
+        rows = await self._fetch("SELECT * FROM approvals WHERE status = 'pending' ORDER BY id")
+        return [_approval_view(r) for r in rows]
+
+    async def get_approval(self, approval_id: int) -> ApprovalView | None:
+        rows = await self._fetch("SELECT * FROM approvals WHERE id = ?", (int(approval_id),))
+        return _approval_view(rows[0]) if rows else None
+
+    async def get_approvals(self, approval_ids: Sequence[int]) -> dict[int, ApprovalView]:
+        ids = [int(i) for i in approval_ids]
+        if not ids:
+            return {}
+        rows = await self._fetch("SELECT * FROM approvals WHERE id IN "
+                                 "(SELECT value FROM json_each(?))", (json.dumps(ids),))
+        return {int(r["id"]): _approval_view(r) for r in rows}
+
+    async def recent_masking(self, limit: int = 100) -> list[MaskingView]:
+        rows = await self._fetch(f"{_MASKING_SELECT} ORDER BY m.seq DESC, m.idx LIMIT ?",
+                                 (int(limit),))
+        return [_masking_view(r) for r in rows]
+
+    # --- verify --------------------------------------------------------------------------
+
+    async def verify(self, expect: Sequence[tuple[int, str]] = ()) -> VerifyReport:
+        """Walk the chain, check head and prune anchor, then rebuild and compare the
+        query tables. Runs on its own connection inside one read snapshot."""
+        started = time.perf_counter()
+        report = VerifyReport()
+        db = await self._connect()
+        try:
+            await db.execute("ATTACH DATABASE '' AS rebuilt")
+            await db.execute("BEGIN")
+            try:
+                await self._verify_chain(db, report, expect)
+                if report.ok:
+                    await self._verify_projections(db, report)
+                else:
+                    report.warnings.append("query tables were not compared: the chain itself "
+                                           "is broken")
+                await self._verify_triggers(db, report)
+            finally:
+                await db.execute("ROLLBACK")
+        finally:
+            await db.close()
+        report.elapsed_s = time.perf_counter() - started
+        return report
+
+    async def _verify_chain(self, db: aiosqlite.Connection, report: VerifyReport,
+                            expect: Sequence[tuple[int, str]]) -> None:
+        async with db.execute("SELECT seq, hash FROM chain_head WHERE id = 1") as cursor:
+            head_row = await cursor.fetchone()
+        head = (int(head_row[0]), str(head_row[1])) if head_row else None
+        anchor: tuple[int, str] | None = None
+        async with db.execute("SELECT payload FROM chain WHERE kind = ? ORDER BY seq",
+                              (PRUNE_KIND,)) as cursor:
+            async for (payload,) in cursor:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    data = json.loads(payload)
+                    candidate = (int(data["through_seq"]), str(data["through_hash"]))
+                    if anchor is None or candidate[0] > anchor[0]:
+                        anchor = candidate
+        checker = ChainChecker(report, anchor)
+        checker.want_hashes({seq for seq, _ in expect})
+        async with db.execute(f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chain "
+                              "ORDER BY seq") as cursor:
+            async for row in cursor:
+                checker.feed(ChainRow(int(row[0]), str(row[1]), str(row[2]),
+                                      None if row[3] is None else str(row[3]), str(row[4]),
+                                      str(row[5]), str(row[6])))
+        checker.finish(head)
+        for seq, digest in expect:
+            found = checker.hashes.get(seq)
+            if found is None:
+                if anchor is not None and seq <= anchor[0]:
+                    report.warnings.append(f"record #{seq} was pruned; the prune anchor "
+                                           "vouches for the records before it")
+                else:
+                    report.add(Problem(seq, f"record #{seq}, whose hash you kept, is not in "
+                                       "the chain (the tail was cut off or rewritten)"))
+            elif found != digest.lower():
+                report.add(Problem(seq, f"record #{seq} has hash {found[:16]}…, not the "
+                                   f"{digest[:16]}… you kept: the chain was rewritten from "
+                                   "here"))
+
+    async def _verify_projections(self, db: aiosqlite.Connection,
+                                  report: VerifyReport) -> None:
+        for statement in schema_statements("rebuilt", guards=False):
+            await db.execute(statement)
+        # The same triggers that maintain the live tables replay the chain into scratch.
+        columns = ", ".join(CHAIN_COLUMNS)
+        await db.execute(f"INSERT INTO rebuilt.chain ({columns}) SELECT {columns} "
+                         "FROM main.chain ORDER BY seq")
+        kinds: dict[int, str] = {}
+        for projection in PROJECTIONS:
+            await self._compare_projection(db, projection, report, kinds)
+        report.projections_checked = True
+
+    async def _compare_projection(self, db: aiosqlite.Connection, projection: Projection,
+                                  report: VerifyReport, kinds: dict[int, str]) -> None:
+        table = projection.table
+        async with db.execute(f"PRAGMA rebuilt.table_info({table})") as cursor:
+            columns = [str(r[1]) for r in await cursor.fetchall()]
+        column_list = ", ".join(columns)
+        key_index = [columns.index(k) for k in projection.key]
+
+        async def diff(left: str, right: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+            sql = (f"SELECT {column_list} FROM {left}.{table} EXCEPT "
+                   f"SELECT {column_list} FROM {right}.{table} LIMIT 200")
+            async with db.execute(sql) as cursor:
+                return {tuple(r[i] for i in key_index): tuple(r)
+                        for r in await cursor.fetchall()}
+
+        live = await diff("main", "rebuilt")
+        truth = await diff("rebuilt", "main")
+        for key in sorted(set(live) | set(truth), key=repr):
+            name = f"{table} row {'/'.join(str(k) for k in key)}"
+            if key in live and key in truth:
+                changed = [c for i, c in enumerate(columns) if live[key][i] != truth[key][i]]
+                origin = projection.origins.get(changed[0], projection.default_origin)
+                seq = truth[key][columns.index(origin)] or truth[key][
+                    columns.index(projection.default_origin)]
+                kind = await _kind_of(db, int(seq), kinds)
+                report.add(Problem(int(seq), f"{name} was edited: {', '.join(changed)} no "
+                                   f"longer match chain record #{seq} ({kind})", table))
+            elif key in truth:
+                seq = truth[key][columns.index(projection.default_origin)]
+                kind = await _kind_of(db, int(seq), kinds)
+                report.add(Problem(int(seq), f"{name} was deleted from the query table "
+                                   f"(chain record #{seq}, {kind}, still has it)", table))
+            else:
+                claimed = live[key][columns.index(projection.default_origin)]
+                seq = int(claimed) if isinstance(claimed, int) else None
+                report.add(Problem(seq, f"{name} is not backed by any chain record (inserted "
+                                   "behind the store's back)", table))
+
+    async def _verify_triggers(self, db: aiosqlite.Connection, report: VerifyReport) -> None:
+        async with db.execute("SELECT name FROM main.sqlite_master WHERE type = 'trigger'"
+                              ) as cursor:
+            present = {str(r[0]) for r in await cursor.fetchall()}
+        missing = [t for t in GUARD_TRIGGERS if t not in present]
+        if missing:
+            report.warnings.append("guard trigger(s) dropped: " + ", ".join(missing)
+                                   + " (someone has been editing the file by hand)")
+
+    # --- export --------------------------------------------------------------------------
+
+    async def export(self, out: TextIO, *, format: str = "jsonl", what: str = "statements",
+                     filters: Filters | None = None) -> int:
+        if format not in ("jsonl", "csv"):
+            raise ValueError("export format is jsonl or csv")
+        if what not in ("statements", "records"):
+            raise ValueError("export what is 'statements' or 'records'")
+        filters = filters or Filters()
+        if what == "statements":
+            where, params = _statement_filters(filters)
+            sql = f"{export_format.STATEMENT_EXPORT_SELECT} WHERE {where} ORDER BY t.id"
+            fields = export_format.STATEMENT_FIELDS
+            convert: Callable[[sqlite3.Row], dict[str, Any]] = export_format.statement_row
+        else:
+            where, params = _record_filters(filters)
+            sql = f"SELECT c.* FROM chain c WHERE {where} ORDER BY c.seq"
+            fields = export_format.RECORD_FIELDS
+            convert = export_format.record_row
+        writer = export_format.RowWriter(out, format, fields)
+        db = await self._connect()
+        db.row_factory = sqlite3.Row
+        count = 0
+        try:
+            await db.execute("BEGIN")
+            async with db.execute(sql, params) as cursor:
+                async for row in cursor:
+                    writer.add(convert(row))
+                    count += 1
+                    if writer.pending >= 500:
+                        # File writes off the event loop, in chunks, so memory stays flat.
+                        await asyncio.to_thread(writer.flush)
+            await db.execute("COMMIT")
+        finally:
+            await db.close()
+        await asyncio.to_thread(writer.flush)
+        return count
+
+
+def _fail(batch: list[_Item], error: Exception) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+async def _kind_of(db: aiosqlite.Connection, seq: int, cache: dict[int, str]) -> str:
+    if seq not in cache:
+        async with db.execute("SELECT kind FROM main.chain WHERE seq = ?", (seq,)) as cursor:
+            row = await cursor.fetchone()
+        cache[seq] = str(row[0]) if row else "missing"
+    return cache[seq]
+
+
+# --- row mapping ------------------------------------------------------------------------
+
+_SESSION_SELECT = """
+SELECT s.*,
+  (SELECT COUNT(*) FROM statements t WHERE t.session_id = s.id) AS n_statements,
+  (SELECT COUNT(*) FROM statements t WHERE t.session_id = s.id AND t.decision = 'block')
+    AS n_blocked,
+  (SELECT COUNT(*) FROM statements t WHERE t.session_id = s.id AND t.decision = 'review')
+    AS n_reviewed
+FROM sessions s"""
+
+_MASKING_SELECT = """
+SELECT m.*, s.subject AS subject FROM masking_actions m
+LEFT JOIN sessions s ON s.id = m.session_id"""
+
+
+def _session_filters(f: Filters) -> tuple[str, dict[str, Any]]:
+    """WHERE clause for sessions overlapping [since, until] and matching the rest."""
+    clauses = ["1 = 1"]
+    params: dict[str, Any] = {}
+    if f.since is not None:
+        clauses.append("(s.ended_at IS NULL OR s.ended_at >= :since)")
+        params["since"] = iso(f.since)
+    if f.until is not None:
+        clauses.append("s.started_at <= :until")
+        params["until"] = iso(f.until)
+    if f.identity:
+        clauses.append("s.subject = :identity")
+        params["identity"] = f.identity
+    if f.target:
+        clauses.append("s.target = :target")
+        params["target"] = f.target
+    if f.session_id:
+        clauses.append("s.id = :session_id")
+        params["session_id"] = f.session_id
+    if f.decision:
+        clauses.append("EXISTS (SELECT 1 FROM statements t WHERE t.session_id = s.id "
+                       "AND t.decision = :decision)")
+        params["decision"] = f.decision
+    if f.text:
+        clauses.append("EXISTS (SELECT 1 FROM statements t WHERE t.session_id = s.id "
+                       "AND instr(lower(t.sql), lower(:text)) > 0)")
+        params["text"] = f.text
+    return " AND ".join(clauses), params
+
+
+def _statement_filters(f: Filters) -> tuple[str, dict[str, Any]]:
+    clauses = ["1 = 1"]
+    params: dict[str, Any] = {}
+    if f.since is not None:
+        clauses.append("t.received_at >= :since")
+        params["since"] = iso(f.since)
+    if f.until is not None:
+        clauses.append("t.received_at <= :until")
+        params["until"] = iso(f.until)
+    if f.identity:
+        clauses.append("s.subject = :identity")
+        params["identity"] = f.identity
+    if f.target:
+        clauses.append("s.target = :target")
+        params["target"] = f.target
+    if f.session_id:
+        clauses.append("t.session_id = :session_id")
+        params["session_id"] = f.session_id
+    if f.decision:
+        clauses.append("t.decision = :decision")
+        params["decision"] = f.decision
+    if f.text:
+        clauses.append("instr(lower(t.sql), lower(:text)) > 0")
+        params["text"] = f.text
+    return " AND ".join(clauses), params
+
+
+def _record_filters(f: Filters) -> tuple[str, dict[str, Any]]:
+    """Raw records narrow by time, session, and the sessions' identity or target only."""
+    clauses = ["1 = 1"]
+    params: dict[str, Any] = {}
+    if f.since is not None:
+        clauses.append("c.at >= :since")
+        params["since"] = iso(f.since)
+    if f.until is not None:
+        clauses.append("c.at <= :until")
+        params["until"] = iso(f.until)
+    if f.session_id:
+        clauses.append("c.session_id = :session_id")
+        params["session_id"] = f.session_id
+    if f.identity or f.target:
+        sub = ["1 = 1"]
+        if f.identity:
+            sub.append("s.subject = :identity")
+            params["identity"] = f.identity
+        if f.target:
+            sub.append("s.target = :target")
+            params["target"] = f.target
+        clauses.append(f"c.session_id IN (SELECT s.id FROM sessions s WHERE {' AND '.join(sub)})")
+    return " AND ".join(clauses), params
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _session_view(r: sqlite3.Row) -> SessionView:
+    return SessionView(
+        id=r["id"], subject=r["subject"], groups=tuple(_loads(r["groups"]) or ()),
+        issuer=r["issuer"], token_id=r["token_id"], claimed_user=r["claimed_user"],
+        client_addr=r["client_addr"], client_port=r["client_port"],
+        application_name=r["application_name"], target=r["target"], tls=bool(r["tls"]),
+        started_at=from_iso(r["started_at"]), ended_at=opt_from_iso(r["ended_at"]),
+        end_reason=r["end_reason"], bytes_in=r["bytes_in"], bytes_out=r["bytes_out"],
+        statements=int(r["n_statements"]), blocked=int(r["n_blocked"]),
+        reviewed=int(r["n_reviewed"]))
+
+
+def _approval_view(r: sqlite3.Row) -> ApprovalView:
+    return ApprovalView(
+        id=int(r["id"]), session_id=r["session_id"], statement_id=r["statement_id"],
+        subject=r["subject"], groups=tuple(_loads(r["groups"]) or ()), sql=r["sql"],
+        params=_loads(r["params"]), fingerprint=r["fingerprint"], rule_id=r["rule_id"],
+        reason=r["reason"], created_at=from_iso(r["created_at"]),
+        expires_at=from_iso(r["expires_at"]), binding_sha256=r["binding_sha256"],
+        status=r["status"], scope=r["scope"], decided_by=r["decided_by"],
+        decided_at=opt_from_iso(r["decided_at"]), comment=r["comment"])
+
+
+def _masking_view(r: sqlite3.Row) -> MaskingView:
+    return MaskingView(record=int(r["seq"]), at=from_iso(r["at"]),
+                       statement_id=int(r["statement_id"]), session_id=r["session_id"],
+                       subject=r["subject"], column_or_detector=r["column_or_detector"],
+                       strategy=r["strategy"], count=int(r["count"]))
+
+
+def _statement_view(r: sqlite3.Row, approval: ApprovalView | None,
+                    masking: tuple[MaskingView, ...]) -> StatementView:
+    duration = r["duration_us"]
+    return StatementView(
+        id=int(r["id"]), session_id=r["session_id"], seq=int(r["seq"]),
+        received_at=from_iso(r["received_at"]), sql=r["sql"], params=_loads(r["params"]),
+        facts=_loads(r["facts"]) or {}, decision=r["decision"], rule_id=r["rule_id"],
+        approval_id=r["approval_id"], started_at=opt_from_iso(r["started_at"]),
+        finished_at=opt_from_iso(r["finished_at"]),
+        duration_ms=None if duration is None else duration / 1000.0, rows=r["rows"],
+        command_tag=r["command_tag"], sqlstate=r["sqlstate"],
+        error_message=r["error_message"], result_sha256=r["result_sha256"],
+        result_sample=_loads(r["result_sample"]), approval=approval, masking=masking)

@@ -1,0 +1,1 @@
+"""The one-command demo: embedded PostgreSQL, fake PII, agents, gateway and console."""

@@ -1,0 +1,184 @@
+"""Masking strategies: what a sensitive value becomes before it leaves the gateway.
+
+Every strategy works on the raw bytes of a value as the server sent them (the client
+encoding), so nothing is decoded on the hot path and a value that is not valid UTF-8
+cannot slip through a decode error. ``None`` stands for SQL NULL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+REDACTED = b"****"
+
+# Strictness ranks: when several rules cover one result column the strictest wins, so a
+# broad rule can never be weakened by a narrower-looking one elsewhere.
+_RANK_NULL = 0
+_RANK_REDACT = 1
+_RANK_HASH = 2
+_RANK_PARTIAL = 3
+
+_ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+# ASCII letters and digits plus every byte of a multi-byte character are masked; only
+# lead bytes count as characters, so a cut never lands inside a character.
+_MASKED_BYTES = frozenset(_ALNUM) | frozenset(range(0x80, 0x100))
+_COUNTED = frozenset(_ALNUM) | frozenset(range(0xC0, 0x100))
+_MASK_TABLE = bytes(42 if b in _MASKED_BYTES else b for b in range(256))
+_HASH_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: collisions are out of reach, tokens stay short
+
+
+class StrategyError(ValueError):
+    """A strategy spec that cannot be used; the message says what is accepted."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to mask a value.
+
+    ``kind`` is one of ``redact``, ``null``, ``keep_last``, ``email_domain``, ``hash``;
+    ``label`` is what the audit trail shows (``last4`` for ``keep_last`` with 4).
+    """
+
+    kind: str
+    keep: int = 0
+    key: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"last{self.keep}" if self.kind == "keep_last" else self.kind
+
+    @property
+    def partial(self) -> bool:
+        """True when the output reveals part of the input (unsafe on derived values)."""
+        return self.kind in ("keep_last", "email_domain")
+
+    @property
+    def rank(self) -> int:
+        return {"null": _RANK_NULL, "redact": _RANK_REDACT, "hash": _RANK_HASH}.get(
+            self.kind, _RANK_PARTIAL)
+
+    def whole(self) -> Strategy:
+        """The strategy for a value merely derived from a sensitive one.
+
+        ``substr(ssn, 1, 4)`` under ``last4`` would show the first four digits, so partial
+        strategies become ``redact``; ``hash`` and ``null`` reveal nothing either way.
+        """
+        return REDACT if self.partial else self
+
+    def apply(self, value: bytes) -> bytes | None:
+        kind = self.kind
+        if kind == "redact":
+            return REDACTED
+        if kind == "null":
+            return None
+        if kind == "keep_last":
+            return keep_last(value, self.keep)
+        if kind == "email_domain":
+            return email_domain(value)
+        return hmac_token(self.key, value)
+
+
+def keep_last(value: bytes, keep: int) -> bytes:
+    """Mask every letter and digit but the last ``keep`` ones; punctuation stays.
+
+    ``123-45-6789`` → ``***-**-6789``. A value with ``keep`` or fewer such characters is
+    redacted whole, since "the last four" of a four-character value is all of it. Bytes
+    of multi-byte characters count as letters, and the cut never splits a character, so
+    the output stays valid UTF-8.
+    """
+    size = len(value)
+    if value.isalnum():  # ASCII-only fast path, the common shape of ids and numbers
+        if size <= keep:
+            return REDACTED
+        return b"*" * (size - keep) + value[size - keep:]
+    seen = 0
+    cut = -1
+    for index in range(size - 1, -1, -1):
+        byte = value[index]
+        if byte in _COUNTED:
+            seen += 1
+            if seen == keep:
+                cut = index
+                break
+    if cut < 0:
+        return REDACTED
+    head = value[:cut]
+    masked = head.translate(_MASK_TABLE)
+    if masked == head:
+        return REDACTED
+    return masked + value[cut:]
+
+
+def email_domain(value: bytes) -> bytes:
+    """``alice@example.com`` → ``***@example.com``; anything else is redacted whole."""
+    at = value.rfind(b"@")
+    if at < 1 or at == len(value) - 1:
+        return REDACTED
+    return b"***" + value[at:]
+
+
+def hmac_token(key: bytes, value: bytes) -> bytes:
+    """Keyed HMAC-SHA256: equal inputs give equal tokens (joins still work) but the
+    input cannot be recovered, nor guessed by hashing candidates, without the key."""
+    return b"hmac:" + hmac.digest(key, value, hashlib.sha256).hex()[:_HASH_HEX_CHARS].encode()
+
+
+REDACT = Strategy("redact")
+NULL = Strategy("null")
+
+STRATEGY_NAMES = ("redact", "null", "lastN (e.g. last4)", "keep_last", "email_domain", "hash")
+
+
+def parse_strategy(spec: object, hmac_secret: str | bytes | None, keep: object = None) -> Strategy:
+    """A strategy from its YAML spelling: ``redact``, ``null``, ``last4``, ``keep_last``
+    (with ``keep``), ``email_domain``, ``hash`` (alias ``hmac``)."""
+    if not isinstance(spec, str) or not spec:
+        raise StrategyError(f"expected a strategy name, one of: {', '.join(STRATEGY_NAMES)}")
+    name = spec.strip().lower()
+    if name in ("redact", "null", "email_domain"):
+        if keep is not None:
+            raise StrategyError(f"'keep' only applies to keep_last, not {name}")
+        return Strategy(name)
+    if name in ("hash", "hmac"):
+        if keep is not None:
+            raise StrategyError("'keep' only applies to keep_last, not hash")
+        if not hmac_secret:
+            raise StrategyError(
+                "strategy 'hash' needs a secret: set masking.hmac_secret (or "
+                "masking.hmac_secret_env) in hoopops.yaml")
+        key = hmac_secret.encode() if isinstance(hmac_secret, str) else bytes(hmac_secret)
+        return Strategy("hash", key=key)
+    if name.startswith("last") and name[4:].isdigit():
+        if keep is not None:
+            raise StrategyError(f"'{name}' already says how many to keep; drop 'keep'")
+        return Strategy("keep_last", keep=_keep_count(int(name[4:])))
+    if name == "keep_last":
+        if keep is None:
+            raise StrategyError("keep_last needs 'keep: N' (or write lastN, e.g. last4)")
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise StrategyError("'keep' must be a whole number")
+        return Strategy("keep_last", keep=_keep_count(keep))
+    raise StrategyError(
+        f"unknown strategy '{spec}'; expected one of: {', '.join(STRATEGY_NAMES)}")
+
+
+def _keep_count(count: int) -> int:
+    if not 1 <= count <= 16:
+        raise StrategyError("keep_last keeps between 1 and 16 characters")
+    return count
+
+
+def combine(strategies: list[Strategy], direct: bool) -> Strategy:
+    """One strategy for a column that several rules cover.
+
+    A direct reference under exactly one strategy keeps it; anything else (a derived
+    value, or a value that may come from differently-masked sources, as in a UNION) is
+    masked whole with the strictest of them.
+    """
+    unique = set(strategies)
+    if direct and len(unique) == 1:
+        return strategies[0]
+    strictest = min(strategies, key=lambda s: s.rank)
+    return strictest.whole()

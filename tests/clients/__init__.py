@@ -1,0 +1,1 @@
+"""Helpers the gateway acceptance tests use to drive real and raw clients."""
