@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from typing import Any
 
+import asyncpg
+
 from hoopops import events
+from hoopops.approvals import ApprovalBroker
+from hoopops.audit import open_store
+from hoopops.audit.store import AuditError, AuditStore
 from hoopops.config import Config
-from hoopops.identity import TokenVerifier
+from hoopops.identity import KeySourceError, TokenVerifier
+from hoopops.policy import PolicyEngine
+from hoopops.proxy.enforcer import Enforcer
 from hoopops.proxy.gate import StatementGate
 from hoopops.proxy.server import GatewayServer
+from hoopops.sql_catalog import SqlCatalog
+from hoopops.yamlfile import YamlFileError
 
 log = logging.getLogger("hoopops.gateway")
+
+
+class GatewayConfigError(Exception):
+    """A component could not start; the message says which and why (one line)."""
 
 
 class Gateway:
@@ -29,6 +43,10 @@ class Gateway:
         self.server = GatewayServer(config, self.verifier, self.gate, self.bus)
         self.started_at: float | None = None
         self._stopped = asyncio.Event()
+        self.store: AuditStore | None = None
+        self.broker: ApprovalBroker | None = None
+        self.engine: PolicyEngine | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -41,12 +59,34 @@ class Gateway:
     async def start(self) -> None:
         await self.server.start()
         self.started_at = time.time()
+        if self.engine is not None:
+            self._watch = asyncio.create_task(self.engine.watch(
+                on_reload=lambda result: self._on_reload(result)))
+        if self.store is not None:
+            with contextlib.suppress(AuditError):
+                await self.store.close_orphaned_sessions("gateway restarted")
+                await self.store.gateway_event(events.GATEWAY_STARTED, {
+                    "listen": f"{self.config.listen_host}:{self.port}",
+                    "policy_version": self.engine.version if self.engine else None})
         self.bus.publish(events.GATEWAY_STARTED, listen=f"{self.config.listen_host}:{self.port}",
                          targets=sorted(self.config.targets))
         log.info("hoopops listening on %s:%s", self.config.listen_host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.server.close(self.config.limits.shutdown_grace if grace is None else grace)
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch
+        if self.broker is not None:
+            await self.broker.close()
+        drain = getattr(self.gate, "drain", None)
+        if drain is not None:
+            await drain()
+        if self.store is not None:
+            with contextlib.suppress(AuditError):
+                await self.store.gateway_event(events.GATEWAY_STOPPED, {})
+            await self.store.close()
         self.bus.publish(events.GATEWAY_STOPPED)
         self._stopped.set()
 
@@ -73,11 +113,63 @@ class Gateway:
             await self.stop()
 
     def reload(self) -> None:
-        reload = getattr(self.gate, "reload", None)
-        if reload is not None:
-            reload()
+        """SIGHUP: reload the policies; an invalid new version leaves the old in force."""
+        if self.engine is None:
+            return
+        self._on_reload(self.engine.reload())
+
+    def _on_reload(self, result: Any) -> None:
+        if result.error is not None:
+            log.error("policy reload refused, the previous policy stays in force: %s",
+                      result.error)
+        elif result.changed:
+            log.info("policy reloaded: version %s", result.version)
+        if self.store is not None and (result.changed or result.error is not None):
+            task = asyncio.ensure_future(self.store.gateway_event(events.POLICY_RELOADED, {
+                "version": result.version,
+                "error": str(result.error) if result.error else None}))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        for catalog in getattr(self.gate, "catalogs", {}).values():
+            catalog.invalidate()
 
 
 async def build_gateway(config: Config, bus: events.EventBus | None = None) -> Gateway:
-    """The gateway with every component the configuration asks for."""
-    return Gateway(config, bus)
+    """The gateway with every component the configuration asks for.
+
+    Raises GatewayConfigError with a one-line reason when a component cannot start.
+    """
+    bus = bus or events.EventBus()
+    engine = None
+    if config.policies is not None:
+        try:
+            engine = PolicyEngine(config.policies, bus=bus)
+        except YamlFileError as exc:
+            raise GatewayConfigError(f"policy error: {exc}") from None
+    else:
+        log.warning("no 'policies:' folder configured: every statement is allowed "
+                    "(a plain authenticated relay)")
+    try:
+        store = await open_store(config.audit)
+    except AuditError as exc:
+        raise GatewayConfigError(f"audit store: {exc}") from None
+    broker = ApprovalBroker.from_config(store, bus, config.approvals)
+    catalogs = {}
+    if engine is not None:
+        for name, target in config.targets.items():
+            catalogs[name] = SqlCatalog(_connector(target.upstream))
+    gate = Enforcer(config, bus, engine, store, broker, catalogs)
+    try:
+        gateway = Gateway(config, bus, gate)
+    except KeySourceError as exc:
+        await store.close()
+        raise GatewayConfigError(f"identity: {exc}") from None
+    gateway.store = store
+    gateway.broker = broker
+    gateway.engine = engine
+    return gateway
+
+
+def _connector(upstream: Any) -> Any:
+    async def connect() -> Any:
+        return await asyncpg.connect(**upstream.asyncpg_kwargs())
+    return connect

@@ -1,19 +1,23 @@
-"""The SQLite audit store (aiosqlite, WAL), with group commit.
+"""The SQLite audit store (WAL), with group commit.
 
 Durability before forwarding is the whole point, and it must not serialise the gateway.
-So one writer task owns the write connection: callers put a record on a queue and await a
-future; the writer takes *everything* waiting, appends it to the chain in one
-``BEGIN IMMEDIATE`` transaction (one fsync), and resolves every future after ``COMMIT``.
-While one batch commits, the next one gathers, so the batch size grows with load.
+So one writer task drains a queue: callers put a record on it and await a future; the
+writer takes *everything* waiting, appends it to the chain in one ``BEGIN IMMEDIATE``
+transaction (one fsync), and resolves every future after ``COMMIT``. While one batch
+commits, the next one gathers, so the batch size grows with load.
+
+The write connection is a plain ``sqlite3`` connection owned by one dedicated thread, and
+a whole batch (begin, read the head, insert, commit) is a single hand-off to it. Driving
+it through aiosqlite would cost one thread hop per call, six per batch, and those hops,
+not SQLite, were the bottleneck. Reads, verify, export and checkpoints use aiosqlite
+connections of their own: WAL readers never block the writer, and a long verify or export
+never stalls the console's reads.
 
 ``synchronous=FULL`` is the default: in WAL mode that fsyncs the log at every commit, so a
 record the gateway was told is durable survives not only SIGKILL of the process (which
 NORMAL also survives, the WAL being in the OS page cache) but also a kernel panic or power
 loss, which NORMAL does not. Group commit pays that fsync once per batch instead of once
 per statement; ``benchmarks/bench_audit.py`` measures both settings.
-
-Reads use a second, read-only connection (WAL readers never block the writer); ``verify``
-and ``export`` open their own so a long walk never stalls the console.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -86,6 +91,8 @@ _INSERT_CHAIN = f"INSERT INTO chain ({', '.join(CHAIN_COLUMNS)}) VALUES (?, ?, ?
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Bounded so one transaction (and the memory it holds) stays small under a flood.
 _MAX_BATCH = 2000
+_CHECKPOINT_EVERY = 0.5
+_WAL_BACKSTOP_PAGES = 8000
 
 
 class _Rejected(Exception):
@@ -96,7 +103,7 @@ class _Rejected(Exception):
         self.error = error
 
 
-Guard = Callable[[aiosqlite.Connection], Awaitable[str | None]]
+Guard = Callable[[sqlite3.Connection], str | None]
 
 
 @dataclass(eq=False)
@@ -107,7 +114,7 @@ class _Item:
     payload_text: str
     future: asyncio.Future[int]
     # Checked inside the transaction, after everything queued before it: returns the
-    # session id the record belongs to, or raises _Rejected.
+    # session id the record belongs to, or raises _Rejected. Runs on the writer thread.
     guard: Guard | None = None
 
 
@@ -144,6 +151,9 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
+Outcome = tuple[_Item, int | Exception]
+
+
 class SQLiteAuditStore(AuditStore):
     """See the module docstring. Create with ``await SQLiteAuditStore.open(path)``."""
 
@@ -155,12 +165,15 @@ class SQLiteAuditStore(AuditStore):
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
         self.stats = WriterStats()
-        self._db: aiosqlite.Connection | None = None
+        # The write connection lives on one dedicated thread and is touched nowhere else;
+        # the executor's own queue serialises batches, prune and migrations.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        self._wdb: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
-        # The writer batch and prune both use the write connection; never at once.
-        self._write_lock = asyncio.Lock()
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._checkpoint_db: aiosqlite.Connection | None = None
         self._read_lock = asyncio.Lock()
         self._closed = False
         # statement id -> session id for statements received here and not yet finished,
@@ -177,63 +190,75 @@ class SQLiteAuditStore(AuditStore):
         synchronous = synchronous.upper()
         if synchronous not in _SYNC_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(_SYNC_MODES)}")
-        if not create and not path.exists():
+        if not create and not await asyncio.to_thread(path.exists):
             raise AuditStoreMissing(f"no audit store at {path} (has the gateway run with this "
                                     "configuration? check audit.path in hoopops.yaml)")
         store = cls(path, result_rows=result_rows, result_bytes=result_bytes,
                     synchronous=synchronous, busy_timeout=busy_timeout)
         try:
-            await store._open()
+            await store._on_writer(store._open_writer)
+            store._reader = await store._connect()
+            store._reader.row_factory = sqlite3.Row
+            await store._reader.execute("PRAGMA query_only = 1")
+            store._checkpoint_db = await store._connect()
         except (sqlite3.Error, OSError) as exc:
-            await store._close_connections()
+            await store._shutdown()
             raise AuditError(f"cannot open the audit store {path}: {exc}") from exc
         except BaseException:
-            await store._close_connections()
+            await store._shutdown()
             raise
+        store._writer = asyncio.create_task(store._write_loop(), name="audit-writer")
+        store._checkpointer = asyncio.create_task(store._checkpoint_loop(),
+                                                  name="audit-checkpoint")
         return store
+
+    async def _on_writer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the writer thread: one hop per batch, whatever the batch holds."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None, iter_chunk_size=1024)
         await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return db
 
-    async def _open(self) -> None:
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = db = await self._connect()
-        version = await self._scalar(db, "PRAGMA user_version")
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None,
+                             timeout=self.busy_timeout)
+        self._wdb = db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             # Only possible before the first table exists; lets prune hand pages back.
-            await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        mode = await self._scalar(db, "PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise AuditError(f"the audit store {self.path} cannot use WAL mode (got {mode}); "
                              "put it on a local file system")
-        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
-        await self._migrate(db)
-        self._reader = await self._connect()
-        self._reader.row_factory = sqlite3.Row
-        await self._reader.execute("PRAGMA query_only = 1")
-        self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+        db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        # Checkpoints (copying the log into the database, with an fsync of the database
+        # under FULL) run on their own connection, so no batch waits for one; this is
+        # only the backstop should that fall behind (pages of 4 KiB: about 32 MiB).
+        db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_BACKSTOP_PAGES}")
+        self._migrate(db)
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        version = await self._scalar(db, "PRAGMA user_version")
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise AuditError(f"the audit store {self.path} has schema version {version}, newer "
                              f"than this hoopops understands ({SCHEMA_VERSION}); upgrade hoopops")
         if version == SCHEMA_VERSION:
             return
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             # Another process may have migrated while we waited for the lock.
-            version = await self._scalar(db, "PRAGMA user_version")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]("main"):
-                    await db.execute(statement)
-            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            await db.execute("COMMIT")
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
 
     @staticmethod
@@ -242,39 +267,80 @@ class SQLiteAuditStore(AuditStore):
             row = await cursor.fetchone()
         return None if row is None else row[0]
 
+    async def _checkpoint_loop(self) -> None:
+        written = self.stats.records
+        while not self._closed:
+            await asyncio.sleep(_CHECKPOINT_EVERY)
+            db = self._checkpoint_db
+            if db is None or self.stats.records == written:
+                continue
+            written = self.stats.records
+            try:
+                # PASSIVE never blocks the writer or readers; what it cannot copy now it
+                # copies next time.
+                async with db.execute("PRAGMA wal_checkpoint(PASSIVE)"):
+                    pass
+            except sqlite3.Error as exc:
+                log.debug("audit checkpoint skipped: %s", exc)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
         if self._writer is not None:
             # Everything queued before close is still written; the sentinel comes last.
             self._queue.put_nowait(None)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        await self._close_connections()
+        await self._shutdown()
 
-    async def _close_connections(self) -> None:
-        for db in (self._reader, self._db):
+    async def _shutdown(self) -> None:
+        for db in (self._reader, self._checkpoint_db):
             if db is not None:
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     await db.close()
-        self._reader = self._db = None
+        self._reader = self._checkpoint_db = None
+        with contextlib.suppress(sqlite3.Error, RuntimeError):
+            await self._on_writer(self._close_writer)
+        self._executor.shutdown(wait=False)
+
+    def _close_writer(self) -> None:
+        if self._wdb is not None:
+            self._wdb.close()
+            self._wdb = None
 
     # --- the writer ----------------------------------------------------------------------
 
-    async def _append(self, kind: str, at: str, session_id: str | None, payload: Any,
-                      guard: Guard | None = None) -> int:
+    def _enqueue(self, kind: str, at: str, session_id: str | None, payload: Any,
+                 guard: Guard | None = None) -> asyncio.Future[int]:
         if self._closed:
             raise AuditWriteError("the audit store is closed")
         try:
             text = canonical_json(payload)
-        except (TypeError, ValueError) as exc:
-            raise AuditWriteError(f"audit record {kind} is not serialisable: {exc}") from exc
+        except (TypeError, ValueError):
+            # Facts and event data are usually plain JSON already; only convert (sets,
+            # tuples as keys, NaN, dataclasses) when they are not, to keep the hot path short.
+            try:
+                text = canonical_json(plain(payload))
+            except (TypeError, ValueError) as exc:
+                raise AuditWriteError(f"audit record {kind} is not serialisable: {exc}"
+                                      ) from exc
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # If nobody awaits (wait=False, or the caller was cancelled), a failure is still
+        # seen and logged rather than lost.
+        future.add_done_callback(_consume)
         self._queue.put_nowait(_Item(kind, at, session_id, text, future, guard))
-        # Shielded: a caller cancelled mid-write must not cancel the shared future; the
-        # record is still written and the rest of the batch is unaffected.
-        return await asyncio.shield(future)
+        return future
+
+    async def _append(self, kind: str, at: str, session_id: str | None, payload: Any,
+                      guard: Guard | None = None) -> int:
+        # A caller cancelled while waiting cancels only its own future: the record stays
+        # in its batch and is written anyway (the writer skips futures already done).
+        return await self._enqueue(kind, at, session_id, payload, guard)
 
     async def _write_loop(self) -> None:
         stop = False
@@ -293,75 +359,80 @@ class SQLiteAuditStore(AuditStore):
                     break
                 batch.append(more)
             try:
-                await self._write_batch(batch)
-            except Exception as exc:  # the writer must outlive any one bad batch
-                log.exception("audit writer failed")
-                _fail(batch, AuditWriteError(f"audit write failed: {exc}"))
-
-    async def _write_batch(self, batch: list[_Item]) -> None:
-        async with self._write_lock:
-            try:
-                outcomes = await self._transact(batch)
-            except sqlite3.IntegrityError as exc:
-                await self._rollback()
-                if len(batch) == 1:
-                    self.stats.failed_batches += 1
-                    _fail(batch, AuditWriteError(f"audit write refused: {exc}"))
-                    return
-                # One bad record must not sink everyone else's: retry each on its own.
-                outcomes = []
-                for item in batch:
-                    try:
-                        outcomes += await self._transact([item])
-                    except sqlite3.Error as single:
-                        await self._rollback()
-                        outcomes.append((item, AuditWriteError(
-                            f"audit write refused: {single}")))
-            except (sqlite3.Error, ValueError) as exc:
-                # ValueError: aiosqlite's "no active connection" after an I/O failure.
-                await self._rollback()
+                outcomes = await self._on_writer(self._commit, batch)
+            except Exception as exc:
+                # Whatever it was (I/O error, full disk, a lock held too long), nothing of
+                # this batch is durable, so nobody may proceed as if it were.
+                log.error("audit write failed: %s", exc)
                 self.stats.failed_batches += 1
                 _fail(batch, AuditWriteError(
                     f"audit write failed ({exc}); the statement was not run. Check that "
                     f"{self.path} is writable and its disk has space"))
-                return
-        for item, outcome in outcomes:
-            if item.future.done():
                 continue
-            if isinstance(outcome, Exception):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+            written = sum(1 for _, o in outcomes if not isinstance(o, Exception))
+            self.stats.records += written
+            self.stats.batches += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            for pending, outcome in outcomes:
+                if pending.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
 
-    async def _rollback(self) -> None:
-        if self._db is not None:
-            with contextlib.suppress(sqlite3.Error, ValueError):
-                await self._db.execute("ROLLBACK")
+    def _commit(self, batch: list[_Item]) -> list[Outcome]:
+        """On the writer thread: the whole batch in one transaction, or each record alone
+        if one of them breaks a constraint (one bad record must not sink the others)."""
+        try:
+            return self._transact(batch)
+        except sqlite3.IntegrityError as exc:
+            self._rollback()
+            if len(batch) == 1:
+                return [(batch[0], AuditWriteError(f"audit write refused: {exc}"))]
+        except BaseException:
+            self._rollback()
+            raise
+        outcomes: list[Outcome] = []
+        for item in batch:
+            try:
+                outcomes += self._transact([item])
+            except sqlite3.IntegrityError as single:
+                self._rollback()
+                outcomes.append((item, AuditWriteError(f"audit write refused: {single}")))
+            except BaseException:
+                self._rollback()
+                raise
+        return outcomes
 
-    async def _transact(self, batch: list[_Item]) -> list[tuple[_Item, int | Exception]]:
-        db = self._db
+    def _rollback(self) -> None:
+        if self._wdb is not None and self._wdb.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._wdb.execute("ROLLBACK")
+
+    def _transact(self, batch: list[_Item]) -> list[Outcome]:
+        db = self._wdb
         if db is None:
             raise AuditWriteError("the audit store is closed")
-        await db.execute("BEGIN IMMEDIATE")
-        # Read the head inside the write lock: another process (the CLI deciding an
+        db.execute("BEGIN IMMEDIATE")
+        # Read the head under the write lock: another process (the CLI deciding an
         # approval) may have appended since our last batch.
-        async with db.execute("SELECT seq, hash FROM chain_head WHERE id = 1") as cursor:
-            head = await cursor.fetchone()
+        head = db.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
         if head is None:
             raise AuditWriteError("the audit store has no chain head; run hoopops audit "
                                   "verify")
         seq, prev = int(head[0]), str(head[1])
         rows: list[tuple[Any, ...]] = []
-        outcomes: list[tuple[_Item, int | Exception]] = []
+        outcomes: list[Outcome] = []
         for item in batch:
             session_id = item.session_id
             if item.guard is not None:
                 if rows:
                     # The guard must see the records queued before its own.
-                    await db.executemany(_INSERT_CHAIN, rows)
+                    db.executemany(_INSERT_CHAIN, rows)
                     rows = []
                 try:
-                    session_id = await item.guard(db)
+                    session_id = item.guard(db)
                 except _Rejected as rejected:
                     outcomes.append((item, rejected.error))
                     continue
@@ -372,12 +443,8 @@ class SQLiteAuditStore(AuditStore):
             prev = digest
             outcomes.append((item, seq))
         if rows:
-            await db.executemany(_INSERT_CHAIN, rows)
-        await db.execute("COMMIT")
-        written = sum(1 for _, o in outcomes if not isinstance(o, Exception))
-        self.stats.records += written
-        self.stats.batches += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            db.executemany(_INSERT_CHAIN, rows)
+        db.execute("COMMIT")
         return outcomes
 
     # --- writes --------------------------------------------------------------------------
@@ -407,7 +474,7 @@ class SQLiteAuditStore(AuditStore):
     async def statement_received(self, statement: StatementRecord) -> int:
         payload = {"session_id": statement.session_id, "seq": statement.seq,
                    "received_at": iso(statement.received_at), "sql": statement.sql,
-                   "params": json_params(statement.params), "facts": plain(statement.facts),
+                   "params": json_params(statement.params), "facts": statement.facts,
                    "decision": statement.decision, "rule_id": statement.rule_id,
                    "approval_id": statement.approval_id}
         statement_id = await self._append("statement.received", payload["received_at"],
@@ -415,7 +482,8 @@ class SQLiteAuditStore(AuditStore):
         self._open_statements[statement_id] = statement.session_id
         return statement_id
 
-    async def statement_finished(self, statement_id: int, result: StatementResult) -> int:
+    async def statement_finished(self, statement_id: int, result: StatementResult, *,
+                                 wait: bool = True) -> int | None:
         session_id = self._open_statements.pop(statement_id, None)
         if session_id is None:
             session_id = await self._statement_session(statement_id)
@@ -427,8 +495,11 @@ class SQLiteAuditStore(AuditStore):
                    "rows": result.rows, "command_tag": result.command_tag,
                    "sqlstate": result.sqlstate, "error_message": result.error_message,
                    "result_sha256": result.result_sha256,
-                   "result_sample": plain(cap_sample(result.result_sample, self.result_rows,
-                                                     self.result_bytes))}
+                   "result_sample": cap_sample(result.result_sample, self.result_rows,
+                                               self.result_bytes)}
+        if not wait:
+            self._enqueue("statement.finished", payload["finished_at"], session_id, payload)
+            return None
         return await self._append("statement.finished", payload["finished_at"], session_id,
                                   payload)
 
@@ -443,13 +514,16 @@ class SQLiteAuditStore(AuditStore):
 
     async def masking_actions(self, statement_id: int, session_id: str,
                               actions: Sequence[MaskingAction],
-                              at: float | None = None) -> int | None:
+                              at: float | None = None, *, wait: bool = True) -> int | None:
         if not actions:
             return None
         when = iso(time.time() if at is None else at)
         payload = {"statement_id": statement_id, "actions": [
             {"column": a.column_or_detector, "strategy": a.strategy, "count": int(a.count)}
             for a in actions]}
+        if not wait:
+            self._enqueue("masking.applied", when, session_id, payload)
+            return None
         return await self._append("masking.applied", when, session_id, payload)
 
     async def gateway_event(self, kind: str, data: dict[str, Any],
@@ -457,8 +531,7 @@ class SQLiteAuditStore(AuditStore):
         if kind.startswith(_RESERVED_PREFIXES) or "." not in kind:
             raise ValueError(f"gateway event kind {kind!r} must be dotted (gateway.started, "
                              "policy.reloaded) and not one of the audit's own record kinds")
-        return await self._append(kind, iso(time.time() if at is None else at), None,
-                                  plain(data))
+        return await self._append(kind, iso(time.time() if at is None else at), None, data)
 
     async def approval_requested(self, request: ApprovalRequest) -> int:
         payload = {"session_id": request.session_id, "statement_id": request.statement_id,
@@ -472,10 +545,9 @@ class SQLiteAuditStore(AuditStore):
                                   request.session_id, payload)
 
     def _pending_guard(self, approval_id: int) -> Guard:
-        async def guard(db: aiosqlite.Connection) -> str | None:
-            async with db.execute("SELECT session_id, status, decided_by, scope FROM approvals "
-                                  "WHERE id = ?", (approval_id,)) as cursor:
-                row = await cursor.fetchone()
+        def guard(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT session_id, status, decided_by FROM approvals "
+                             "WHERE id = ?", (approval_id,)).fetchone()
             if row is None:
                 raise _Rejected(ApprovalNotFound(f"no approval #{approval_id}"))
             if row[1] != "pending":
@@ -545,32 +617,44 @@ class SQLiteAuditStore(AuditStore):
         surviving chain now begins; verify checks that link.
         """
         when = time.time() if now is None else now
-        cutoff = iso(when - older_than)
-        if self._closed or self._db is None:
+        if self._closed:
             raise AuditWriteError("the audit store is closed")
-        db = self._db
-        async with self._write_lock:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                report = await self._prune_locked(db, cutoff, when, older_than, dry_run)
-            except BaseException:
-                await self._rollback()
-                raise
-            if report.records and not dry_run:
-                with contextlib.suppress(sqlite3.Error):
-                    await db.execute("PRAGMA incremental_vacuum")
+        # On the writer thread, so it is ordered with the batches like any other write.
+        report: PruneReport = await self._on_writer(self._prune, when, older_than, dry_run)
+        if report.anchor_seq is not None:
+            self.stats.records += 1
         return report
 
-    async def _prune_locked(self, db: aiosqlite.Connection, cutoff: str, when: float,
-                            older_than: float, dry_run: bool) -> PruneReport:
-        head_seq = int(await self._scalar(db, "SELECT seq FROM chain_head WHERE id = 1"))
-        head_hash = str(await self._scalar(db, "SELECT hash FROM chain_head WHERE id = 1"))
-        first_kept = await self._scalar(
-            db, "SELECT seq FROM chain WHERE at >= ? ORDER BY seq LIMIT 1", (cutoff,))
-        through = head_seq if first_kept is None else int(first_kept) - 1
+    def _prune(self, when: float, older_than: float, dry_run: bool) -> PruneReport:
+        db = self._wdb
+        if db is None:
+            raise AuditWriteError("the audit store is closed")
+        cutoff = iso(when - older_than)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            report = self._prune_locked(db, cutoff, when, older_than, dry_run)
+        except BaseException:
+            self._rollback()
+            raise
+        if report.anchor_seq is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA incremental_vacuum")
+        return report
+
+    def _prune_locked(self, db: sqlite3.Connection, cutoff: str, when: float,
+                      older_than: float, dry_run: bool) -> PruneReport:
+        def scalar(sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+            row = db.execute(sql, params).fetchone()
+            return None if row is None else row[0]
+
+        head_seq, head_hash = db.execute("SELECT seq, hash FROM chain_head WHERE id = 1"
+                                         ).fetchone()
+        first_kept = scalar("SELECT seq FROM chain WHERE at >= ? ORDER BY seq LIMIT 1",
+                            (cutoff,))
+        through = int(head_seq) if first_kept is None else int(first_kept) - 1
         while True:
             # Pull the cut back to the start of any session that straddles it.
-            straddler = await self._scalar(db, """
+            straddler = scalar("""
                 SELECT MIN(c.seq) FROM chain c
                 WHERE c.seq <= :k AND c.session_id IS NOT NULL AND EXISTS (
                     SELECT 1 FROM chain d WHERE d.session_id = c.session_id AND d.seq > :k)
@@ -578,37 +662,34 @@ class SQLiteAuditStore(AuditStore):
             if straddler is None:
                 break
             through = int(straddler) - 1
-        lowest = await self._scalar(db, "SELECT MIN(seq) FROM chain")
+        lowest = scalar("SELECT MIN(seq) FROM chain")
         if lowest is None or through < int(lowest):
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             return PruneReport(cutoff, dry_run, 0, 0, None, None, None)
-        records = int(await self._scalar(db, "SELECT COUNT(*) FROM chain WHERE seq <= ?",
-                                         (through,)))
-        sessions = int(await self._scalar(
-            db, "SELECT COUNT(*) FROM chain WHERE seq <= ? AND kind = 'session.started'",
-            (through,)))
-        through_hash = str(await self._scalar(db, "SELECT hash FROM chain WHERE seq = ?",
-                                              (through,)))
+        records = int(scalar("SELECT COUNT(*) FROM chain WHERE seq <= ?", (through,)))
+        sessions = int(scalar("SELECT COUNT(*) FROM chain WHERE seq <= ? "
+                              "AND kind = 'session.started'", (through,)))
+        through_hash = str(scalar("SELECT hash FROM chain WHERE seq = ?", (through,)))
         if dry_run:
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             return PruneReport(cutoff, True, records, sessions, through, through_hash, None)
-        await db.execute("UPDATE chain_head SET pruning = 1 WHERE id = 1")
-        await db.execute("DELETE FROM chain WHERE seq <= ?", (through,))
+        db.execute("UPDATE chain_head SET pruning = 1 WHERE id = 1")
+        db.execute("DELETE FROM chain WHERE seq <= ?", (through,))
         for table, column in (("sessions", "started_seq"), ("statements", "id"),
                               ("approvals", "id"), ("masking_actions", "seq"),
                               ("gateway_events", "seq")):
-            await db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (through,))
-        await db.execute("UPDATE chain_head SET pruning = 0 WHERE id = 1")
-        anchor_seq = head_seq + 1
+            db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (through,))
+        db.execute("UPDATE chain_head SET pruning = 0 WHERE id = 1")
+        anchor_seq = int(head_seq) + 1
         at = iso(when)
         payload_text = canonical_json({
             "cutoff": cutoff, "older_than_s": older_than, "through_seq": through,
             "through_hash": through_hash, "records": records, "sessions": sessions})
-        digest = record_hash_text(anchor_seq, PRUNE_KIND, at, None, payload_text, head_hash)
-        await db.execute(_INSERT_CHAIN, (anchor_seq, PRUNE_KIND, at, None, payload_text,
-                                         head_hash, digest))
-        await db.execute("COMMIT")
-        self.stats.records += 1
+        digest = record_hash_text(anchor_seq, PRUNE_KIND, at, None, payload_text,
+                                  str(head_hash))
+        db.execute(_INSERT_CHAIN, (anchor_seq, PRUNE_KIND, at, None, payload_text,
+                                   str(head_hash), digest))
+        db.execute("COMMIT")
         return PruneReport(cutoff, False, records, sessions, through, through_hash, anchor_seq)
 
     # --- reads ---------------------------------------------------------------------------
@@ -620,9 +701,8 @@ class SQLiteAuditStore(AuditStore):
 
     async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
                      ) -> list[sqlite3.Row]:
-        async with self._read_lock:
-            async with self._reader_db().execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+        async with self._read_lock, self._reader_db().execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
 
     async def list_sessions(self, since: float | None = None, until: float | None = None,
                             identity: str | None = None, target: str | None = None,
@@ -794,8 +874,8 @@ class SQLiteAuditStore(AuditStore):
                 seq = truth[key][columns.index(origin)] or truth[key][
                     columns.index(projection.default_origin)]
                 kind = await _kind_of(db, int(seq), kinds)
-                report.add(Problem(int(seq), f"{name} was edited: {', '.join(changed)} no "
-                                   f"longer match chain record #{seq} ({kind})", table))
+                report.add(Problem(int(seq), f"{name} was edited: {', '.join(changed)} "
+                                   f"differs from chain record #{seq} ({kind})", table))
             elif key in truth:
                 seq = truth[key][columns.index(projection.default_origin)]
                 kind = await _kind_of(db, int(seq), kinds)
@@ -853,6 +933,11 @@ class SQLiteAuditStore(AuditStore):
             await db.close()
         await asyncio.to_thread(writer.flush)
         return count
+
+
+def _consume(future: asyncio.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("audit write failed: %s", future.exception())
 
 
 def _fail(batch: list[_Item], error: Exception) -> None:

@@ -93,13 +93,22 @@ class AuditStore(abc.ABC):
         """Record a statement before it is forwarded; the returned number is its id."""
 
     @abc.abstractmethod
-    async def statement_finished(self, statement_id: int, result: StatementResult) -> int: ...
+    async def statement_finished(self, statement_id: int, result: StatementResult, *,
+                                 wait: bool = True) -> int | None:
+        """Record how a statement ended.
+
+        ``wait=False`` queues the record and returns at once (None). Records commit in
+        queue order, so it is durable no later than the next record anyone awaits, such as
+        the session's next ``statement_received``: the client is not held for it, and
+        nothing further runs before it is on disk.
+        """
 
     @abc.abstractmethod
     async def masking_actions(self, statement_id: int, session_id: str,
                               actions: Sequence[MaskingAction],
-                              at: float | None = None) -> int | None:
-        """Record what masking did to one result; None when there was nothing to record."""
+                              at: float | None = None, *, wait: bool = True) -> int | None:
+        """Record what masking did to one result; None when there was nothing to record
+        (or ``wait=False``, as for ``statement_finished``)."""
 
     @abc.abstractmethod
     async def gateway_event(self, kind: str, data: dict[str, Any],
@@ -190,13 +199,14 @@ class NullAuditStore(AuditStore):
     async def statement_received(self, statement: StatementRecord) -> int:
         return next(self._seq)
 
-    async def statement_finished(self, statement_id: int, result: StatementResult) -> int:
-        return next(self._seq)
+    async def statement_finished(self, statement_id: int, result: StatementResult, *,
+                                 wait: bool = True) -> int | None:
+        return next(self._seq) if wait else None
 
     async def masking_actions(self, statement_id: int, session_id: str,
                               actions: Sequence[MaskingAction],
-                              at: float | None = None) -> int | None:
-        return next(self._seq) if actions else None
+                              at: float | None = None, *, wait: bool = True) -> int | None:
+        return next(self._seq) if actions and wait else None
 
     async def gateway_event(self, kind: str, data: dict[str, Any],
                             at: float | None = None) -> int:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 
 from hoopops.cli.common import add_config_argument, load_config_or_exit
 
@@ -26,12 +27,21 @@ def run(args: argparse.Namespace) -> int:
     config = load_config_or_exit(args.config)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
-    from hoopops.gateway import build_gateway
+    from hoopops.gateway import GatewayConfigError, build_gateway
 
-    async def main() -> None:
-        gateway = await build_gateway(config)
-        await gateway.serve_forever()
+    async def main() -> int:
+        try:
+            gateway = await build_gateway(config)
+        except GatewayConfigError as exc:
+            print(f"hoopops: {exc}", file=sys.stderr)
+            return 2
+        try:
+            await gateway.serve_forever()
+        except OSError as exc:
+            print(f"hoopops: cannot listen on {config.listen}: {exc.strerror}", file=sys.stderr)
+            return 1
+        return 0
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-    return 0
+        return asyncio.run(main())
+    return 130

@@ -4,10 +4,16 @@ Detectors are the backstop behind column rules (arithmetic or string tricks defe
 pattern), so they favour cheap, well-validated matches: card numbers must pass Luhn and
 IBANs the ISO 7064 mod-97 check. Everything runs on raw bytes in the client encoding.
 
-Each detector also has a *prefilter*: a bytes pattern without anchors, boundaries or
-lookaround that matches wherever the detector could. Because such a pattern matches any
-string containing a match, it can run over a whole DataRow payload (length headers and
-all) in one ``search`` call; only payloads that hit are split into fields.
+Speed comes from a *probe* that can only answer "nothing here" or "maybe": Python's
+regex engine costs tens of nanoseconds per candidate position, far too much per DataRow,
+so the probe maps the bytes to a *shape* with one ``bytes.translate`` (digits and
+capitals become ``0``; space, ``-``, ``.``, ``(`` and ``)`` become ``-``) and runs one
+regex whose literal prefix ``000`` lets the engine skip ahead at C speed; it covers the
+shapes of SSNs, cards, IBANs (``GB82 WEST ...`` is ``0000-0000-...``) and North American
+phone numbers. ``@`` (email) and ``+`` (international phone) are single-byte tests. A
+probe has no anchors or lookaround, so a match inside a field is also a match in a whole
+payload (length headers included); headers can only cause extra "maybe" answers, never
+a missed value.
 """
 
 from __future__ import annotations
@@ -20,18 +26,38 @@ from hoopops.masking.strategies import REDACT, Strategy
 
 Validator = Callable[[bytes], bool]
 
+SHAPE = bytes(48 if 48 <= b <= 57 or 65 <= b <= 90 else 45 if b in b" -.()" else b
+              for b in range(256))
+
 
 @dataclass(frozen=True)
 class Detector:
-    """A named pattern, an optional validator of each match, and the strategy for hits."""
+    """A named pattern, an optional validator of each match, and the strategy for hits.
+
+    The probe fields say where a match can possibly be: ``needs_at`` (an ``@``),
+    ``needs_plus`` (a ``+``), ``shape_tails`` (regex alternatives following ``000`` in the
+    shape) or ``prefilter`` (a raw bytes regex, for custom detectors). A detector with
+    none of them is scanned on every value.
+    """
 
     name: str
     pattern: re.Pattern[bytes]
     strategy: Strategy = REDACT
     validate: Validator | None = None
-    prefilter: bytes | None = None  # None: no safe prefilter, always scan
-    # IBAN candidates may run into the next word; the validator then trims them.
+    needs_at: bool = False
+    needs_plus: bool = False
+    shape_tails: tuple[bytes, ...] = ()
+    prefilter: bytes | None = None
+    # IBAN candidates may run into the next word; ``trim`` says where the IBAN ends.
     trim: Callable[[bytes], int] | None = None
+
+    @property
+    def probed(self) -> bool:
+        return bool(self.needs_at or self.needs_plus or self.shape_tails or self.prefilter)
+
+    def with_strategy(self, strategy: Strategy) -> Detector:
+        return Detector(self.name, self.pattern, strategy, self.validate, self.needs_at,
+                        self.needs_plus, self.shape_tails, self.prefilter, self.trim)
 
 
 # -- validators ---------------------------------------------------------------------------------
@@ -133,25 +159,30 @@ _SSN = Detector(
     "ssn",
     re.compile(rb"(?<![0-9])[0-9]{3}([- ])[0-9]{2}\1[0-9]{4}(?![0-9])"),
     validate=_ssn_ok,
-    prefilter=rb"[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}",
+    shape_tails=(rb"-00-0000",),
 )
 _CARD = Detector(
     "credit_card",
-    re.compile(rb"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])"),
+    # Contiguous, 4-4-4-4(-3) or 4-6-5/4-6-4 groups with one consistent separator.
+    re.compile(rb"(?<![0-9])(?:[0-9]{13,19}|[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}"
+               rb"(?:\1[0-9]{1,3})?|[0-9]{4}([ -])[0-9]{6}\2[0-9]{4,5})(?![0-9])"),
     validate=_card_ok,
-    prefilter=rb"[0-9](?:[ -]?[0-9]){12}",
+    shape_tails=(rb"0000000", rb"0-0000-0000-0", rb"0-000000-0000"),
 )
 _EMAIL = Detector(
     "email",
     # Bounded repeats keep the scan linear on long values with a stray '@'.
     re.compile(rb"[A-Za-z0-9._%+'-]{1,64}@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)"
                rb"{1,8}[A-Za-z]{2,24}(?![A-Za-z0-9-])"),
-    prefilter=rb"@",
+    needs_at=True,
 )
 _IBAN = Detector(
     "iban",
-    re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![a-z0-9])"),
-    prefilter=rb"[A-Z]{2}[0-9]{2}",
+    # Electronic (compact) or printed (groups of four) form, as ISO 13616 writes them.
+    re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}"
+               rb"(?: [A-Z0-9]{1,4})?)(?![a-z0-9])"),
+    # 15+ letters and digits: either one run, or 0000-0000-0000-0 in the shape.
+    shape_tails=(rb"0000000", rb"0-0000-0000-0"),
     trim=_iban_trim,
 )
 _PHONE = Detector(
@@ -160,7 +191,8 @@ _PHONE = Detector(
         rb"(?<![0-9+])(?:\+?1[-. ]?)?(?:\([2-9][0-9]{2}\)|[2-9][0-9]{2})[-. ]?[2-9][0-9]{2}"
         rb"[-. ]?[0-9]{4}(?![0-9])"
         rb"|(?<![0-9+])\+[1-9](?:[ .-]?[0-9]){6,14}(?![0-9])"),
-    prefilter=rb"[0-9]{3}\)?[-. ]?[0-9]{3}[-. ]?[0-9]{4}|\+[1-9][ .-]?[0-9]",
+    shape_tails=(rb"-{0,2}000-?0000",),
+    needs_plus=True,
 )
 
 BUILTIN: dict[str, Detector] = {d.name: d for d in (_EMAIL, _IBAN, _CARD, _SSN, _PHONE)}
@@ -170,21 +202,19 @@ _ORDER = ("email", "iban", "credit_card", "ssn", "phone")
 
 def builtin(name: str, strategy: Strategy | None = None) -> Detector:
     base = BUILTIN[name]
-    if strategy is None:
-        return base
-    return Detector(base.name, base.pattern, strategy, base.validate, base.prefilter, base.trim)
+    return base if strategy is None else base.with_strategy(strategy)
 
 
 # Anything that makes a match depend on its surroundings: anchors, boundaries, lookaround
 # and backreferences. A pattern without them matches a field exactly when it matches
 # somewhere in a payload holding that field. Escaped literals are flagged too; that only
-# costs speed (the detector then scans every field), never a missed value.
-_CONTEXT_SENSITIVE = re.compile(r"[\^$]|\\[bBAZ0-9]|\(\?(?:[=!]|<[=!]|P=)")
+# costs speed (the detector then scans every value), never a missed value.
+_CONTEXT_SENSITIVE = re.compile(r"[\^$]|\\[bBAZ0-9]|\(\?(?:[=!(]|<[=!]|P=)")
 
 
 def custom(name: str, pattern: str, strategy: Strategy) -> Detector:
-    """A user-defined detector. The pattern is a Python regex matched against raw bytes,
-    so ``\\d`` and ``\\w`` mean ASCII; raises ``re.error`` for a bad pattern."""
+    r"""A user-defined detector. The pattern is a Python regex matched against raw bytes,
+    so ``\d`` and ``\w`` mean ASCII; raises ``re.error`` for a bad pattern."""
     raw = pattern.encode("utf-8")
     compiled = re.compile(raw)
     if compiled.search(b"") is not None:
@@ -194,24 +224,22 @@ def custom(name: str, pattern: str, strategy: Strategy) -> Detector:
 
 
 class DetectorSet:
-    """Detectors in their scan order, with one combined prefilter."""
+    """Detectors in their scan order, with one combined probe."""
 
     def __init__(self, detectors: Iterable[Detector]) -> None:
         chosen = {d.name: d for d in detectors}
         ordered = [chosen[n] for n in _ORDER if n in chosen]
         ordered += [d for n, d in chosen.items() if n not in _ORDER]
         self.detectors: tuple[Detector, ...] = tuple(ordered)
-        self.always_scan = any(d.prefilter is None for d in self.detectors)
-        # Built-in prefilters share one alternation (one pass over the bytes); custom ones
-        # stay separate because their inline flags cannot be combined into one pattern.
-        combined = b"|".join(b"(?:" + d.prefilter + b")" for d in self.detectors
-                             if d.name in BUILTIN and d.prefilter is not None)
-        self._prefilters = [re.compile(combined).search] if combined else []
-        self._prefilters += [re.compile(d.prefilter).search for d in self.detectors
-                             if d.name not in BUILTIN and d.prefilter is not None]
-        self._subs = [self._substitute(d) for d in self.detectors]
-        self._each = [None if d.prefilter is None else re.compile(d.prefilter).search
-                      for d in self.detectors]
+        self.always_scan = any(not d.probed for d in self.detectors)
+        self._needs_at = any(d.needs_at for d in self.detectors)
+        self._needs_plus = any(d.needs_plus for d in self.detectors)
+        tails = list(dict.fromkeys(t for d in self.detectors for t in d.shape_tails))
+        self._shape_rx = re.compile(b"000(?:" + b"|".join(tails) + b")").search if tails else None
+        self._raw = tuple(re.compile(d.prefilter).search for d in self.detectors
+                          if d.prefilter is not None)
+        self._quick = [_quick_check(d) for d in self.detectors]
+        self._subs = [_substitute(d) for d in self.detectors]
 
     def __bool__(self) -> bool:
         return bool(self.detectors)
@@ -220,71 +248,103 @@ class DetectorSet:
     def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.detectors)
 
-    def may_match(self, data: bytes, start: int = 0, end: int | None = None) -> bool:
-        """Cheap test: False guarantees no detector matches inside ``data[start:end]``."""
+    def may_match(self, data: bytes) -> bool:
+        """False guarantees that no detector matches anywhere inside ``data``."""
         if self.always_scan:
             return True
-        stop = len(data) if end is None else end
-        return any(search(data, start, stop) is not None for search in self._prefilters)
+        # ``64 in data`` is a bare memchr; ``b"@" in data`` costs ten times more.
+        if self._needs_at and 64 in data:
+            return True
+        if self._needs_plus and 43 in data:
+            return True
+        if self._shape_rx is not None and self._shape_rx(data.translate(SHAPE)) is not None:
+            return True
+        if self._raw:
+            return any(search(data) is not None for search in self._raw)
+        return False
 
     def scan(self, value: bytes, counts: dict[str, int]) -> bytes:
         """``value`` with every validated match replaced by its detector's strategy.
 
-        ``counts[detector name]`` is increased per replacement. Returns ``value`` itself
+        ``counts[detector name]`` grows by one per replacement. Returns ``value`` itself
         (the same object) when nothing matched, so callers can test with ``is``.
         """
         out = value
-        for detector, sub, quick in zip(self.detectors, self._subs, self._each, strict=True):
-            if quick is not None and quick(out) is None:
+        shape = value.translate(SHAPE)
+        for detector, sub, quick in zip(self.detectors, self._subs, self._quick, strict=True):
+            if quick is not None and not quick(out, shape):
                 continue
             hits = [0]
             replaced = sub(out, hits)
             if hits[0]:
                 counts[detector.name] = counts.get(detector.name, 0) + hits[0]
                 out = replaced
+                shape = out.translate(SHAPE)
         return out
 
-    def matches(self, value: bytes) -> str | None:
+    def first_match(self, value: bytes) -> str | None:
         """The first detector with a validated match anywhere in ``value``, or None."""
-        for detector, sub in zip(self.detectors, self._subs, strict=True):
+        shape = value.translate(SHAPE)
+        for detector, sub, quick in zip(self.detectors, self._subs, self._quick, strict=True):
+            if quick is not None and not quick(value, shape):
+                continue
             hits = [0]
             sub(value, hits)
             if hits[0]:
                 return detector.name
         return None
 
-    @staticmethod
-    def _substitute(detector: Detector) -> Callable[[bytes, list[int]], bytes]:
-        pattern = detector.pattern
-        validate = detector.validate
-        trim = detector.trim
-        strategy = detector.strategy
 
-        def mask(text: bytes) -> bytes:
-            masked = strategy.apply(text)
-            # In free text there is no NULL to give: a null strategy redacts the span.
-            return b"****" if masked is None else masked
+def _quick_check(detector: Detector) -> Callable[[bytes, bytes], bool] | None:
+    """The probe of one detector, given a value and its shape."""
+    if not detector.probed:
+        return None
+    tails = (re.compile(b"000(?:" + b"|".join(detector.shape_tails) + b")").search
+             if detector.shape_tails else None)
+    raw = re.compile(detector.prefilter).search if detector.prefilter is not None else None
+    needs_at = detector.needs_at
+    needs_plus = detector.needs_plus
 
-        def run(value: bytes, hits: list[int]) -> bytes:
-            def replace(match: re.Match[bytes]) -> bytes:
-                text = match.group(0)
-                if trim is not None:
-                    end = trim(text)
-                    if not end:
-                        return text
-                    hits[0] += 1
-                    return mask(text[:end]) + run(text[end:], hits)
-                if validate is not None and not validate(text):
+    def quick(value: bytes, shape: bytes) -> bool:
+        return ((needs_at and 64 in value) or (needs_plus and 43 in value)
+                or (tails is not None and tails(shape) is not None)
+                or (raw is not None and raw(value) is not None))
+
+    return quick
+
+
+def _substitute(detector: Detector) -> Callable[[bytes, list[int]], bytes]:
+    """``run(value, hits)``: every validated match masked, ``hits[0]`` counting them."""
+    pattern = detector.pattern
+    validate = detector.validate
+    trim = detector.trim
+    strategy = detector.strategy
+
+    def mask(text: bytes) -> bytes:
+        masked = strategy.apply(text)
+        # In free text there is no NULL to give: a null strategy redacts the span.
+        return b"****" if masked is None else masked
+
+    def run(value: bytes, hits: list[int]) -> bytes:
+        def replace(match: re.Match[bytes]) -> bytes:
+            text = match.group(0)
+            if trim is not None:
+                end = trim(text)
+                if not end:
                     return text
                 hits[0] += 1
-                return mask(text)
+                return mask(text[:end]) + run(text[end:], hits)
+            if validate is not None and not validate(text):
+                return text
+            hits[0] += 1
+            return mask(text)
 
-            return pattern.sub(replace, value)
+        return pattern.sub(replace, value)
 
-        return run
+    return run
 
 
 __all__ = [
-    "BUILTIN", "IBAN_LENGTHS", "Detector", "DetectorSet", "builtin", "custom", "digits_of",
-    "iban_ok", "luhn_ok",
+    "BUILTIN", "IBAN_LENGTHS", "SHAPE", "Detector", "DetectorSet", "builtin", "custom",
+    "digits_of", "iban_ok", "luhn_ok",
 ]

@@ -26,6 +26,7 @@ _ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _MASKED_BYTES = frozenset(_ALNUM) | frozenset(range(0x80, 0x100))
 _COUNTED = frozenset(_ALNUM) | frozenset(range(0xC0, 0x100))
 _MASK_TABLE = bytes(42 if b in _MASKED_BYTES else b for b in range(256))
+_COUNT_TABLE = bytes(49 if b in _COUNTED else 48 for b in range(256))
 _HASH_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: collisions are out of reach, tokens stay short
 
 
@@ -93,22 +94,15 @@ def keep_last(value: bytes, keep: int) -> bytes:
         if size <= keep:
             return REDACTED
         return b"*" * (size - keep) + value[size - keep:]
-    seen = 0
-    cut = -1
-    for index in range(size - 1, -1, -1):
-        byte = value[index]
-        if byte in _COUNTED:
-            seen += 1
-            if seen == keep:
-                cut = index
-                break
-    if cut < 0:
+    marks = value.translate(_COUNT_TABLE)
+    cut = size
+    for _ in range(keep):
+        cut = marks.rfind(49, 0, cut)
+        if cut < 0:
+            return REDACTED
+    if marks.find(49, 0, cut) < 0:
         return REDACTED
-    head = value[:cut]
-    masked = head.translate(_MASK_TABLE)
-    if masked == head:
-        return REDACTED
-    return masked + value[cut:]
+    return value[:cut].translate(_MASK_TABLE) + value[cut:]
 
 
 def email_domain(value: bytes) -> bytes:

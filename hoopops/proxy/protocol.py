@@ -250,7 +250,13 @@ def ready_for_query(status: bytes) -> bytes:
 
 
 def negotiate_protocol_version(minor: int, unsupported: Sequence[str]) -> bytes:
-    body = _INT32.pack(minor) + _INT32.pack(len(unsupported)) + b"".join(
+    """NegotiateProtocolVersion offering protocol 3.``minor``.
+
+    The documentation calls the first field the "newest minor protocol version", but the
+    server sends (and libpq 18 reads) the whole version code, ``(3 << 16) | minor``: a bare
+    ``0`` is read as "downgrade to protocol 0.0" and libpq gives up.
+    """
+    body = _INT32.pack(PROTOCOL_3_0 | minor) + _INT32.pack(len(unsupported)) + b"".join(
         cstr(o) for o in unsupported)
     return frame(NEGOTIATE_PROTOCOL_VERSION, body)
 

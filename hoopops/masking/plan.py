@@ -1,0 +1,191 @@
+"""A result's masking plan: what happens to each column, and the evidence it leaves.
+
+A plan is built once per result shape (RowDescription, or CopyOutResponse for COPY) and
+then applied to every row of that result. It keeps counts only — never a value — and
+turns them into :class:`MaskingAction` records for the audit trail and the console.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hoopops.masking.codec import ColumnInfo
+from hoopops.masking.detectors import DetectorSet
+from hoopops.masking.rewrite import (
+    D_SKIP,
+    CopyRewriter,
+    MaskingError,
+    RowRewriter,
+    ValueDetector,
+    detect_class,
+    field_encoder,
+    mask_class,
+)
+from hoopops.masking.sources import CopyOptions
+from hoopops.masking.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class MaskingAction:
+    """One line of masking evidence: what was masked, how, and how many values.
+
+    ``column`` is a source column (``public.customers.ssn``), ``derived(...)`` for values
+    computed from sensitive columns, ``unknown(<result column>)`` for values the analysis
+    could not trace, ``detector:<name>`` for detector hits, ``error_text`` for values
+    redacted from error messages, or ``detectors`` for an exemption from detectors.
+    ``strategy`` is the strategy label, or ``unmasked:<group>`` when the identity's group
+    exempted it (then ``count`` is the number of rows returned unmasked).
+    """
+
+    column: str
+    strategy: str
+    count: int
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {"column": self.column, "strategy": self.strategy, "count": self.count}
+
+
+@dataclass(frozen=True)
+class ColumnDecision:
+    """What the plan does with one result column, and why (for tests, audit and console)."""
+
+    index: int
+    name: str
+    label: str  # the MaskingAction column this decision reports under
+    strategy: Strategy | None  # None: the column is not masked
+    reason: str
+    exempt: str | None = None  # the group that exempted this identity from ``strategy``
+    detect: bool = False  # detectors run over this column
+
+    @property
+    def masked(self) -> bool:
+        return self.strategy is not None and self.exempt is None
+
+
+class ResultPlan:
+    """Masks one result. Build with :meth:`MaskingRules.plan` / :meth:`MaskingRules.plan_copy`.
+
+    ``rewrite_data_row(payload)`` and ``rewrite_copy_data(chunk)`` return the payload to
+    forward; ``actions()`` / ``take_actions()`` report what was done. Neither is
+    thread-safe: one plan belongs to one result of one session.
+    """
+
+    def __init__(self, columns: Sequence[ColumnInfo], decisions: Sequence[ColumnDecision],
+                 detectors: DetectorSet | None, detectors_exempt: str | None = None,
+                 copy: CopyOptions | None = None, copy_binary: bool = False) -> None:
+        self.columns = list(columns)
+        self.decisions = list(decisions)
+        self.detectors = detectors
+        self.detectors_exempt = detectors_exempt
+        self.copy = copy
+        self.copy_binary = copy_binary
+        detecting = detectors is not None and bool(detectors) and detectors_exempt is None
+        self._value_detector = ValueDetector(detectors) if detecting and detectors else None
+        masks = {d.index: field_encoder(d.strategy, mask_class(c.wire_type, c.format_code))
+                 for d, c in zip(self.decisions, self.columns, strict=True)
+                 if d.masked and d.strategy is not None}
+        detect = [detect_class(c.wire_type, c.format_code) if d.detect else D_SKIP
+                  for d, c in zip(self.decisions, self.columns, strict=True)]
+        self._row = RowRewriter(len(self.columns), masks,
+                                detect if any(k != D_SKIP for k in detect) else None,
+                                self._value_detector)
+        self._copy: CopyRewriter | None = None
+        self._rows = 0
+        self._taken: dict[tuple[str, str], int] = {}
+        # Nothing to rewrite (only exemptions to count): count rows, forward the bytes.
+        self._passthrough = not masks and not self._row.detecting
+
+    @property
+    def masked(self) -> list[ColumnDecision]:
+        return [d for d in self.decisions if d.masked]
+
+    @property
+    def passthrough(self) -> bool:
+        """True when rows are forwarded unchanged (the plan only counts exempted rows)."""
+        return self._passthrough
+
+    def rewrite_data_row(self, payload: bytes) -> bytes:
+        """A DataRow payload (after the 'D' type byte and length) → the payload to send.
+
+        Raises :class:`MaskingError` when the row does not match the RowDescription the
+        plan was built for; the relay must then fail the statement, not forward it.
+        """
+        self._rows += 1
+        if self._passthrough:
+            if payload[:2] != self._row.count_bytes:
+                raise MaskingError("DataRow does not match its RowDescription")
+            return payload
+        return self._row(payload)
+
+    def rewrite_copy_data(self, chunk: bytes, copy_format: CopyOptions | None = None) -> bytes:
+        """A CopyData payload of ``COPY ... TO STDOUT`` → the payload to send.
+
+        ``copy_format`` overrides the options the plan was built with (from the parsed
+        COPY statement). Returns ``b""`` while a row is incomplete: send nothing then.
+        """
+        if self._copy is None:
+            options = copy_format or self.copy
+            if options is None:
+                raise MaskingError("COPY format unknown: the statement was not analysed")
+            binary = self.copy_binary or options.format == "binary"
+            masks = {d.index: d.strategy for d in self.decisions
+                     if d.masked and d.strategy is not None}
+            self._copy = CopyRewriter(options, binary, len(self.columns), masks,
+                                      self._value_detector, [d.detect for d in self.decisions])
+        before = self._copy.rows
+        out = self._copy.feed(chunk)
+        self._rows += self._copy.rows - before
+        return out
+
+    def finish_copy(self) -> None:
+        """Call at CopyDone; raises :class:`MaskingError` if the data ended mid-row."""
+        if self._copy is not None:
+            self._copy.finish()
+
+    def _totals(self) -> dict[tuple[str, str], int]:
+        totals: dict[tuple[str, str], int] = {}
+
+        def add(column: str, strategy: str, count: int) -> None:
+            if count:
+                totals[(column, strategy)] = totals.get((column, strategy), 0) + count
+
+        row_counts = dict(zip(self._row.target_index, self._row.mask_counts, strict=True))
+        copy_counts = self._copy.mask_counts if self._copy is not None else {}
+        for decision in self.decisions:
+            if decision.strategy is None:
+                continue
+            if decision.exempt is not None:
+                add(decision.label, f"unmasked:{decision.exempt}", self._rows)
+                continue
+            count = row_counts.get(decision.index, 0) + copy_counts.get(decision.index, 0)
+            add(decision.label, decision.strategy.label, count)
+        if self.detectors and self.detectors_exempt is not None:
+            add("detectors", f"unmasked:{self.detectors_exempt}", self._rows)
+        if self._value_detector is not None and self.detectors is not None:
+            labels = {d.name: d.strategy.label for d in self.detectors.detectors}
+            for name, count in self._value_detector.replaced.items():
+                add(f"detector:{name}", labels.get(name, "redact"), count)
+            for name, count in self._value_detector.nulled.items():
+                add(f"detector:{name}", "null", count)
+        return totals
+
+    def actions(self) -> list[MaskingAction]:
+        """Everything this plan has done so far (cumulative)."""
+        return [MaskingAction(c, s, n) for (c, s), n in sorted(self._totals().items())]
+
+    def take_actions(self) -> list[MaskingAction]:
+        """What was done since the previous call: call at CommandComplete,
+        PortalSuspended or ErrorResponse so each execution is reported once."""
+        totals = self._totals()
+        fresh = []
+        for key, count in sorted(totals.items()):
+            delta = count - self._taken.get(key, 0)
+            if delta:
+                fresh.append(MaskingAction(key[0], key[1], delta))
+        self._taken = totals
+        return fresh
+
+    @property
+    def rows(self) -> int:
+        return self._rows

@@ -1,0 +1,757 @@
+"""Rewrite message payloads: DataRow, COPY data, and the free text of server messages.
+
+Everything here is pure (bytes in, bytes out) and keeps the protocol exact: field counts,
+length prefixes, COPY escaping and quoting are rebuilt for every value that changes, and
+values that do not change are copied as byte ranges without being decoded.
+
+What a masked value becomes depends on its wire type, because the client must still be
+able to decode it: text-like types get the strategy's output (their binary format is the
+same bytes), json/jsonb get it as a JSON string, and every other type becomes NULL. So a
+masked value is never sent raw, whatever format the client asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Callable, Sequence
+
+from hoopops.masking.codec import I16, I32, NULL_FIELD
+from hoopops.masking.detectors import DetectorSet
+from hoopops.masking.sources import CopyOptions
+from hoopops.masking.strategies import REDACTED, Strategy
+
+
+class MaskingError(Exception):
+    """Masking cannot go on safely; the relay must answer with an error, never the data."""
+
+    sqlstate = "XX000"
+
+
+class MaskingRefused(MaskingError):
+    """The policy says this result may not be returned at all."""
+
+    sqlstate = "42501"
+
+
+# -- wire types ---------------------------------------------------------------------------------
+
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 705, 18, 2275})  # text, varchar, bpchar, name, ...
+JSON_OID = 114
+JSONB_OID = 3802
+INT4_OID = 23
+INT8_OID = 20
+NUMERIC_OID = 1700
+# Types whose values cannot carry free text or long digit runs: detectors skip them.
+SKIP_TYPES = frozenset({
+    16, 17, 21, 26, 27, 28, 29, 5069, 650, 700, 701, 774, 829, 869, 1082, 1083, 1114, 1184,
+    1186, 1266, 1560, 1562, 2202, 2203, 2204, 2205, 2206, 24, 4089, 4096, 2950, 3220,
+})
+
+# How a masked value of a column is written.
+M_RAW, M_JSON, M_JSONB_BIN, M_NULL = range(4)
+# How detectors treat an unmasked column.
+(D_SKIP, D_TEXT, D_JSON, D_JSONB_BIN, D_NUMBER_TEXT, D_INT_BIN, D_NUMERIC_BIN,
+ D_OPAQUE_BIN) = range(8)
+
+
+def mask_class(type_oid: int, format_code: int) -> int:
+    if type_oid in TEXT_TYPES:
+        return M_RAW
+    if type_oid == JSON_OID or (type_oid == JSONB_OID and format_code == 0):
+        return M_JSON
+    if type_oid == JSONB_OID:
+        return M_JSONB_BIN
+    return M_NULL
+
+
+def detect_class(type_oid: int, format_code: int) -> int:
+    if type_oid in SKIP_TYPES:
+        return D_SKIP
+    if type_oid in TEXT_TYPES:
+        return D_TEXT
+    if type_oid == JSON_OID or (type_oid == JSONB_OID and format_code == 0):
+        return D_JSON
+    if type_oid == JSONB_OID:
+        return D_JSONB_BIN
+    if type_oid in (INT4_OID, INT8_OID):
+        return D_NUMBER_TEXT if format_code == 0 else D_INT_BIN
+    if type_oid == NUMERIC_OID:
+        return D_NUMBER_TEXT if format_code == 0 else D_NUMERIC_BIN
+    # Arrays, records, enums, tsvector and other types: their text form may hold any text
+    # and a token keeps it well-formed; their binary form is opaque, so a hit nulls it.
+    return D_TEXT if format_code == 0 else D_OPAQUE_BIN
+
+
+def _json_string(value: bytes) -> bytes:
+    return json.dumps(value.decode("utf-8", "replace")).encode()
+
+
+def field_encoder(strategy: Strategy, klass: int) -> Callable[[bytes], bytes]:
+    """``encode(value) -> length-prefixed field`` for one masked column."""
+    pack = I32.pack
+    apply = strategy.apply
+    if strategy.kind == "null" or klass == M_NULL:
+        return lambda value: NULL_FIELD
+    if strategy.kind == "redact":
+        constant = {M_RAW: REDACTED, M_JSON: _json_string(REDACTED),
+                    M_JSONB_BIN: b"\x01" + _json_string(REDACTED)}[klass]
+        encoded = pack(len(constant)) + constant
+        return lambda value: encoded
+    if klass == M_RAW:
+        def raw(value: bytes) -> bytes:
+            out = apply(value)
+            return NULL_FIELD if out is None else pack(len(out)) + out
+        return raw
+    prefix = b"\x01" if klass == M_JSONB_BIN else b""
+    skip = len(prefix)
+
+    def as_json(value: bytes) -> bytes:
+        out = apply(value[skip:])
+        if out is None:
+            return NULL_FIELD
+        text = prefix + _json_string(out)
+        return pack(len(text)) + text
+
+    return as_json
+
+
+# -- detectors on single values --------------------------------------------------------------
+
+
+class ValueDetector:
+    """Runs detectors over one value according to its column's detector class."""
+
+    def __init__(self, detectors: DetectorSet) -> None:
+        self.detectors = detectors
+        self.replaced: dict[str, int] = {}  # detector → spans replaced in place
+        self.nulled: dict[str, int] = {}  # detector → values nulled (not rewritable)
+
+    def value(self, klass: int, value: bytes) -> bytes | None:
+        """The value to send: ``value`` itself when untouched, new bytes, or None (NULL)."""
+        ds = self.detectors
+        if klass == D_TEXT:
+            return ds.scan(value, self.replaced)
+        if klass == D_JSON:
+            return self._json(value, b"")
+        if klass == D_JSONB_BIN:
+            if value[:1] != b"\x01":
+                return self._null_if_hit(value)
+            return self._json(value[1:], b"\x01")
+        if klass == D_NUMBER_TEXT:
+            return self._null_if_hit(value)
+        if klass == D_INT_BIN:
+            if len(value) in (4, 8):
+                return self._null_if_hit(value, str(int.from_bytes(value, "big", signed=True))
+                                         .encode())
+            return self._null_if_hit(value)
+        if klass == D_NUMERIC_BIN:
+            return self._null_if_hit(value, numeric_text(value))
+        if klass == D_OPAQUE_BIN:
+            return self._null_if_hit(value)
+        return value
+
+    def _null_if_hit(self, value: bytes, text: bytes | None = None) -> bytes | None:
+        probe = value if text is None else text
+        if not self.detectors.may_match(probe):
+            return value
+        name = self.detectors.first_match(probe)
+        if name is None:
+            return value
+        self.nulled[name] = self.nulled.get(name, 0) + 1
+        return None
+
+    def _json(self, text: bytes, prefix: bytes) -> bytes | None:
+        counts: dict[str, int] = {}
+        out = self.detectors.scan(text, counts)
+        if out is text:
+            return prefix + text if prefix else text
+        try:
+            json.loads(out)
+        except ValueError:
+            # The hit was not inside a JSON string (a card number as a JSON number, say);
+            # the document cannot be patched, so the whole value becomes a token.
+            for name in counts:
+                self.nulled[name] = self.nulled.get(name, 0) + 1
+            return prefix + _json_string(REDACTED)
+        for name, count in counts.items():
+            self.replaced[name] = self.replaced.get(name, 0) + count
+        return prefix + out
+
+
+def numeric_text(value: bytes) -> bytes:
+    """Digits of a binary ``numeric`` (base-10000 digit groups), enough for detectors."""
+    if len(value) < 8:
+        return b""
+    ndigits, weight, sign, _scale = struct.unpack_from("!hhHh", value)
+    if sign not in (0x0000, 0x4000) or ndigits < 0 or len(value) < 8 + 2 * ndigits:
+        return b""
+    groups = struct.unpack_from(f"!{ndigits}H", value, 8)
+    whole = b"".join(b"%04d" % groups[i] if 0 <= i < ndigits else b"0000"
+                     for i in range(weight + 1)).lstrip(b"0") or b"0"
+    fraction = b"".join(b"%04d" % g for g in groups[max(weight + 1, 0):])
+    return (b"-" if sign == 0x4000 else b"") + whole + (b"." + fraction if fraction else b"")
+
+
+# -- DataRow ------------------------------------------------------------------------------
+
+_unpack_i32 = I32.unpack_from
+_pack_i32 = I32.pack
+_DATA_ROW = 68  # 'D'
+
+
+def _walker_source(targets: Sequence[int]) -> str:
+    """Source of ``walk(payload) -> pieces``, unrolled for one result shape.
+
+    A per-field loop costs several bytecodes per column on every row; an unrolled walker
+    with the encoders bound as default arguments reads each length prefix once and does
+    nothing else. ``pieces`` alternates unmasked byte ranges (copied as slices) and the
+    masked fields, so ``b"".join(pieces)`` is the new payload; see :func:`_regions`.
+    """
+    lines = ["def walk(payload, _u=_u, _c=_c, _NULL=_NULL" + "".join(
+        f", _e{k}=_e{k}" for k in range(len(targets))) + "):", "    p = 2"]
+    pieces = []
+    col = 0
+    for k, target in enumerate(targets):
+        for _ in range(target - col):
+            lines += ["    n = _u(payload, p)[0]", "    p += 4 + n if n > 0 else 4"]
+        if k == 0:
+            pieces.append("payload[:s0]")
+        elif target > col:
+            pieces.append(f"payload[e{k - 1}:s{k}]")
+        lines += [f"    s{k} = p", "    n = _u(payload, p)[0]", "    if n >= 0:",
+                  "        p += 4 + n", f"        f{k} = _e{k}(payload[s{k} + 4:p])",
+                  f"        _c[{k}] += 1", "    else:", "        p += 4", f"        f{k} = _NULL",
+                  f"    e{k} = p"]
+        pieces.append(f"f{k}")
+        col = target + 1
+    pieces.append(f"payload[e{len(targets) - 1}:]")
+    lines += ["    if p > len(payload):", "        raise _Short",
+              f"    return ({', '.join(pieces)})"]
+    return "\n".join(lines)
+
+
+def _regions(targets: Sequence[int], ncols: int) -> list[tuple[int, int]]:
+    """``(piece index, first column)`` of each unmasked range in a walker's pieces that
+    holds at least one field (the first range also holds the field count)."""
+    regions = []
+    index = 0
+    col = 0
+    for k, target in enumerate(targets):
+        if k == 0 or target > col:
+            if target > col:
+                regions.append((index, col))
+            index += 1
+        index += 1
+        col = target + 1
+    if col < ncols:
+        regions.append((index, col))
+    return regions
+
+
+class _Short(Exception):
+    """A field length pointed past the end of the DataRow."""
+
+
+class RowRewriter:
+    """Masks the listed columns of every DataRow and runs detectors over the others.
+
+    Fields up to the last masked column are walked by their length prefixes only, by a
+    walker generated for this result's shape; the bytes between masked fields are copied
+    as slices. With detectors on, the unmasked slices are joined into one probe, so a row
+    costs a single probe and only rows whose probe hits are split into fields.
+    """
+
+    def __init__(self, ncols: int, masks: dict[int, Callable[[bytes], bytes]],
+                 detect: Sequence[int] | None, detector: ValueDetector | None) -> None:
+        self.ncols = ncols
+        self.count_bytes = I16.pack(ncols)
+        targets = sorted(masks)
+        self.target_index = targets
+        self.mask_counts = [0] * len(targets)
+        self.rows = 0
+        self._detect = list(detect) if detect is not None and detector is not None else None
+        self.detecting = self._detect is not None
+        self._detector = detector
+        self._probe = detector.detectors.may_match if detector is not None else None
+        self._walk: Callable[[bytes], tuple[bytes, ...]] | None = None
+        self._regions = _regions(targets, ncols)
+        if targets:
+            namespace: dict[str, object] = {
+                "_u": _unpack_i32, "_c": self.mask_counts, "_NULL": NULL_FIELD,
+                "_Short": _Short, **{f"_e{k}": masks[t] for k, t in enumerate(targets)}}
+            exec(compile(_walker_source(targets), f"<masking walker {targets}>", "exec"),
+                 namespace)
+            self._walk = namespace["walk"]  # type: ignore[assignment]
+
+    def __call__(self, payload: bytes) -> bytes:
+        """One DataRow payload → the payload to send (the same object if unchanged)."""
+        if payload[:2] != self.count_bytes:
+            raise MaskingError(
+                f"DataRow has {I16.unpack_from(payload)[0] if len(payload) >= 2 else 0} "
+                f"columns but its RowDescription had {self.ncols}")
+        self.rows += 1
+        if self._walk is None:
+            if self._probe is not None and self._probe(payload):
+                return self._detect_region(payload, 0)
+            return payload
+        try:
+            pieces = self._walk(payload)
+        except (struct.error, _Short):
+            raise MaskingError("truncated DataRow") from None
+        regions = self._regions
+        if self._probe is not None and regions:
+            probe = pieces[regions[0][0]] if len(regions) == 1 else b"".join(
+                [pieces[i] for i, _ in regions])
+            if self._probe(probe):
+                changed = list(pieces)
+                for index, col in regions:
+                    changed[index] = self._detect_region(pieces[index], col)
+                return b"".join(changed)
+        return b"".join(pieces)
+
+    def rewrite_messages(self, data: bytes) -> bytes:
+        """A run of complete DataRow messages (type byte and length included) rewritten.
+
+        The batch form of :meth:`__call__` for a relay that holds several DataRows in
+        its read buffer: it saves a call and a framing step per row.
+        """
+        out: list[bytes] = []
+        append = out.append
+        pos = 0
+        size = len(data)
+        while pos < size:
+            if data[pos] != _DATA_ROW or pos + 5 > size:
+                raise MaskingError("rewrite_data_rows expects complete DataRow messages only")
+            end = pos + 1 + _unpack_i32(data, pos + 1)[0]
+            if end > size:
+                raise MaskingError("incomplete DataRow message")
+            payload = data[pos + 5:end]
+            new = self(payload)
+            append(data[pos:end] if new is payload else b"D" + _pack_i32(len(new) + 4) + new)
+            pos = end
+        return b"".join(out)
+
+    def _detect_region(self, region: bytes, col: int) -> bytes:
+        """Detectors over the whole fields in ``region`` (a DataRow payload when col is 0
+        and it starts with the field count)."""
+        assert self._detect is not None and self._detector is not None
+        detect = self._detect
+        detector = self._detector
+        probe = detector.detectors.may_match
+        out: list[bytes] = []
+        pos = 2 if col == 0 else 0
+        copied = 0
+        end = len(region)
+        try:
+            while pos < end:
+                size = _unpack_i32(region, pos)[0]
+                if size > 0:
+                    value = region[pos + 4:pos + 4 + size]
+                    klass = detect[col]
+                    if klass != D_SKIP and probe(value):
+                        new = detector.value(klass, value)
+                        if new is not value:
+                            out.append(region[copied:pos])
+                            out.append(NULL_FIELD if new is None else _pack_i32(len(new)) + new)
+                            copied = pos + 4 + size
+                    pos += 4 + size
+                else:
+                    pos += 4
+                col += 1
+        except (struct.error, IndexError):
+            raise MaskingError("truncated DataRow") from None
+        if not copied:
+            return region
+        out.append(region[copied:])
+        return b"".join(out)
+
+
+# -- COPY TO STDOUT -------------------------------------------------------------------------------
+
+_BINARY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_TEXT_UNESCAPE = {ord("b"): b"\b", ord("f"): b"\f", ord("n"): b"\n", ord("r"): b"\r",
+                  ord("t"): b"\t", ord("v"): b"\v"}
+
+
+def unescape_text(field: bytes) -> bytes:
+    """A COPY text-format field back to its value (the "Text Format" rules of COPY)."""
+    if b"\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    size = len(field)
+    while i < size:
+        char = field[i]
+        if char == 92 and i + 1 < size:
+            nxt = field[i + 1]
+            if nxt in _TEXT_UNESCAPE:
+                out += _TEXT_UNESCAPE[nxt]
+                i += 2
+                continue
+            if 48 <= nxt <= 55:
+                j = i + 1
+                while j < size and j < i + 4 and 48 <= field[j] <= 55:
+                    j += 1
+                out.append(int(field[i + 1:j], 8) & 0xFF)
+                i = j
+                continue
+            if nxt == ord("x") and i + 2 < size and chr(field[i + 2]) in "0123456789abcdefABCDEF":
+                j = i + 2
+                while j < size and j < i + 4 and chr(field[j]) in "0123456789abcdefABCDEF":
+                    j += 1
+                out.append(int(field[i + 2:j], 16))
+                i = j
+                continue
+            out.append(nxt)
+            i += 2
+            continue
+        out.append(char)
+        i += 1
+    return bytes(out)
+
+
+def escape_text(value: bytes, delimiter: bytes) -> bytes:
+    out = value.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+    out = out.replace(b"\t", b"\\t")
+    if delimiter not in (b"\t", b"\\"):
+        out = out.replace(delimiter, b"\\" + delimiter)
+    return out
+
+
+def split_text_row(line: bytes, delimiter: bytes) -> list[bytes]:
+    """Fields of one text-format row; an escaped delimiter does not split."""
+    if b"\\" not in line:
+        return line.split(delimiter)
+    fields = []
+    begin = 0
+    i = 0
+    size = len(line)
+    delim = delimiter[0]
+    while i < size:
+        char = line[i]
+        if char == 92:
+            i += 2
+            continue
+        if char == delim:
+            fields.append(line[begin:i])
+            begin = i + 1
+        i += 1
+    fields.append(line[begin:])
+    return fields
+
+
+class CopyRewriter:
+    """Rewrites the CopyData stream of one ``COPY ... TO STDOUT``.
+
+    The protocol docs promise one CopyData message per row in copy-out mode ("COPY
+    Operations" in "Message Flow"), but this parser does not rely on it: incomplete rows
+    are kept until the next chunk, and :meth:`finish` refuses a stream that ends mid-row.
+    """
+
+    def __init__(self, options: CopyOptions, binary: bool, ncols: int,
+                 masks: dict[int, Strategy], detector: ValueDetector | None,
+                 detect_columns: Sequence[bool]) -> None:
+        self.options = options
+        self.binary = binary
+        self.ncols = ncols
+        self.masks = masks
+        self.mask_counts: dict[int, int] = dict.fromkeys(masks, 0)
+        self.detector = detector
+        self.detect_columns = list(detect_columns)
+        self.rows = 0
+        self._buffer = b""
+        self._started = False
+        self._ended = False
+        if options.format == "csv" and not binary:
+            quote = re.escape(options.quote)
+            escape = re.escape(options.escape)
+            delim = re.escape(options.delimiter)
+            body = (rb"(?:[^" + quote + rb"]|" + quote + quote + rb")*" if options.escape ==
+                    options.quote else rb"(?:[^" + quote + escape + rb"]|" + escape + rb".)*")
+            self._csv_field = re.compile(
+                quote + body + quote + rb"|[^" + delim + quote + rb"\n]*", re.S)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The rewritten bytes for every complete row so far (may be empty: send nothing)."""
+        if self._ended and chunk:
+            raise MaskingError("COPY data after the end-of-data marker")
+        data = self._buffer + chunk if self._buffer else chunk
+        if self.binary:
+            out, used = self._binary(data)
+        elif self.options.format == "csv":
+            out, used = self._rows(data, self._csv_row)
+        else:
+            out, used = self._rows(data, self._text_row)
+        self._buffer = data[used:]
+        return out
+
+    def finish(self) -> None:
+        """Call at CopyDone: raises if the stream ended inside a row."""
+        if self._buffer:
+            raise MaskingError("COPY data ended in the middle of a row")
+
+    # text and CSV
+
+    def _rows(self, data: bytes, row: Callable[[bytes, int], tuple[bytes, int] | None]
+              ) -> tuple[bytes, int]:
+        out: list[bytes] = []
+        pos = 0
+        size = len(data)
+        if (self._started or not self.options.header) and not self.masks and (
+                self.detector is None or not self.detector.detectors.may_match(data)) and (
+                self.options.format != "csv" and data.endswith(b"\n")):
+            # Nothing to mask and no detector can match: whole text rows pass as they are.
+            self._started = True
+            self.rows += data.count(b"\n")
+            return data, size
+        while pos < size:
+            if not self._started and self.options.header:
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    break
+                out.append(data[pos:end + 1])
+                pos = end + 1
+                self._started = True
+                continue
+            self._started = True
+            result = row(data, pos)
+            if result is None:
+                break
+            text, pos = result
+            out.append(text)
+        return b"".join(out), pos
+
+    def _text_row(self, data: bytes, pos: int) -> tuple[bytes, int] | None:
+        end = data.find(b"\n", pos)
+        if end < 0:
+            return None
+        line = data[pos:end]
+        if line == b"\\.":
+            self._ended = True
+            return data[pos:end + 1], end + 1
+        self.rows += 1
+        fields = split_text_row(line, self.options.delimiter)
+        changed = False
+        null = self.options.null
+        for index, strategy in self.masks.items():
+            if index < len(fields) and fields[index] != null:
+                masked = strategy.apply(unescape_text(fields[index]))
+                fields[index] = null if masked is None else escape_text(
+                    masked, self.options.delimiter)
+                self.mask_counts[index] += 1
+                changed = True
+        if self.detector is not None:
+            for index, value in enumerate(fields):
+                if index in self.masks or value == null or not self._detects(index):
+                    continue
+                if self.detector.detectors.may_match(value):
+                    new = self.detector.value(D_TEXT, value)
+                    if new is not value and new is not None:
+                        fields[index] = new
+                        changed = True
+        if not changed:
+            return data[pos:end + 1], end + 1
+        return self.options.delimiter.join(fields) + b"\n", end + 1
+
+    def _detects(self, index: int) -> bool:
+        return index >= len(self.detect_columns) or self.detect_columns[index]
+
+    def _csv_row(self, data: bytes, pos: int) -> tuple[bytes, int] | None:
+        row_start = pos
+        fields: list[bytes] = []
+        size = len(data)
+        delim = self.options.delimiter
+        while True:
+            match = self._csv_field.match(data, pos)
+            assert match is not None  # the unquoted branch matches the empty string
+            fields.append(match.group(0))
+            pos = match.end()
+            if pos >= size:
+                return None
+            char = data[pos:pos + 1]
+            if char == delim:
+                pos += 1
+                continue
+            if char == b"\n":
+                pos += 1
+                break
+            raise MaskingError("malformed CSV row in COPY data")
+        self.rows += 1
+        changed = False
+        for index, strategy in self.masks.items():
+            if index >= len(fields) or self._csv_is_null(fields[index]):
+                continue
+            masked = strategy.apply(self._unquote(fields[index]))
+            fields[index] = self.options.null if masked is None else self._quote(masked)
+            self.mask_counts[index] += 1
+            changed = True
+        if self.detector is not None:
+            for index, raw in enumerate(fields):
+                if index in self.masks or not self._detects(index) or self._csv_is_null(raw):
+                    continue
+                if self.detector.detectors.may_match(raw):
+                    value = self._unquote(raw)
+                    new = self.detector.value(D_TEXT, value)
+                    if new is not value and new is not None:
+                        fields[index] = self._quote(new)
+                        changed = True
+        if not changed:
+            return data[row_start:pos], pos
+        return delim.join(fields) + b"\n", pos
+
+    def _csv_is_null(self, raw: bytes) -> bool:
+        return raw == self.options.null and not raw.startswith(self.options.quote)
+
+    def _unquote(self, raw: bytes) -> bytes:
+        quote = self.options.quote
+        if not raw.startswith(quote):
+            return raw
+        inner = raw[len(quote):-len(quote)]
+        escape = self.options.escape
+        if escape == quote:
+            return inner.replace(quote + quote, quote)
+        return re.sub(re.escape(escape) + rb"(.)", rb"\1", inner, flags=re.S)
+
+    def _quote(self, value: bytes) -> bytes:
+        quote = self.options.quote
+        escape = self.options.escape
+        if escape != quote:
+            value = value.replace(escape, escape + escape)
+        return quote + value.replace(quote, escape + quote) + quote
+
+    # binary
+
+    def _binary(self, data: bytes) -> tuple[bytes, int]:
+        out: list[bytes] = []
+        pos = 0
+        size = len(data)
+        if not self._started:
+            if size < 19:
+                return b"", 0
+            if data[:11] != _BINARY_SIGNATURE:
+                raise MaskingError("binary COPY data without the PGCOPY signature")
+            extension = I32.unpack_from(data, 15)[0]
+            if extension < 0:
+                raise MaskingError("malformed binary COPY header")
+            if size < 19 + extension:
+                return b"", 0
+            pos = 19 + extension
+            out.append(data[:pos])
+            self._started = True
+        while pos + 2 <= size:
+            count = I16.unpack_from(data, pos)[0]
+            if count == -1:
+                out.append(data[pos:pos + 2])
+                pos += 2
+                self._ended = True
+                if pos != size:
+                    raise MaskingError("binary COPY data after the end-of-data marker")
+                break
+            if count != self.ncols:
+                raise MaskingError(f"binary COPY row has {count} fields, expected {self.ncols}")
+            cursor = pos + 2
+            fields: list[bytes | None] = []
+            complete = True
+            for _ in range(count):
+                if cursor + 4 > size:
+                    complete = False
+                    break
+                length = I32.unpack_from(data, cursor)[0]
+                cursor += 4
+                if length < 0:
+                    fields.append(None)
+                    continue
+                if cursor + length > size:
+                    complete = False
+                    break
+                fields.append(data[cursor:cursor + length])
+                cursor += length
+            if not complete:
+                break
+            self.rows += 1
+            out.append(self._binary_row(data, pos, cursor, fields))
+            pos = cursor
+        return b"".join(out), pos
+
+    def _binary_row(self, data: bytes, start: int, end: int, fields: list[bytes | None]) -> bytes:
+        changed = False
+        for index in self.masks:
+            if fields[index] is not None:
+                # Column types are not on the wire in COPY: a masked value becomes NULL.
+                fields[index] = None
+                self.mask_counts[index] += 1
+                changed = True
+        if self.detector is not None:
+            for index, value in enumerate(fields):
+                if value is None or index in self.masks or not self._detects(index):
+                    continue
+                if self.detector.detectors.may_match(value):
+                    new = self.detector.value(D_OPAQUE_BIN, value)
+                    if new is None:
+                        fields[index] = None
+                        changed = True
+        if not changed:
+            return data[start:end]
+        return I16.pack(len(fields)) + b"".join(
+            NULL_FIELD if v is None else I32.pack(len(v)) + v for v in fields)
+
+
+# -- free text of server messages ---------------------------------------------------------------
+
+# ErrorResponse/NoticeResponse fields that never carry data: severity, SQLSTATE, cursor
+# positions and the server's source location ("Error and Notice Message Fields").
+_STRUCTURAL_FIELDS = frozenset(b"SVCPpFLR")
+# Fields that quote values when a statement fails on them (detail, context, hint, ...).
+_VALUE_FIELDS = frozenset(b"MDWHq")
+_QUOTED = re.compile(rb"\"(?:[^\"]|\"\")*\"|'(?:[^']|'')*'")
+_KEY_VALUES = re.compile(rb"(=\(|row contains \().*?(\)(?:\s|\.|$))", re.S)
+
+
+def redact_quoted(text: bytes) -> tuple[bytes, int]:
+    """Quoted literals and ``Key (...)=(...)``/``Failing row contains (...)`` value lists
+    replaced by ``****``: how error texts carry the values they failed on."""
+    count = 0
+
+    def quoted(match: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        mark = match.group(0)[:1]
+        return mark + REDACTED + mark
+
+    def values(match: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        return match.group(1) + REDACTED + match.group(2)
+
+    out = _KEY_VALUES.sub(values, text)
+    out = _QUOTED.sub(quoted, out)
+    return out, count
+
+
+def rewrite_fields(fields: list[tuple[int, bytes]], detectors: DetectorSet | None,
+                   counts: dict[str, int], strict: bool) -> bool:
+    """Mask the text fields of an ErrorResponse/NoticeResponse in place; True if changed."""
+    changed = False
+    for index, (code, value) in enumerate(fields):
+        if code in _STRUCTURAL_FIELDS:
+            continue
+        new = value
+        if strict and code in _VALUE_FIELDS:
+            new, hits = redact_quoted(new)
+            if hits:
+                counts["error_text"] = counts.get("error_text", 0) + hits
+        if detectors and detectors.may_match(new):
+            new = detectors.scan(new, counts)
+        if new != value:
+            fields[index] = (code, new)
+            changed = True
+    return changed
+
+
+__all__ = [
+    "CopyRewriter", "MaskingError", "MaskingRefused", "RowRewriter", "ValueDetector",
+    "detect_class", "field_encoder", "mask_class", "numeric_text",
+    "redact_quoted", "rewrite_fields",
+]

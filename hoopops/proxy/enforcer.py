@@ -1,0 +1,273 @@
+"""The gate that enforces: policy decisions, held approvals, audit records, events.
+
+Every statement is analysed (pglast, through ``hoopops.sql``), resolved against what the
+session prepared, enriched from the catalog, and decided by the policy in force. Allowed
+statements are durably recorded before they are forwarded; if the record cannot be
+written the statement is refused (fail closed). Results are hashed exactly as sent and a
+capped sample is kept for the audit trail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from hoopops import events
+from hoopops.approvals import ApprovalBroker, ApprovalError
+from hoopops.audit.records import SessionRecord, StatementRecord, StatementResult
+from hoopops.audit.store import AuditError, AuditStore, NullAuditStore
+from hoopops.policy import PolicyEngine
+from hoopops.proxy import protocol as p
+from hoopops.proxy.gate import ALLOW, StatementGate, Verdict
+from hoopops.sql import analyze
+from hoopops.sql.session import SessionSqlState
+
+if TYPE_CHECKING:
+    from hoopops.config import Config
+    from hoopops.proxy.session import Run, Session
+    from hoopops.sql_catalog import SqlCatalog
+
+log = logging.getLogger("hoopops.enforcer")
+
+AUDIT_FAILED = ("hoopops could not record this statement in the audit trail, so it was "
+                "not run (fail closed); retry, and tell the operator if it persists")
+
+
+def _param_text(params: tuple[bytes | None, ...] | None) -> list[str | None] | None:
+    if params is None:
+        return None
+    return [None if v is None else v.decode("utf-8", "backslashreplace") for v in params]
+
+
+def _fingerprint(decision: Any) -> str:
+    if decision is None:
+        return ""
+    return "+".join(st.fingerprint or st.text for st in decision.analysis.statements)
+
+
+class Enforcer(StatementGate):
+    def __init__(self, config: Config, bus: events.EventBus, engine: PolicyEngine | None,
+                 store: AuditStore, broker: ApprovalBroker | None,
+                 catalogs: dict[str, SqlCatalog] | None = None) -> None:
+        self.config = config
+        self.bus = bus
+        self.engine = engine
+        self.store = store
+        self.broker = broker
+        self.catalogs = catalogs or {}
+        self.audit_on = not isinstance(store, NullAuditStore)
+        self.sample_limits = (config.audit.result_rows, config.audit.result_bytes)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def new_session_state(self) -> SessionSqlState:
+        return SessionSqlState(lexing_defaults_verified=True)
+
+    def reload(self) -> None:
+        if self.engine is not None:
+            result = self.engine.reload()
+            if result.error is not None:
+                log.error("policy reload refused, the previous policy stays in force: %s",
+                          result.error)
+            for catalog in self.catalogs.values():
+                catalog.invalidate()
+
+    async def decide(self, session: Session, sql: str, statement_name: str | None) -> Verdict:
+        engine = self.engine
+        if engine is None:
+            return ALLOW
+        state: SessionSqlState = session.sql_state
+        analysis = state.resolve(analyze(sql))
+        catalog = self.catalogs.get(session.target.name)
+        if catalog is not None:
+            analysis = await catalog.enrich(analysis)
+        decision = engine.decide(session.info.identity, session.target.name, analysis)
+        action = decision.action
+        approval_id = None
+        if action == "review" and self.broker is not None:
+            approval_id = self.broker.session_approval(session.id, _fingerprint(decision))
+            if approval_id is not None:
+                action = "allow"
+        if action != "block":
+            if statement_name is None:
+                state.observe(analysis)
+            else:
+                state.on_parse(statement_name, analysis)
+            if catalog is not None and any(st.changes_schema for st in analysis.statements):
+                catalog.invalidate()
+        if self.bus.has_listeners:
+            self.bus.publish(events.STATEMENT_DECIDED, session_id=session.id,
+                             subject=session.info.identity.subject, sql=sql, action=action,
+                             rule=decision.rule_id, elapsed_us=decision.elapsed_us)
+        if action == "allow":
+            return Verdict("allow", rule_id=decision.rule_id, decision=decision,
+                           approval_id=approval_id)
+        hint = None
+        if action == "block":
+            hint = f"policy version {decision.policy_version or '?'}; ask an analyst if this " \
+                   "statement is needed"
+        return Verdict(action, "42501", decision.message, hint, decision.rule_id, decision)
+
+    def session_allows(self, session: Session, verdict: Verdict) -> bool:
+        if self.broker is None:
+            return False
+        return self.broker.session_allows(session.id, _fingerprint(verdict.decision))
+
+    # -- approvals --------------------------------------------------------------------------
+
+    async def request_approval(self, session: Session, verdict: Verdict, sql: str,
+                               params: tuple[bytes | None, ...] | None) -> Verdict:
+        if self.broker is None:
+            return await super().request_approval(session, verdict, sql, params)
+        identity = session.info.identity
+        decision = verdict.decision
+        text_params = _param_text(params)
+        try:
+            pending = await self.broker.create(
+                session.id, identity, sql, text_params, _fingerprint(decision),
+                verdict.rule_id, decision.rule_description if decision else None)
+        except (AuditError, ApprovalError) as exc:
+            log.error("cannot create approval: %s", exc)
+            return Verdict("block", "58030", f"{AUDIT_FAILED} ({exc})")
+        session.notify_client(f"hoopops: {pending.notice}")
+        outcome = await pending.wait()
+        if outcome.approved and outcome.authorises(session.id, identity, sql, text_params):
+            return Verdict("allow", rule_id=verdict.rule_id, decision=decision,
+                           approval_id=outcome.approval_id)
+        return Verdict("block", outcome.sqlstate or "42501", f"hoopops: {outcome.message}",
+                       rule_id=verdict.rule_id, decision=decision,
+                       approval_id=outcome.approval_id)
+
+    def withdrawn_verdict(self, session: Session) -> Verdict:
+        return Verdict("block", "57014", "canceling statement due to user request; the "
+                       "pending approval was withdrawn")
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def _record(self, session: Session, sql: str, params: tuple[bytes | None, ...] | None,
+                verdict: Verdict, received_at: float, action: str) -> StatementRecord:
+        decision = verdict.decision
+        facts = decision.to_dict() if decision is not None else {}
+        return StatementRecord(
+            session_id=session.id, seq=session.info.stats.statements, received_at=received_at,
+            sql=sql, params=_param_text(params), facts=facts, decision=action,
+            rule_id=verdict.rule_id, approval_id=verdict.approval_id)
+
+    async def record_refusal(self, session: Session, sql: str,
+                             params: tuple[bytes | None, ...] | None, verdict: Verdict,
+                             received_at: float) -> None:
+        if not self.audit_on:
+            return
+        action = verdict.decision.action if verdict.decision is not None else "block"
+        try:
+            statement_id = await self.store.statement_received(
+                self._record(session, sql, params, verdict, received_at, action))
+            now = time.time()
+            self._spawn(self.store.statement_finished(statement_id, StatementResult(
+                started_at=None, finished_at=now, rows=None, command_tag=None,
+                sqlstate=verdict.sqlstate, error_message=verdict.message)))
+        except AuditError as exc:
+            log.error("could not record a refused statement: %s", exc)
+
+    async def before_forward(self, session: Session, run: Run) -> Verdict | None:
+        run.started_at = time.time()
+        if not self.audit_on:
+            return None
+        verdict = run.decision if isinstance(run.decision, Verdict) else ALLOW
+        action = verdict.decision.action if verdict.decision is not None else "allow"
+        try:
+            run.audit_id = await self.store.statement_received(
+                self._record(session, run.sql, run.params, verdict, run.received_at, action))
+        except AuditError as exc:
+            log.error("audit write failed, statement refused: %s", exc)
+            return Verdict("block", "58030", AUDIT_FAILED)
+        run.hasher = hashlib.sha256()
+        run.sample = []
+        return None
+
+    async def after_result(self, session: Session, run: Run) -> None:
+        if self.bus.has_listeners:
+            self.bus.publish(events.STATEMENT_FINISHED, session_id=session.id,
+                             rows=run.rows, tag=run.tag, sqlstate=run.sqlstate,
+                             duration_ms=(time.time() - run.started_at) * 1000)
+        if not self.audit_on or run.audit_id is None:
+            return
+        result = StatementResult(
+            started_at=run.started_at, finished_at=time.time(), rows=run.rows,
+            command_tag=run.tag, sqlstate=run.sqlstate, error_message=run.error,
+            result_sha256=run.hasher.hexdigest() if run.hasher is not None else None,
+            result_sample=_sample(run))
+        self._spawn(self.store.statement_finished(run.audit_id, result))
+
+    def _spawn(self, coro: Any) -> None:
+        # Completion records are not on the durability path (the statement was recorded
+        # before it ran), so the relay does not wait for them.
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("audit write failed: %s", task.exception())
+
+    async def drain(self) -> None:
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -- session lifecycle -------------------------------------------------------------------
+
+    async def session_opened(self, session: Session) -> None:
+        if not self.audit_on:
+            return
+        info = session.info
+        identity = info.identity
+        try:
+            await self.store.session_started(SessionRecord(
+                id=info.id, subject=identity.subject, groups=tuple(identity.groups),
+                issuer=identity.issuer, token_id=identity.token_id,
+                claimed_user=info.claimed_user, client_addr=info.client_addr,
+                client_port=info.client_port, application_name=info.application_name,
+                target=info.target, tls=info.tls, started_at=info.started_at))
+        except AuditError as exc:
+            log.error("cannot record session start: %s", exc)
+            session.kill("closed: the audit trail is unavailable (fail closed)")
+
+    async def session_closed(self, session: Session) -> None:
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.session_closed(session.id, session.end_reason)
+        if not self.audit_on:
+            return
+        stats = session.info.stats
+        await self.drain()
+        try:
+            await self.store.session_ended(session.id, session.end_reason, time.time(),
+                                           stats.bytes_in, stats.bytes_out, stats.statements)
+        except AuditError as exc:
+            log.error("cannot record session end: %s", exc)
+
+
+def _sample(run: Run) -> dict[str, Any] | None:
+    if run.sample is None:
+        return None
+    fields = run.fields or []
+    columns = [f.name for f in fields]
+    rows = []
+    for payload in run.sample:
+        values = p.decode_data_row(payload)
+        row: list[str | None] = []
+        for index, value in enumerate(values):
+            if value is None:
+                row.append(None)
+            elif index < len(fields) and fields[index].format_code == 1:
+                row.append("\\x" + value.hex())
+            else:
+                row.append(value.decode("utf-8", "replace"))
+        rows.append(row)
+    return {"columns": columns, "rows": rows, "truncated": run.rows > len(rows)}

@@ -1,0 +1,178 @@
+"""Turning agent-supplied text and times into things safe and short enough to show.
+
+Everything an agent controls (SQL, values, application names, subjects) becomes a
+``rich.text.Text`` here: a ``str`` handed to a Textual widget is parsed as markup, and
+``[/foo]`` in a statement must show as ``[/foo]``, not break (or restyle) the screen.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from datetime import UTC, datetime
+
+from rich.syntax import Syntax
+from rich.text import Text
+
+from hoopops.audit.records import Filters
+from hoopops.config import parse_duration
+
+# Beyond this, pretty-printing (a full parse) is not worth blocking the loop for.
+_PRETTY_LIMIT = 20_000
+_CONTROL = {i: "·" for i in range(32) if i not in (9, 10)} | {127: "·"}
+
+
+def plain(value: object, limit: int | None = None) -> Text:
+    """Any value as literal text (never markup), control characters made visible."""
+    text = "∅" if value is None else str(value)
+    text = text.translate(_CONTROL)
+    if limit is not None and len(text) > limit:
+        text = text[: max(1, limit - 1)] + "…"
+    return Text(text, style="dim italic" if value is None else "")
+
+
+def one_line(sql: str, limit: int = 200) -> Text:
+    """A statement squeezed onto one line for a table cell."""
+    return plain(" ".join(sql.split()), limit)
+
+
+def pretty_sql(sql: str) -> str:
+    """The statement laid out by PostgreSQL's own grammar (pglast), or as sent if it
+    does not parse (the policy engine has already said what it thinks of that)."""
+    if len(sql) > _PRETTY_LIMIT:
+        return sql
+    try:
+        import pglast
+
+        return str(pglast.prettify(sql))
+    except Exception:  # any parse or deparse failure: show the exact text instead
+        return sql
+
+
+def highlighted_sql(sql: str, pretty: bool = True) -> Text:
+    """Syntax-highlighted SQL as a ``Text`` (Syntax never interprets markup)."""
+    code = pretty_sql(sql) if pretty else sql
+    code = code.translate(_CONTROL)
+    text = Syntax(code, "sql", theme="ansi_dark", word_wrap=True,
+                  background_color="default").highlight(code)
+    text.rstrip()
+    return text
+
+
+def ago(then: float, now: float) -> str:
+    """``12s``, ``4m``, ``3h05``: how long ago, compactly."""
+    seconds = max(0, int(now - then))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
+
+
+def countdown(expires: float, now: float) -> Text:
+    """Time left before a held statement times out, red when it is nearly gone."""
+    left = expires - now
+    if left <= 0:
+        return Text("expired", style="bold red")
+    seconds = int(left)
+    label = f"{seconds // 60}:{seconds % 60:02d}"
+    style = "bold red" if left < 30 else "yellow" if left < 120 else "green"
+    return Text(label, style=style)
+
+
+def clock(epoch: float | None) -> str:
+    """``HH:MM:SS`` in UTC, like every time in the audit trail and the evidence."""
+    if epoch is None:
+        return "—"
+    return time.strftime("%H:%M:%S", time.gmtime(epoch))
+
+
+def stamp(epoch: float | None) -> str:
+    """UTC date and time for history rows and evidence."""
+    if epoch is None:
+        return "—"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+STATE_STYLES = {
+    "active": "bold green",
+    "idle": "dim",
+    "in transaction": "yellow",
+    "failed transaction": "bold red",
+    "waiting": "bold magenta",
+    "open": "",
+}
+
+DECISION_STYLES = {"allow": "green", "block": "bold red", "review": "bold yellow"}
+
+
+def state_text(state: str) -> Text:
+    label = "waiting for approval" if state == "waiting" else state
+    return Text(label, style=STATE_STYLES.get(state, ""))
+
+
+def decision_text(decision: str | None) -> Text:
+    if not decision:
+        return Text("—", style="dim")
+    return Text(decision, style=DECISION_STYLES.get(decision, ""))
+
+
+class FilterError(ValueError):
+    pass
+
+
+_FILTER_KEYS = ("identity", "target", "decision", "since", "until", "text")
+
+
+def parse_filter(query: str, now: float) -> Filters:
+    """``identity:alice target:appdb decision:block since:2h until:30m drop table``.
+
+    ``since``/``until`` take a duration back from now (``90s``, ``2h``, ``7d``) or a
+    date/time (``2026-05-09`` or ``2026-05-09T07:35``, UTC); words without a key search
+    the statement text.
+    """
+    try:
+        words = shlex.split(query)
+    except ValueError as exc:
+        raise FilterError(f"cannot read the filter: {exc}") from None
+    values: dict[str, str] = {}
+    free: list[str] = []
+    for word in words:
+        key, sep, value = word.partition(":")
+        if sep and key.lower() in _FILTER_KEYS:
+            if not value:
+                raise FilterError(f"{key}: needs a value")
+            values[key.lower()] = value
+        elif sep and key.isalpha() and not key.lower().startswith("http"):
+            raise FilterError(f"unknown filter {key!r}; use one of " + ", ".join(_FILTER_KEYS))
+        else:
+            free.append(word)
+    if free:
+        values["text"] = " ".join([values["text"], *free]) if "text" in values \
+            else " ".join(free)
+    decision = values.get("decision")
+    if decision is not None and decision not in ("allow", "block", "review"):
+        raise FilterError("decision: is one of allow, block, review")
+    return Filters(since=_when(values.get("since"), now, "since"),
+                   until=_when(values.get("until"), now, "until"),
+                   identity=values.get("identity"), target=values.get("target"),
+                   decision=decision, text=values.get("text"))
+
+
+def _when(value: str | None, now: float, key: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return now - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise FilterError(f"{key}: expected a duration (2h, 7d) or a date like "
+                          "2026-05-09T07:35 (UTC)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()

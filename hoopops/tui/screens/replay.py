@@ -1,0 +1,240 @@
+"""Replay one session from the audit store, statement by statement or at recorded pace."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.timer import Timer
+from textual.widgets import Footer, Static
+
+from hoopops.audit.records import SessionView, StatementView
+from hoopops.tui.format import stamp
+from hoopops.tui.source import SourceError
+from hoopops.tui.widgets.result_grid import ResultGrid
+from hoopops.tui.widgets.step_view import StepView
+
+if TYPE_CHECKING:
+    from hoopops.tui.app import ConsoleApp
+
+SPEEDS = (1, 4, 16)
+# Recorded gaps longer than this are compressed: a session idle for an hour should not
+# make the analyst wait an hour (the step line says so).
+MAX_GAP = 5.0
+MIN_GAP = 0.05
+
+
+class ReplayScreen(Screen[None]):
+    HELP_VIEW = "replay"
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("left_square_bracket", "step(-1)", "Prev", id="replay.prev", key_display="[",
+                tooltip="Previous statement"),
+        Binding("right_square_bracket", "step(1)", "Next", id="replay.next", key_display="]",
+                tooltip="Next statement"),
+        Binding("g", "jump('first')", "First", id="replay.first", show=False,
+                tooltip="First statement"),
+        Binding("G", "jump('last')", "Last", id="replay.last", show=False,
+                tooltip="Last statement"),
+        Binding("space", "play", "Play", id="replay.play",
+                tooltip="Play at the recorded pace (again to pause)"),
+        Binding("x", "speed", "Speed", id="replay.speed",
+                tooltip="Cycle playback speed 1x, 4x, 16x"),
+        Binding("e", "export", "Export", id="replay.export",
+                tooltip="Write this session's evidence to a JSON file"),
+    ]
+
+    PALETTE: ClassVar[list[tuple[str, str, str]]] = [
+        ("Export evidence", "Write this session's evidence to a JSON file", "export"),
+        ("Play / pause", "Replay at the recorded pace", "play"),
+        ("First statement", "Jump to the first statement", "jump('first')"),
+        ("Last statement", "Jump to the last statement", "jump('last')"),
+    ]
+
+    def __init__(self, session_id: str, step: int = 0) -> None:
+        super().__init__(classes="replay")
+        self.session_id = session_id
+        self.index = step
+        self.session: SessionView | None = None
+        self.statements: list[StatementView] = []
+        self.playing = False
+        self.speed = SPEEDS[0]
+        self.last_export: str | None = None
+        self._timer: Timer | None = None
+        self._loaded = False
+
+    @property
+    def console(self) -> ConsoleApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text(f"Replay {self.session_id[:12]} — loading…"), id="replay-head")
+        yield Static("", id="replay-position")
+        with Vertical(id="replay-body"):
+            with VerticalScroll(id="replay-step-scroll", classes="panel"):
+                yield StepView(id="replay-step")
+            with Vertical(id="replay-result-panel", classes="panel"):
+                yield ResultGrid(id="replay-result")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#replay-step-scroll").border_title = "Statement"
+        self.query_one("#replay-result-panel").border_title = "Result (masked, as sent)"
+        self.load()
+
+    @work(group="replay", exit_on_error=False)
+    async def load(self) -> None:
+        source = self.console.source
+        self.session = await source.session(self.session_id)
+        self.statements = await source.statements(self.session_id)
+        self._loaded = True
+        self.index = max(0, min(self.index, len(self.statements) - 1))
+        self.show_step()
+
+    # -- rendering -----------------------------------------------------------------------
+
+    @property
+    def current(self) -> StatementView | None:
+        if not self.statements:
+            return None
+        return self.statements[self.index]
+
+    def show_step(self) -> None:
+        s = self.session
+        head = Text("Replay ", style="bold")
+        if s is not None:
+            head.append(s.subject, style="bold")
+            head.append(f" → {s.target}  ")
+            head.append(f"{stamp(s.started_at)}Z", style="dim")
+            head.append("  session ")
+            head.append(s.id[:12])
+            if s.application_name:
+                head.append("  ")
+                head.append(s.application_name, style="dim")
+            if s.ended_at is None:
+                head.append("  (still open)", style="yellow")
+            elif s.end_reason:
+                head.append("  ended: ")
+                head.append(s.end_reason, style="dim")
+        else:
+            head.append(f"session {self.session_id[:12]}")
+            if self._loaded:
+                head.append(" is not in the audit store", style="bold red")
+        self.query_one("#replay-head", Static).update(head)
+        self.query_one("#replay-position", Static).update(self.position_text())
+        current = self.current
+        self.query_one(StepView).show(current)
+        grid = self.query_one(ResultGrid)
+        grid.show(current.result_sample if current is not None else None)
+        self.query_one("#replay-result-panel").border_subtitle = ResultGrid.caption(
+            current.result_sample if current else None, current.rows if current else None
+        ).plain
+        self.refresh_bindings()
+
+    def position_text(self) -> Text:
+        total = len(self.statements)
+        text = Text()
+        text.append(f" step {self.index + 1 if total else 0}/{total} ", style="bold reverse")
+        if self.playing:
+            text.append(f"  ▶ playing {self.speed}x", style="bold green")
+        else:
+            text.append(f"  ⏸ speed {self.speed}x", style="dim")
+        if self.last_export:
+            text.append("  exported to ")
+            text.append(self.last_export, style="bold")
+        return text
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("step", "jump", "play"):
+            return True if len(self.statements) > 1 else None
+        if action == "export":
+            return True if self.session is not None else None
+        return True
+
+    def go(self, index: int) -> None:
+        if not self.statements:
+            return
+        index = max(0, min(index, len(self.statements) - 1))
+        if index != self.index:
+            self.index = index
+            self.show_step()
+
+    def action_step(self, delta: int) -> None:
+        self._stop_playing()
+        self.go(self.index + delta)
+
+    def action_jump(self, where: str) -> None:
+        self._stop_playing()
+        self.go(0 if where == "first" else len(self.statements) - 1)
+
+    def action_play(self) -> None:
+        if self.playing:
+            self._stop_playing()
+            return
+        if self.index >= len(self.statements) - 1:
+            self.go(0)
+        self.playing = True
+        self._schedule_next()
+        self.show_step()
+
+    def action_speed(self) -> None:
+        self.speed = SPEEDS[(SPEEDS.index(self.speed) + 1) % len(SPEEDS)]
+        if self.playing:
+            self._schedule_next()
+        self.query_one("#replay-position", Static).update(self.position_text())
+
+    def gap(self) -> float:
+        """Seconds until the next step at the current speed (recorded gap, compressed)."""
+        if self.index + 1 >= len(self.statements):
+            return 0.0
+        now, nxt = self.statements[self.index], self.statements[self.index + 1]
+        recorded = max(0.0, nxt.received_at - now.received_at)
+        return max(MIN_GAP, min(MAX_GAP, recorded / self.speed))
+
+    def _schedule_next(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self._timer = self.set_timer(self.gap(), self._advance, name="replay-play")
+
+    def _advance(self) -> None:
+        if not self.playing:
+            return
+        self.go(self.index + 1)
+        if self.index >= len(self.statements) - 1:
+            self._stop_playing()
+        else:
+            self._schedule_next()
+
+    def _stop_playing(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        if self.playing:
+            self.playing = False
+            self.query_one("#replay-position", Static).update(self.position_text())
+
+    def action_export(self) -> None:
+        self.export()
+
+    @work(group="export", exit_on_error=False)
+    async def export(self) -> None:
+        app = self.console
+        try:
+            path, count = await app.source.export_session(self.session_id, app.export_dir,
+                                                          app.decided_by, now=app.clock())
+        except (SourceError, OSError) as exc:
+            self.notify(f"Export failed: {exc}", severity="error", markup=False)
+            return
+        self.last_export = str(path)
+        app.actions.append(f"exported {self.session_id} to {path}")
+        self.notify(f"Evidence for {count} statement(s) written to {path}", title="Exported",
+                    markup=False, timeout=10)
+        self.query_one("#replay-position", Static).update(self.position_text())
+

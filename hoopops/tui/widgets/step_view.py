@@ -1,0 +1,89 @@
+"""One recorded statement: what was asked, what was decided, what came back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from hoopops.audit.records import StatementView
+from hoopops.tui.format import decision_text, highlighted_sql, plain, stamp
+
+
+def _approval(s: StatementView) -> Text:
+    a = s.approval
+    if a is None:
+        if s.approval_id is not None:
+            return plain(f"#{s.approval_id}")
+        return Text("—", style="dim")
+    text = Text(f"#{a.id} {a.status}", style="bold green" if a.status == "approved"
+                else "bold red")
+    if a.scope:
+        text.append(f" ({a.scope})")
+    if a.decided_by:
+        text.append(" by ")
+        text.append(a.decided_by, style="bold")
+    if a.decided_at is not None:
+        text.append(f" at {stamp(a.decided_at)}Z", style="dim")
+    if a.comment:
+        text.append(": ")
+        text.append(a.comment)
+    return text
+
+
+def _masking(s: StatementView) -> Text:
+    if not s.masking:
+        return Text("none", style="dim")
+    text = Text()
+    for index, m in enumerate(s.masking):
+        if index:
+            text.append(", ")
+        text.append(m.column_or_detector, style="cyan")
+        text.append(f" {m.strategy} x{m.count}")
+    return text
+
+
+def _outcome(s: StatementView) -> Text:
+    if not s.finished:
+        return Text("no result recorded (refused, or still running)", style="dim")
+    text = Text()
+    if s.command_tag:
+        text.append(s.command_tag, style="bold")
+    if s.rows is not None:
+        text.append(f"  {s.rows} row(s)")
+    if s.duration_ms is not None:
+        text.append(f"  {s.duration_ms:.1f} ms")
+    if s.sqlstate:
+        text.append(f"  {s.sqlstate} ", style="bold red")
+        text.append(s.error_message or "", style="red")
+    return text
+
+
+class StepView(Static):
+    """Header fields and the highlighted statement of one replay step."""
+
+    def show(self, s: StatementView | None, facts_extra: dict[str, Any] | None = None) -> None:
+        if s is None:
+            self.update(Text("This session has no recorded statements.", style="dim"))
+            return
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column()
+        received = Text(f"{stamp(s.received_at)}Z", style="")
+        received.append(f"  statement #{s.id}, seq {s.seq}", style="dim")
+        grid.add_row("received", received)
+        decision = decision_text(s.decision)
+        if s.rule_id:
+            decision.append("  rule ")
+            decision.append(s.rule_id, style="bold")
+        grid.add_row("decision", decision)
+        grid.add_row("approval", _approval(s))
+        grid.add_row("masking", _masking(s))
+        grid.add_row("result", _outcome(s))
+        grid.add_row("sha256", plain(s.result_sha256 or "—"))
+        if s.params:
+            grid.add_row("params", plain(", ".join(repr(p) for p in s.params), 300))
+        self.update(Group(grid, Text(""), highlighted_sql(s.sql)))
