@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,8 @@ from typing import Any
 
 from hoopops.devdb import SERVICE_USER, LocalPostgres, free_port
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 # Identity settings for the gateways this harness starts; the secret only ever signs
 # throwaway benchmark tokens for a loopback gateway.
@@ -92,8 +94,12 @@ class Endpoint:
                 "timeout": 15}
 
 
-def proc_cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU a process (all its threads) has used so far."""
+def proc_cpu_times(pid: int | None) -> tuple[float, float] | None:
+    """(user, system) CPU seconds a process (all its threads) has used so far.
+
+    The split matters: system time is the kernel's share (socket syscalls, wake-ups),
+    which a proxy pays per message whatever language it is written in.
+    """
     if pid is None:
         return None
     try:
@@ -102,8 +108,14 @@ def proc_cpu_seconds(pid: int | None) -> float | None:
         return None
     # The command name (field 2) may contain spaces; fields after its ')' are fixed.
     fields = text[text.rindex(")") + 2:].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def proc_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU a process has used so far."""
+    times = proc_cpu_times(pid)
+    return None if times is None else times[0] + times[1]
 
 
 def proc_memory_mb(pid: int | None) -> dict[str, float]:
@@ -166,7 +178,8 @@ class GatewaySpec:
     policies: Path | None = None  # a policy folder (``policies:`` in hoopops.yaml)
     audit: bool = False  # full audit trail on (SQLite), else ``audit.enabled: false``
     extra_yaml: str = ""  # appended to hoopops.yaml verbatim (for example ``masking:``)
-    python_args: tuple[str, ...] = ()  # interpreter flags, e.g. ("-X", "importtime")
+    python_args: tuple[str, ...] = ()  # before the program, e.g. ("-m", "cProfile", ...)
+    uvloop: bool = False  # run on uvloop through _gateway_runner.py (an experiment)
 
 
 def gateway_config_text(spec: GatewaySpec, pg: LocalPostgres, port: int, folder: Path) -> str:
@@ -218,7 +231,9 @@ class GatewayProcess:
         config_path.write_text(gateway_config_text(self.spec, self.pg, port, self.folder))
         config = load_config(config_path)  # a bad spec fails here, with a clear message
         token = mint_token(config.identity, BENCH_SUBJECT, list(BENCH_GROUPS), TOKEN_TTL)
-        cmd = [sys.executable, *self.spec.python_args, "-m", "hoopops", "serve",
+        program = [str(HERE / "_gateway_runner.py"), "--uvloop"] if self.spec.uvloop else [
+            "-m", "hoopops"]
+        cmd = [sys.executable, *self.spec.python_args, *program, "serve",
                "--config", str(config_path), "--log-level", "WARNING"]
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
@@ -234,7 +249,50 @@ class GatewayProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc, signal.SIGTERM)
+            # SIGTERM is `hoopops serve`'s clean shutdown (a profiler wrapping it gets to
+            # write its output).
+            stop_process(self.proc, signal.SIGTERM, timeout=30)
+
+
+# -- calibration relays ---------------------------------------------------------------------
+
+
+RELAY_KINDS = ("streams", "protocol", "protocol+uvloop")
+
+
+class RelayProcess:
+    """A bare Python relay (``_relay.py``) in front of PostgreSQL, to calibrate against."""
+
+    def __init__(self, kind: str, pg: LocalPostgres, folder: Path) -> None:
+        self.kind = kind
+        self.pg = pg
+        self.log_path = folder / f"relay-{_slug(kind)}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"relay:{self.kind}"
+
+    def start(self) -> Endpoint:
+        port = free_port()
+        kind, _, loop = self.kind.partition("+")
+        cmd = [sys.executable, str(HERE / "_relay.py"), kind, str(port), str(self.pg.port),
+               *(["--uvloop"] if loop == "uvloop" else [])]
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        try:
+            wait_for_port(port, self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name} did not start: {exc}\n{_tail(self.log_path)}"
+                               ) from None
+        # Through a transparent relay the client logs in to PostgreSQL itself.
+        return Endpoint(self.name, port, SERVICE_USER, self.pg.service_password, "app",
+                        pid=self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, timeout=5)
 
 
 # -- pgbouncer ------------------------------------------------------------------------------
@@ -353,9 +411,12 @@ class Stack:
 
     def __init__(self, scale: int, gateways: Sequence[GatewaySpec],
                  with_pgbouncer: bool = True, keep: bool = False,
-                 pg_settings: dict[str, str] | None = None) -> None:
+                 pg_settings: dict[str, str] | None = None,
+                 relays: Sequence[str] = ()) -> None:
         self.scale = scale
         self.specs = list(gateways)
+        self.relay_kinds = list(relays)
+        self.relays: list[RelayProcess] = []
         self.with_pgbouncer = with_pgbouncer
         self.keep = keep
         self.root = Path(tempfile.mkdtemp(prefix="hoopops-bench-"))
@@ -410,14 +471,18 @@ class Stack:
             self.endpoints[spec.name] = gateway.start()
             log(f"{spec.name} (pid {gateway.proc.pid if gateway.proc else '?'}) on port "
                 f"{self.endpoints[spec.name].port}")
+        for kind in self.relay_kinds:
+            relay = RelayProcess(kind, self.pg, self.root)
+            self.relays.append(relay)
+            self.endpoints[relay.name] = relay.start()
         for endpoint in self.endpoints.values():
             check_endpoint(endpoint)
         return self
 
     def stop(self) -> None:
-        for gateway in self.gateways.values():
+        for proxy in (*self.gateways.values(), *self.relays):
             with contextlib.suppress(Exception):
-                gateway.stop()
+                proxy.stop()
         if self.pgbouncer is not None:
             with contextlib.suppress(Exception):
                 self.pgbouncer.stop()
@@ -462,6 +527,7 @@ class PgbenchResult:
     transactions: int = 0
     failed: int = 0
     proxy_cpu_s: float | None = None  # CPU the proxy process used during the run
+    proxy_sys_s: float | None = None  # ... of which in the kernel
     error: str | None = None
 
     @property
@@ -469,6 +535,37 @@ class PgbenchResult:
         if self.proxy_cpu_s is None or not self.transactions:
             return None
         return self.proxy_cpu_s / self.transactions * 1e6
+
+    @property
+    def proxy_sys_us_per_tx(self) -> float | None:
+        if self.proxy_sys_s is None or not self.transactions:
+            return None
+        return self.proxy_sys_s / self.transactions * 1e6
+
+
+def combine(results: Sequence[PgbenchResult]) -> PgbenchResult:
+    """Rounds of one cell as one result: mean TPS, summed transactions and proxy CPU.
+
+    Any failed round marks the cell as failed: a path that breaks sometimes is broken.
+    """
+    if not results:
+        return PgbenchResult(error="not run")
+    ok = [r for r in results if r.tps is not None]
+    errors = [r.error for r in results if r.error]
+    if not ok:
+        return PgbenchResult(error=errors[0] if errors else "no result")
+    cpu = [r.proxy_cpu_s for r in ok]
+    sys_cpu = [r.proxy_sys_s for r in ok]
+    latencies = [r.latency_ms for r in ok if r.latency_ms is not None]
+    return PgbenchResult(
+        tps=statistics.fmean(r.tps for r in ok if r.tps is not None),
+        latency_ms=statistics.fmean(latencies) if latencies else None,
+        transactions=sum(r.transactions for r in ok),
+        failed=sum(r.failed for r in results),
+        proxy_cpu_s=None if any(c is None for c in cpu) else sum(c or 0.0 for c in cpu),
+        proxy_sys_s=None if any(c is None for c in sys_cpu) else sum(
+            c or 0.0 for c in sys_cpu),
+        error=errors[0] if errors else None)
 
 
 _TPS = re.compile(r"^tps = ([\d.]+) \(without initial connection time\)", re.M)
@@ -480,21 +577,26 @@ _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
 def run_pgbench(pgbench: str, endpoint: Endpoint, *, select_only: bool, mode: str,
                 clients: int, duration: float, threads: int | None = None,
                 extra_args: Sequence[str] = ()) -> PgbenchResult:
-    """One pgbench run against ``endpoint``; TPS excludes connection time."""
+    """One pgbench run against ``endpoint``; TPS excludes connection time.
+
+    ``duration`` 0 leaves ``-T`` out, for callers that pass ``-t N`` in ``extra_args``.
+    """
     jobs = threads or min(clients, os.cpu_count() or 1)
     args = [pgbench, "-n", "-h", endpoint.host, "-p", str(endpoint.port), "-U", endpoint.user,
-            "-M", mode, "-c", str(clients), "-j", str(jobs), "-T", f"{duration:g}",
+            "-M", mode, "-c", str(clients), "-j", str(jobs),
+            *(["-T", f"{duration:g}"] if duration > 0 else []),
             *(["-S"] if select_only else []), *extra_args, endpoint.database]
-    cpu_before = proc_cpu_seconds(endpoint.pid)
+    cpu_before = proc_cpu_times(endpoint.pid)
     try:
         done = subprocess.run(args, env=endpoint.env(), capture_output=True, text=True,
-                              timeout=duration + 120, check=False)
+                              timeout=(duration or 480) + 120, check=False)
     except subprocess.TimeoutExpired:
         return PgbenchResult(error="pgbench timed out")
-    cpu_after = proc_cpu_seconds(endpoint.pid)
+    cpu_after = proc_cpu_times(endpoint.pid)
     result = PgbenchResult()
     if cpu_before is not None and cpu_after is not None:
-        result.proxy_cpu_s = cpu_after - cpu_before
+        result.proxy_cpu_s = sum(cpu_after) - sum(cpu_before)
+        result.proxy_sys_s = cpu_after[1] - cpu_before[1]
     if (match := _TXN.search(done.stdout)) is not None:
         result.transactions = int(match.group(1))
     if (match := _FAILED.search(done.stdout)) is not None:
@@ -603,6 +705,7 @@ class Profile:
     """Aggregated py-spy samples of one process (on-CPU samples only)."""
 
     samples: int = 0
+    syscall_samples: int = 0  # leaf in a socket or epoll call (see SYSCALL_LEAVES)
     expected: int = 0  # samples a fully busy thread would have given (rate x duration)
     self_by_function: Counter[str] = field(default_factory=Counter)
     inclusive_by_function: Counter[str] = field(default_factory=Counter)
@@ -614,6 +717,28 @@ class Profile:
     def utilisation(self) -> float | None:
         return self.samples / self.expected if self.expected else None
 
+    def estimate_us(self, count: int, syscall: bool, user_us: float | None,
+                    sys_us: float | None) -> float | None:
+        """µs per statement for ``count`` samples: syscall samples share the measured kernel
+        time, the others the user time. py-spy pauses the process to sample it, which
+        over-weights time spent inside system calls; /proc's user/system split does not."""
+        if user_us is None or sys_us is None:
+            return None
+        if syscall:
+            return sys_us * count / self.syscall_samples if self.syscall_samples else None
+        python = self.samples - self.syscall_samples
+        return user_us * count / python if python else None
+
+
+# Leaf frames whose time is (almost all) a system call: py-spy reports the Python frame
+# that made the call. Their µs are estimated from the kernel CPU, the rest from user CPU.
+SYSCALL_LEAVES = ("_SelectorSocketTransport.write ", "EpollSelector.select ",
+                  "_SelectorSocketTransport._read_ready__data_received ")
+
+
+def is_syscall_leaf(frame: str) -> bool:
+    return frame.startswith(SYSCALL_LEAVES)
+
 
 def _area(frame: str) -> str:
     """A coarse bucket for a leaf frame, so the profile reads as 'where the time goes'."""
@@ -624,16 +749,20 @@ def _area(frame: str) -> str:
         return "hoopops codecs (proxy/protocol.py)"
     if "hoopops/" in location:
         return "hoopops other: " + location.split("hoopops/", 1)[1].split(":")[0]
-    if "selector_events.py" in location and frame.startswith("_SelectorSocketTransport.write"):
-        return "socket send() syscall (transport.write)"
+    if frame.startswith("_SelectorSocketTransport.write "):
+        return "kernel: socket send() (transport.write)"
+    if frame.startswith("_SelectorSocketTransport._read_ready__data_received "):
+        return "kernel: socket recv() (transport read callback)"
+    if frame.startswith("EpollSelector.select "):
+        return "kernel: epoll_wait() (selector)"
     if "selector_events.py" in location:
-        return "asyncio socket transport (recv, callbacks)"
+        return "asyncio socket transport"
     if "asyncio/streams.py" in location:
         return "asyncio streams (StreamReader/Writer)"
     if "asyncio/" in location:
         return "asyncio loop, futures and tasks"
     if "selectors.py" in location:
-        return "epoll_wait() and selector"
+        return "selectors"
     if location.startswith("<string>"):
         return "dataclass __init__ (generated code)"
     return "other: " + location.split("/")[-1].split(":")[0]
@@ -667,6 +796,8 @@ def parse_collapsed(path: Path, rate: int = 0, duration: float = 0.0) -> Profile
             continue
         profile.samples += count
         leaf = frames[-1]
+        if is_syscall_leaf(leaf):
+            profile.syscall_samples += count
         profile.self_by_function[_short(leaf, False)] += count
         profile.self_by_area[_area(leaf)] += count
         for name in {_short(f, False) for f in frames}:
@@ -700,6 +831,40 @@ def py_spy_recording(pid: int, out: Path, duration: float, rate: int = 250
             proc.wait(duration + 30)
         except subprocess.TimeoutExpired:
             stop_process(proc, signal.SIGINT)
+
+
+@dataclass
+class CallProfile:
+    """cProfile of a gateway that served a known number of statements."""
+
+    statements: int
+    calls_per_statement: float = 0.0  # function calls (Python and builtin) per statement
+    rows: list[tuple[str, float, float]] = field(default_factory=list)  # name, calls, µs
+
+
+def summarise_cprofile(path: Path, statements: int, top: int = 25) -> CallProfile:
+    """Calls and own time per statement of the functions that run for (nearly) every one.
+
+    Only functions called at least once per two statements count, which leaves start-up
+    (imports, configuration) out without needing a second, idle profile to subtract.
+    """
+    import pstats
+
+    table = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    hot = []
+    for (filename, line, func), (_cc, calls, own, _cum, _callers) in table.items():
+        if calls * 2 < statements:
+            continue
+        if filename == "~":
+            name = func
+        else:
+            short = ("hoopops/" + filename.split("hoopops/", 1)[1]) if (
+                "/hoopops/" in filename) else "/".join(filename.split("/")[-2:])
+            name = f"{func} ({short}:{line})"
+        hot.append((name, calls / statements, own / statements * 1e6))
+    profile = CallProfile(statements, sum(calls for _, calls, _ in hot))
+    profile.rows = sorted(hot, key=lambda row: row[2], reverse=True)[:top]
+    return profile
 
 
 # -- Markdown -------------------------------------------------------------------------------

@@ -18,22 +18,26 @@ import datetime as dt
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (
+    RELAY_KINDS,
     REPO,
     STREAM_METHODS,
     STREAM_SQL,
+    CallProfile,
+    GatewayProcess,
     GatewaySpec,
     PgbenchResult,
     Profile,
     Stack,
     StreamResult,
+    combine,
     fmt_num,
     fmt_ratio,
+    is_syscall_leaf,
     log,
     md_table,
     parse_collapsed,
@@ -42,6 +46,7 @@ from _common import (
     ratio,
     run_pgbench,
     stream_rows,
+    summarise_cprofile,
 )
 
 WORKLOADS: dict[str, tuple[str, bool]] = {
@@ -61,14 +66,21 @@ TARGET_RSS_MB = 150.0
 class Results:
     paths: list[str]
     gateways: list[str]
-    pgbench: dict[tuple[str, str, int, str], PgbenchResult] = field(default_factory=dict)
+    # Every round of each (workload, mode, clients, path) cell, in the order run.
+    rounds: dict[tuple[str, str, int, str], list[PgbenchResult]] = field(default_factory=dict)
     streams: dict[tuple[str, str], StreamResult] = field(default_factory=dict)
     memory_start: dict[str, dict[str, float]] = field(default_factory=dict)
     memory_end: dict[str, dict[str, float]] = field(default_factory=dict)
     profile: Profile | None = None
     profile_run: PgbenchResult | None = None
     profile_gateway: str = ""
+    cprofile: CallProfile | None = None
+    load_before: float = field(default_factory=lambda: os.getloadavg()[0])
     notes: list[str] = field(default_factory=list)
+
+    def cell(self, workload: str, mode: str, clients: int, path: str) -> PgbenchResult | None:
+        runs = self.rounds.get((workload, mode, clients, path))
+        return combine(runs) if runs else None
 
 
 # -- measurements (each returns numbers; the report is built from them afterwards) -----------
@@ -76,26 +88,29 @@ class Results:
 
 def measure_pgbench(stack: Stack, results: Results, workloads: Sequence[str],
                     modes: Sequence[str], clients: Sequence[int], duration: float,
-                    threads: int | None) -> None:
-    """Every (workload, mode, clients) cell on every path, paths back to back.
+                    threads: int | None, rounds: int) -> None:
+    """Every (workload, mode, clients) cell on every path, ``rounds`` times.
 
-    Paths run one after the other inside each cell rather than path by path, so slow
-    drift (autovacuum, page cache, table bloat from TPC-B) is shared fairly.
+    Paths run back to back inside each cell, and the whole matrix is repeated per round
+    rather than each cell N times in a row: slow drift (autovacuum, page cache, TPC-B
+    bloat, a noisy neighbour on a shared VM) then lands on every path alike.
     """
-    total = len(workloads) * len(modes) * len(clients) * len(results.paths)
+    total = rounds * len(workloads) * len(modes) * len(clients) * len(results.paths)
     done = 0
-    for workload in workloads:
-        label, select_only = WORKLOADS[workload]
-        for mode in modes:
-            for n in clients:
-                for path in results.paths:
-                    done += 1
-                    result = run_pgbench(stack.pgbench, stack.endpoints[path],
-                                         select_only=select_only, mode=mode, clients=n,
-                                         duration=duration, threads=threads)
-                    results.pgbench[(workload, mode, n, path)] = result
-                    shown = result.error or f"{fmt_num(result.tps)} tps"
-                    log(f"[{done}/{total}] {label} -M {mode} -c {n} {path}: {shown}")
+    for round_no in range(rounds):
+        for workload in workloads:
+            label, select_only = WORKLOADS[workload]
+            for mode in modes:
+                for n in clients:
+                    for path in results.paths:
+                        done += 1
+                        result = run_pgbench(stack.pgbench, stack.endpoints[path],
+                                             select_only=select_only, mode=mode, clients=n,
+                                             duration=duration, threads=threads)
+                        results.rounds.setdefault((workload, mode, n, path), []).append(result)
+                        shown = result.error or f"{fmt_num(result.tps)} tps"
+                        log(f"[{done}/{total}] round {round_no + 1}: {label} -M {mode} "
+                            f"-c {n} {path}: {shown}")
 
 
 def measure_streams(stack: Stack, results: Results, methods: Sequence[str], rows: int,
@@ -131,11 +146,36 @@ def measure_profile(stack: Stack, results: Results, gateway: str, duration: floa
         results.notes.append(f"py-spy produced no profile: {log_text.strip()}")
 
 
+def measure_cprofile(stack: Stack, results: Results, spec: GatewaySpec, out: Path,
+                     per_client: int, threads: int | None) -> None:
+    """A separate gateway under cProfile serves exactly ``8 x per_client`` statements.
+
+    cProfile inflates time several-fold, so its µs are for ranking only; what it adds over
+    py-spy is exact call counts per statement.
+    """
+    profiled = GatewaySpec(f"{spec.name}-cprofile", policies=spec.policies, audit=spec.audit,
+                           extra_yaml=spec.extra_yaml, uvloop=spec.uvloop,
+                           python_args=("-m", "cProfile", "-o", str(out)))
+    gateway = GatewayProcess(profiled, stack.pg, stack.root)
+    endpoint = gateway.start()
+    log(f"cProfile: {8 * per_client:,} statements through {profiled.name}")
+    try:
+        run = run_pgbench(stack.pgbench, endpoint, select_only=True, mode="prepared",
+                          clients=8, duration=0, threads=threads,
+                          extra_args=["-t", str(per_client)])
+    finally:
+        gateway.stop()
+    if run.error or not out.exists():
+        results.notes.append(f"cProfile run failed: {run.error or 'no profile written'}")
+        return
+    results.cprofile = summarise_cprofile(out, 8 * per_client)
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
 def _tps(results: Results, workload: str, mode: str, n: int, path: str) -> float | None:
-    result = results.pgbench.get((workload, mode, n, path))
+    result = results.cell(workload, mode, n, path)
     return result.tps if result is not None else None
 
 
@@ -159,7 +199,7 @@ def render_pgbench(results: Results, workloads: Sequence[str], modes: Sequence[s
             for n in clients:
                 row = [WORKLOADS[workload][0], mode, str(n)]
                 for path in results.paths:
-                    result = results.pgbench.get((workload, mode, n, path))
+                    result = results.cell(workload, mode, n, path)
                     if result is not None and result.error:
                         row.append("error")
                         errors.append(f"{WORKLOADS[workload][0]} -M {mode} -c {n} via "
@@ -191,15 +231,19 @@ def render_cpu(results: Results, workloads: Sequence[str], modes: Sequence[str],
     proxies = [p for p in results.paths if p != DIRECT]
     if not proxies:
         return ""
-    header = ["workload", "mode", "clients", *[f"{p} µs/tx" for p in proxies]]
+    header = ["workload", "mode", "clients", *[f"{p} µs/tx (kernel)" for p in proxies]]
     rows = []
     for workload in workloads:
         for mode in modes:
             for n in clients:
                 row = [WORKLOADS[workload][0], mode, str(n)]
                 for path in proxies:
-                    result = results.pgbench.get((workload, mode, n, path))
-                    row.append(fmt_num(result.proxy_cpu_us_per_tx if result else None))
+                    result = results.cell(workload, mode, n, path)
+                    if result is None or result.proxy_cpu_us_per_tx is None:
+                        row.append("-")
+                    else:
+                        row.append(f"{fmt_num(result.proxy_cpu_us_per_tx)} "
+                                   f"({fmt_num(result.proxy_sys_us_per_tx)})")
                 rows.append(row)
     return md_table(header, rows, ["l", "l", *["r"] * (len(header) - 2)])
 
@@ -283,44 +327,67 @@ def render_profile(results: Results, top: int = 20) -> str:
         return "No profile samples (see notes)."
     run = results.profile_run
     per_tx = run.proxy_cpu_us_per_tx if run else None
+    sys_us = run.proxy_sys_us_per_tx if run else None
+    user_us = per_tx - sys_us if per_tx is not None and sys_us is not None else None
     total = profile.samples
-
-    def us(count: int) -> str:
-        return fmt_num(per_tx * count / total, 1) if per_tx else "-"
 
     def share(count: int) -> str:
         return f"{count / total:.1%}"
 
+    def us(count: int, syscall: bool) -> str:
+        return fmt_num(profile.estimate_us(count, syscall, user_us, sys_us), 1)
+
     util = profile.utilisation
     lines = [
         f"`pgbench -S -M prepared -c 8` through **{results.profile_gateway}** under py-spy: "
-        f"{fmt_num(run.tps if run else None)} tps, gateway CPU {fmt_num(per_tx, 1)} µs per "
-        f"statement (from /proc), the gateway's thread on CPU "
-        f"{f'{util:.0%}' if util is not None else '?'} of the time ({total:,} on-CPU "
-        "samples). The µs columns split the measured CPU per statement by sample share.",
+        f"{fmt_num(run.tps if run else None)} tps; the gateway used "
+        f"**{fmt_num(per_tx, 1)} µs of CPU per statement** ({fmt_num(user_us, 1)} user + "
+        f"{fmt_num(sys_us, 1)} kernel, from /proc) and its thread was on CPU "
+        f"{f'{util:.0%}' if util is not None else '?'} of the time ({total:,} samples).",
+        "",
+        "py-spy pauses the process for each sample, which over-weights time inside system "
+        "calls, so the sample shares of `kernel:` rows read high; the µs column spreads the "
+        "measured kernel time over those rows and the user time over the rest.",
         "",
         "Where the time goes (leaf frame, by area):",
         "",
-        md_table(["area", "share", "≈ µs/stmt"],
-                 [[area, share(count), us(count)]
+        md_table(["area", "samples", "≈ µs/stmt"],
+                 [[area, share(count), us(count, area.startswith("kernel:"))]
                   for area, count in profile.self_by_area.most_common()]),
         "",
         f"Top {top} functions by self time:",
         "",
-        md_table(["function", "self", "≈ µs/stmt"],
-                 [[f"`{frame}`", share(count), us(count)]
+        md_table(["function", "samples", "≈ µs/stmt"],
+                 [[f"`{frame}`", share(count), us(count, is_syscall_leaf(frame))]
                   for frame, count in profile.self_by_function.most_common(top)]),
         "",
-        "hoopops call sites by inclusive time (the line and everything it calls):",
+        "hoopops call sites by inclusive time (the line and everything it calls; shares "
+        "include the calls' kernel time):",
         "",
-        md_table(["call site", "inclusive", "≈ µs/stmt"],
-                 [[f"`{frame}`", share(count), us(count)]
+        md_table(["call site", "samples"],
+                 [[f"`{frame}`", share(count)]
                   for frame, count in profile.inclusive_by_line.most_common()
                   if not frame.startswith(("<module>", "main ", "run "))][:top]),
     ]
     if profile.raw_path is not None:
         lines += ["", f"Raw collapsed stacks: `{profile.raw_path}` (flamegraph.pl or "
                   "speedscope.app read them)."]
+    return "\n".join(lines)
+
+
+def render_cprofile(profile: CallProfile, top: int = 20) -> str:
+    lines = [
+        f"A separate gateway under cProfile served {profile.statements:,} statements "
+        "(`pgbench -S -M prepared -c 8 -t N`): about "
+        f"**{profile.calls_per_statement:.0f} function calls (Python and builtin) per "
+        "statement** in functions that run at least every other statement. cProfile "
+        "inflates time several times over; use its µs to rank, and the py-spy figures "
+        "above for magnitude.",
+        "",
+        md_table(["function", "calls/stmt", "own µs/stmt (cProfile)"],
+                 [[f"`{name}`", f"{calls:.2f}", f"{own:.1f}"]
+                  for name, calls, own in profile.rows[:top]]),
+    ]
     return "\n".join(lines)
 
 
@@ -335,8 +402,8 @@ def render(results: Results, args: argparse.Namespace, stack: Stack) -> str:
     except OSError:
         pass
     gateways = ", ".join(
-        f"{s.name} (policies: {s.policies or 'none'}, audit: {'on' if s.audit else 'off'})"
-        for s in stack.specs)
+        f"{s.name} (policies: {s.policies or 'none'}, audit: {'on' if s.audit else 'off'}"
+        f"{', uvloop' if s.uvloop else ''})" for s in stack.specs)
     parts = [
         "## hoopops gateway benchmark",
         "",
@@ -344,9 +411,19 @@ def render(results: Results, args: argparse.Namespace, stack: Stack) -> str:
         f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), Python "
         f"{platform.python_version()}, PostgreSQL {pg_version} (embedded, fsync off), "
         f"{stack.pgbouncer_version or 'no pgbouncer'} (session pool)",
-        f"- pgbench scale {args.scale}, -T {args.duration:g}s per cell, -j "
-        f"{args.threads or 'min(clients, CPUs)'}; every path in the same run; "
-        f"gateways: {gateways}",
+        f"- pgbench scale {args.scale}, {args.rounds} round(s) of -T {args.duration:g}s per "
+        f"cell (TPS is the mean of rounds), -j {args.threads or 'min(clients, CPUs)'}; "
+        "client, proxies and PostgreSQL share the machine; every path in the same run",
+        f"- gateways: {gateways}",
+        f"- load average (1 min) before/after: {results.load_before:.2f} / "
+        f"{os.getloadavg()[0]:.2f} (anything else running on the machine skews the numbers)",
+    ]
+    if stack.relays:
+        parts.append("- relay:* are bare Python relays (`benchmarks/_relay.py`) for "
+                     "calibration: `streams` = two StreamReader/Writer pump tasks per "
+                     "connection; `protocol` = asyncio.Protocol callbacks that frame every "
+                     "message and forward chunks unchanged")
+    parts += [
         f"- command: `{' '.join(['python', *sys.argv])}`",
         "",
         "### pgbench TPS (higher is better)",
@@ -355,8 +432,10 @@ def render(results: Results, args: argparse.Namespace, stack: Stack) -> str:
         "",
         "### Proxy CPU per transaction (µs; lower is better)",
         "",
-        "CPU time of the proxy process during the run divided by transactions "
-        "(a TPC-B-like transaction is 7 statements).",
+        "CPU time of the proxy process during the runs divided by the transactions they "
+        "served (a TPC-B-like transaction is 7 statements). On a machine where client, "
+        "proxy and server share two cores, a proxy's TPS is roughly the CPU share the "
+        "scheduler gives it divided by this figure.",
         "",
         render_cpu(results, args.workloads, args.modes, args.clients),
     ]
@@ -370,7 +449,10 @@ def render(results: Results, args: argparse.Namespace, stack: Stack) -> str:
     if targets:
         parts += ["", "### Targets (issue 2)", "", targets]
     if results.profile is not None or args.profile:
-        parts += ["", "### Profile", "", render_profile(results)]
+        parts += ["", "### Profile (py-spy)", "", render_profile(results)]
+    if results.cprofile is not None:
+        parts += ["", "### Calls per statement (cProfile)", "",
+                  render_cprofile(results.cprofile)]
     notes = stack.notes + results.notes
     if notes:
         parts += ["", "### Notes", "", *[f"- {n}" for n in notes]]
@@ -398,9 +480,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "large streamed result, directly, through pgbouncer (session mode) and through the "
         "hoopops gateway, all in one run. Markdown on stdout; progress on stderr.")
     parser.add_argument("--quick", action="store_true",
-                        help="~1 minute smoke run: -T 2, 8 clients, scale 1, one stream try")
+                        help="~1 minute smoke run: one round of -T 2, 8 clients, scale 1, "
+                        "one stream try")
     parser.add_argument("--duration", "-T", type=float, default=None,
-                        help="seconds per pgbench cell (default 8; 2 with --quick)")
+                        help="seconds per pgbench run (default 4; 2 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times the whole pgbench matrix is run; TPS is the mean "
+                        "(default 2; 1 with --quick)")
     parser.add_argument("--clients", type=_csv(int), default=None,
                         help="comma-separated client counts (default 1,8,32)")
     parser.add_argument("--modes", type=_csv(str, MODES), default=list(MODES),
@@ -416,11 +502,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-rows", type=int, default=1_000_000)
     parser.add_argument("--stream-methods", type=_csv(str, list(STREAM_METHODS)),
                         default=list(STREAM_METHODS),
-                        help="copy,select,cursor (default all; empty string for none)")
+                        help="copy,select,cursor (default all; '' for none)")
     parser.add_argument("--stream-repeat", type=int, default=None,
                         help="tries per stream and path, best kept (default 2; 1 --quick)")
-    parser.add_argument("--no-pgbouncer", action="store_true",
-                        help="leave pgbouncer out")
+    parser.add_argument("--no-pgbouncer", action="store_true", help="leave pgbouncer out")
     parser.add_argument("--policies", type=Path, default=None, metavar="DIR",
                         help="run the gateway with this policy folder")
     parser.add_argument("--compare-policy", action="store_true",
@@ -431,17 +516,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also run a gateway with audit on beside one with audit off")
     parser.add_argument("--gateway-yaml", type=Path, default=None, metavar="FILE",
                         help="YAML appended to every gateway's hoopops.yaml (e.g. masking)")
+    parser.add_argument("--compare-uvloop", action="store_true",
+                        help="also run the gateway on uvloop (needs uvloop importable; an "
+                        "experiment, not a hoopops dependency)")
+    parser.add_argument("--relays", type=_csv(str, RELAY_KINDS), default=[],
+                        metavar="KINDS", help="bare Python relays to calibrate against: "
+                        f"{','.join(RELAY_KINDS)}")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the gateway under pgbench -S -M prepared -c 8")
-    parser.add_argument("--profile-duration", type=float, default=15.0)
+    parser.add_argument("--profile-duration", type=float, default=10.0)
     parser.add_argument("--profile-out", type=Path, default=None, metavar="FILE",
                         help="where to keep py-spy's collapsed stacks")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also run a cProfile'd gateway for 8 x N prepared select-only "
+                        "statements and report calls per statement (try 2000)")
     parser.add_argument("--output", "-o", type=Path, default=None, metavar="FILE",
                         help="also write the Markdown report here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary folder (configs, logs, database)")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (2.0 if args.quick else 8.0)
+    args.duration = args.duration or (2.0 if args.quick else 4.0)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     args.clients = args.clients or ([8] if args.quick else [1, 8, 32])
     args.scale = args.scale or (1 if args.quick else 10)
     args.stream_repeat = args.stream_repeat or (1 if args.quick else 2)
@@ -463,15 +558,18 @@ def gateway_specs(args: argparse.Namespace) -> list[GatewaySpec]:
     if args.compare_audit:
         specs.append(GatewaySpec("gateway+audit", policies=base.policies, audit=True,
                                  extra_yaml=extra))
+    if args.compare_uvloop:
+        specs.append(GatewaySpec("gateway+uvloop", policies=base.policies, audit=base.audit,
+                                 extra_yaml=extra, uvloop=True))
     return specs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     with Stack(args.scale, gateway_specs(args), with_pgbouncer=not args.no_pgbouncer,
-               keep=args.keep) as stack:
+               keep=args.keep, relays=args.relays) as stack:
         paths = [DIRECT, *([PGBOUNCER] if PGBOUNCER in stack.endpoints else []),
-                 *[s.name for s in stack.specs]]
+                 *[s.name for s in stack.specs], *[r.name for r in stack.relays]]
         results = Results(paths=paths, gateways=[s.name for s in stack.specs])
         for path in paths:
             results.memory_start[path] = proc_memory_mb(stack.endpoints[path].pid)
@@ -479,16 +577,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_pgbench(stack.pgbench, stack.direct, select_only=True, mode="prepared",
                         clients=8, duration=args.warmup, threads=args.threads)
         measure_pgbench(stack, results, args.workloads, args.modes, args.clients,
-                        args.duration, args.threads)
+                        args.duration, args.threads, args.rounds)
         if args.stream_methods:
             measure_streams(stack, results, args.stream_methods, args.stream_rows,
                             args.stream_repeat)
         if args.profile:
-            out = args.profile_out or Path(tempfile.gettempdir()) / "hoopops-gateway.pyspy"
+            out = args.profile_out or stack.root / "gateway.pyspy.txt"
             measure_profile(stack, results, results.gateways[0], args.profile_duration,
                             out.resolve(), args.threads)
+            if results.profile is not None and not (args.profile_out or args.keep):
+                results.profile.raw_path = None  # it goes with the temporary folder
+        # Read the peaks before anything is stopped (VmHWM dies with the process).
         for path in paths:
             results.memory_end[path] = proc_memory_mb(stack.endpoints[path].pid)
+        if args.cprofile > 0:
+            measure_cprofile(stack, results, stack.specs[0], stack.root / "gateway.cprofile",
+                             args.cprofile, args.threads)
         report = render(results, args, stack)
     sys.stdout.write(report)
     if args.output:

@@ -145,6 +145,9 @@ class AuditConfig:
     result_rows: int = 100
     result_bytes: int = 64 * 1024
     enabled: bool = True
+    # FULL survives power loss; NORMAL (WAL) survives a crash or SIGKILL of the gateway
+    # and costs far less per statement.
+    synchronous: str = "FULL"
 
 
 @dataclass(frozen=True)
@@ -408,7 +411,12 @@ def _limits(reader: _Reader, value: Any) -> Limits:
 
 
 def _audit(reader: _Reader, value: Any) -> AuditConfig:
-    section = reader.mapping(value, "audit", {"path", "result_rows", "result_bytes", "enabled"})
+    section = reader.mapping(value, "audit", {"path", "result_rows", "result_bytes", "enabled",
+                                              "synchronous"})
+    synchronous = str(section.get("synchronous", "FULL")).upper()
+    if synchronous not in ("FULL", "NORMAL"):
+        raise reader.fail("audit.synchronous", "expected FULL (survives power loss) or NORMAL "
+                          "(survives a gateway crash; faster)")
     path = reader.path(section.get("path", "hoopops-audit.db"), "audit.path", must_exist=False)
     d = AuditConfig(path)
     return AuditConfig(
@@ -418,6 +426,7 @@ def _audit(reader: _Reader, value: Any) -> AuditConfig:
         result_bytes=reader.size(section.get("result_bytes", d.result_bytes),
                                  "audit.result_bytes"),
         enabled=reader.boolean(section.get("enabled", True), "audit.enabled"),
+        synchronous=synchronous,
     )
 
 

@@ -149,7 +149,7 @@ async def build_gateway(config: Config, bus: events.EventBus | None = None) -> G
         log.warning("no 'policies:' folder configured: every statement is allowed "
                     "(a plain authenticated relay)")
     try:
-        store = await open_store(config.audit)
+        store = await open_store(config.audit, synchronous=config.audit.synchronous)
     except AuditError as exc:
         raise GatewayConfigError(f"audit store: {exc}") from None
     broker = ApprovalBroker.from_config(store, bus, config.approvals)

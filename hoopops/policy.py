@@ -183,7 +183,31 @@ class Condition:
             fnmatch.fnmatchcase(target, p) for p in self.targets))
 
     def facts_match(self, facts: StatementFacts) -> bool:
-        return all(predicate(facts) for predicate in self.predicates)
+        return self.match(facts)
+
+    def __post_init__(self) -> None:
+        self.match: Predicate = _combine(self.predicates)
+
+
+def _always(facts: StatementFacts) -> bool:
+    return True
+
+
+def _combine(predicates: list[Predicate]) -> Predicate:
+    """One callable for a list of predicates (cheapest first), for the hot path."""
+    if not predicates:
+        return _always
+    if len(predicates) == 1:
+        return predicates[0]
+    items = tuple(predicates)
+
+    def match(facts: StatementFacts) -> bool:
+        for predicate in items:
+            if not predicate(facts):
+                return False
+        return True
+
+    return match
 
 
 def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
@@ -244,6 +268,7 @@ def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
                 raise doc.error(where, f"invalid regular expression: {exc}") from None
             costly.append(lambda f, p=pattern: p.search(f.normalized) is not None)
     cond.predicates = cheap + costly
+    cond.match = _combine(cond.predicates)
     return cond
 
 
@@ -550,12 +575,18 @@ def _builtin(facts: StatementFacts) -> tuple[str, str] | None:
 def decide_statement(policies: PolicySet, rules: Applicable, facts: StatementFacts
                      ) -> tuple[str, str, str | None]:
     """(action, rule id, description) for one statement."""
-    builtin = _builtin(facts)
-    if builtin is not None:
-        return "block", builtin[0], builtin[1]
+    if facts.unanalysable is not None or facts.lexing_risk:
+        builtin = _builtin(facts)
+        if builtin is not None:
+            return "block", builtin[0], builtin[1]
+    unparsed = facts.parse_error is not None
     for rule, unless in rules:
-        if rule.matches(facts, unless):
-            return rule.action, rule.id, rule.description
+        when = rule.when
+        if when.parse_error is not unparsed or not when.match(facts):
+            continue
+        if unless is not None and unless.match(facts):
+            continue
+        return rule.action, rule.id, rule.description
     if facts.parse_error is not None:
         return "block", "builtin:parse-error", f"the statement does not parse: " \
             f"{facts.parse_error}"

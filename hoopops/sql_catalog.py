@@ -35,8 +35,14 @@ WRITE_KINDS = frozenset({"write", "ddl", "dcl", "admin"})
 
 _FUNCS_BY_NAME = """
 SELECT p.oid, n.nspname, p.proname, p.provolatile, p.prokind, l.lanname, p.prosecdef,
-       CASE WHEN p.oid >= 16384 AND l.lanname IN ('sql', 'plpgsql')
-            THEN coalesce(nullif(p.prosrc, ''), pg_get_functiondef(p.oid)) END AS src
+       CASE WHEN p.oid < 16384 OR p.prokind = 'a' THEN NULL
+            WHEN l.lanname = 'plpgsql' THEN pg_get_functiondef(p.oid)
+            WHEN l.lanname = 'sql' THEN coalesce(nullif(p.prosrc, ''), pg_get_functiondef(p.oid))
+       END AS src,
+       (SELECT array_remove(ARRAY[a.aggtransfn::oid, a.aggfinalfn::oid, a.aggcombinefn::oid,
+                                  a.aggmtransfn::oid, a.aggminvtransfn::oid,
+                                  a.aggmfinalfn::oid], 0::oid)
+        FROM pg_aggregate a WHERE a.aggfnoid = p.oid) AS parts
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
@@ -51,6 +57,23 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
 """
 _RELS_BY_OID = _RELS_BY_NAME.replace("c.relname = ANY($1::text[])", "c.oid = ANY($1::oid[])")
+# Functions that run when a value is cast to a type: user-defined casts, the type's own
+# input function, and functions used by a domain's constraints.
+_TYPE_FUNCS = """
+SELECT t.typname, c.castfunc::oid AS func
+FROM pg_type t JOIN pg_cast c ON c.casttarget = t.oid
+WHERE t.typname = ANY($1::text[]) AND c.castfunc::oid >= 16384
+UNION
+SELECT t.typname, t.typinput::oid
+FROM pg_type t
+WHERE t.typname = ANY($1::text[]) AND t.typinput::oid >= 16384
+UNION
+SELECT t.typname, d.refobjid
+FROM pg_type t
+JOIN pg_constraint con ON con.contypid IN (t.oid, t.typbasetype)
+JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = con.oid
+WHERE t.typname = ANY($1::text[]) AND d.refclassid = 'pg_proc'::regclass
+"""
 _OPERATORS = """
 SELECT o.oprname, o.oprcode::oid AS func
 FROM pg_operator o
@@ -98,6 +121,7 @@ class _Func:
     language: str
     security_definer: bool
     source: str | None
+    parts: tuple[int, ...] = ()  # an aggregate's transition/final functions
 
     @property
     def qualified(self) -> str:
@@ -174,6 +198,7 @@ class SqlCatalog:
         self._rels_by_name: dict[str, list[_Rel]] = {}
         self._rels_by_oid: dict[int, _Rel] = {}
         self._ops: dict[str, list[int]] = {}
+        self._types: dict[str, list[int]] = {}
         self._deps: dict[int, _Deps] = {}
         self._func_effects: dict[int, Effect] = {}
         self._rel_effects: dict[tuple[int, str], Effect] = {}
@@ -186,6 +211,7 @@ class SqlCatalog:
         self._rels_by_name.clear()
         self._rels_by_oid.clear()
         self._ops.clear()
+        self._types.clear()
         self._deps.clear()
         self._func_effects.clear()
         self._rel_effects.clear()
@@ -198,7 +224,7 @@ class SqlCatalog:
         todo = [st for st in analysis.statements
                 if st.parse_error is None and st.unanalysable is None
                 and (st.functions_called or st.operators or st.tables_read
-                     or st.tables_written)]
+                     or st.tables_written or st.types)]
         if not todo:
             return analysis
         if time.monotonic() - self._loaded_at > self.ttl:
@@ -238,6 +264,11 @@ class SqlCatalog:
                 func = await self._func_by_oid(oid)
                 if func is not None:
                     effect = effect | await self._function_effect(func, 0)
+        for name in facts.types:
+            for oid in self._types.get(split_name(name)[-1], ()):
+                func = await self._func_by_oid(oid)
+                if func is not None:
+                    effect = effect | await self._function_effect(func, 0)
         for name in facts.tables_read:
             for rel in self._candidates_rel(name, path):
                 effect = effect | await self._relation_effect(rel, "read", 0)
@@ -256,7 +287,7 @@ class SqlCatalog:
 
     async def _function_effect(self, func: _Func, depth: int) -> Effect:
         if func.oid < FIRST_NORMAL_OID:
-            return NO_EFFECT
+            return self._builtin_effect(func)
         known = self._func_effects.get(func.oid)
         if known is not None:
             return known
@@ -280,6 +311,14 @@ class SqlCatalog:
             notes.append(f"{name} is written in the untrusted language {language}")
         if func.security_definer:
             notes.append(f"{name} runs with its owner's rights (SECURITY DEFINER)")
+        for oid in func.parts:
+            part = await self._func_by_oid(oid)
+            if part is not None and part.oid != func.oid:
+                inner = await self._function_effect(part, depth + 1)
+                writes = writes or inner.writes
+                reasons.extend(inner.reasons)
+                notes.extend(inner.notes)
+                functions |= inner.functions
         if func.source is not None:
             if depth >= self.max_depth:
                 writes = True
@@ -295,21 +334,37 @@ class SqlCatalog:
         self._func_effects[func.oid] = effect
         return effect
 
+    def _builtin_effect(self, func: _Func) -> Effect:
+        """A built-in reached through a view, trigger, cast...: judged by the shipped table."""
+        effect = self.analyzer.effects.lookup(func.name)
+        if effect is None:
+            return NO_EFFECT
+        reasons = (f"{func.qualified}(): {effect.dangerous}",) if effect.dangerous else ()
+        return Effect(effect.effect in ("write", "admin"), reasons, (),
+                      frozenset({func.qualified}))
+
     async def _body_effect(self, func: _Func, depth: int) -> Effect:
         name = func.qualified
         source = func.source or ""
         analyzer = self.analyzer
+        notes: list[str] = []
+        writes = False
+        facts_list: list[StatementFacts] = []
         if func.language == "plpgsql":
-            tag = "$hoopops$"
-            while tag in source:
-                tag = tag[:-1] + "x$"
-            text = f"CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS {tag}{source}{tag}"
-            dynamic, facts_list = analyzer.plpgsql_facts(text, 0)
+            # The source is the whole CREATE FUNCTION (pg_get_functiondef), which is what
+            # the PL/pgSQL parser needs to know the return type, trigger variables, etc.
+            parsed = analyzer.plpgsql_facts(source, 0)
+            if parsed is None:
+                writes = True
+                notes.append(f"the body of {name} could not be analysed (treated as a write)")
+            else:
+                dynamic, facts_list = parsed
+                if dynamic:
+                    writes = True
+                    notes.append(f"{name} runs dynamic SQL (treated as a write)")
         else:
-            dynamic, facts_list = False, analyzer.body_facts(source, 0)
-        writes = dynamic
+            facts_list = analyzer.body_facts(source, 0)
         reasons: list[str] = []
-        notes: list[str] = [f"{name} runs dynamic SQL (treated as a write)"] if dynamic else []
         called: set[str] = set()
         for facts in facts_list:
             if facts.parse_error or facts.unanalysable:
@@ -395,7 +450,9 @@ class SqlCatalog:
         funcs: set[str] = set()
         rels: set[str] = set()
         ops: set[str] = set()
+        types: set[str] = set()
         for facts in statements:
+            types.update(split_name(n)[-1] for n in facts.types)
             funcs.update(split_name(n)[-1] for n in facts.functions_called)
             rels.update(split_name(n)[-1] for n in facts.tables_read | facts.tables_written)
             ops.update(split_name(n)[-1] for n in facts.operators)
@@ -403,6 +460,13 @@ class SqlCatalog:
         rels.discard("*")
         rels -= self._rels_by_name.keys()
         ops -= self._ops.keys()
+        types -= self._types.keys()
+        if types:
+            for row in await self._fetch(_TYPE_FUNCS, sorted(types)):
+                self._types.setdefault(row["typname"], []).append(int(row["func"]))
+            for name in types:
+                self._types.setdefault(name, [])
+            await self._prefetch_funcs(o for name in types for o in self._types[name])
         if funcs:
             await self._fetch_funcs_by_name(funcs)
         if rels:
@@ -417,6 +481,7 @@ class SqlCatalog:
                 self._ops.setdefault(row["oprname"], []).append(int(row["func"]))
             for name in ops:
                 self._ops.setdefault(name, [])
+            await self._prefetch_funcs(o for name in ops for o in self._ops[name])
 
     async def _fetch_funcs_by_name(self, names: set[str]) -> None:
         for row in await self._fetch(_FUNCS_BY_NAME, sorted(names)):
@@ -425,6 +490,13 @@ class SqlCatalog:
             self._funcs_by_oid[func.oid] = func
         for name in names:
             self._funcs_by_name.setdefault(name, [])
+
+    async def _prefetch_funcs(self, oids: Iterable[int]) -> None:
+        missing = sorted(set(oids) - self._funcs_by_oid.keys())
+        if missing:
+            for row in await self._fetch(_FUNCS_BY_OID, missing):
+                func = _func(row)
+                self._funcs_by_oid[func.oid] = func
 
     async def _func_by_oid(self, oid: int) -> _Func | None:
         if oid not in self._funcs_by_oid:
@@ -452,6 +524,8 @@ class SqlCatalog:
                     continue
                 target = deps.rels if row["what"] == "rel" else deps.funcs
                 target.setdefault(row["mode"], set()).add(int(row["oid"]))
+            await self._prefetch_funcs(set().union(*deps.funcs.values()) if deps.funcs
+                                       else set())
             self._deps[rel.oid] = deps
         return deps
 
@@ -472,7 +546,8 @@ def _char(value: Any) -> str:
 
 def _func(row: Any) -> _Func:
     return _Func(int(row["oid"]), row["nspname"], row["proname"], _char(row["provolatile"]),
-                 _char(row["prokind"]), row["lanname"], bool(row["prosecdef"]), row["src"])
+                 _char(row["prokind"]), row["lanname"], bool(row["prosecdef"]), row["src"],
+                 tuple(int(o) for o in row["parts"] or ()))
 
 
 def _rel(row: Any) -> _Rel:

@@ -71,6 +71,20 @@ CREATE FUNCTION rls_check(text) RETURNS boolean LANGUAGE sql VOLATILE AS 'SELECT
 ALTER TABLE secret_rows ENABLE ROW LEVEL SECURITY;
 CREATE POLICY p ON secret_rows USING (rls_check(owner));
 
+CREATE VIEW ticket AS SELECT nextval('s') AS n;
+CREATE VIEW peek AS SELECT pg_read_file('postgresql.conf') AS conf;
+
+CREATE FUNCTION acc(int, int) RETURNS int LANGUAGE sql VOLATILE AS 'SELECT $1 + $2';
+CREATE AGGREGATE sneaky_sum(int) (SFUNC = acc, STYPE = int, INITCOND = '0');
+
+CREATE FUNCTION positive(int) RETURNS boolean LANGUAGE sql VOLATILE AS 'SELECT $1 > 0';
+CREATE DOMAIN checked_int AS int CHECK (positive(VALUE));
+
+CREATE TYPE money2 AS (amount int);
+CREATE FUNCTION to_money2(int) RETURNS money2 LANGUAGE sql VOLATILE
+    AS 'SELECT ROW($1)::money2';
+CREATE CAST (int AS money2) WITH FUNCTION to_money2(int);
+
 CREATE FUNCTION lots_of_uuid() RETURNS uuid LANGUAGE sql VOLATILE
     AS 'SELECT gen_random_uuid()';
 """
@@ -223,10 +237,31 @@ async def test_volatile_without_side_effects_list(catalog: SqlCatalog,
     assert action == "review"
 
 
+async def test_views_calling_builtins_with_side_effects(
+        catalog: SqlCatalog, engine: PolicyEngine) -> None:
+    action, rule, facts = await judge(catalog, engine, "SELECT n FROM ticket")
+    assert (action, rule) == ("review", "writes-need-review")
+    assert "pg_catalog.nextval" in facts.functions
+    action, rule, _ = await judge(catalog, engine, "SELECT conf FROM peek")
+    assert (action, rule) == ("block", "no-dangerous")
+
+
+async def test_aggregates_domains_and_casts_call_functions(
+        catalog: SqlCatalog, engine: PolicyEngine) -> None:
+    for sql, function in (("SELECT sneaky_sum(a) FROM t", "public.acc"),
+                          ("SELECT 5::checked_int", "public.positive"),
+                          ("SELECT CAST(5 AS money2)", "public.to_money2")):
+        action, rule, facts = await judge(catalog, engine, sql)
+        assert (action, rule) == ("review", "writes-need-review"), sql
+        assert function in facts.functions, sql
+    action, rule, _ = await judge(catalog, engine, "SELECT sum(a)::text FROM t")
+    assert (action, rule) == ("allow", "reads")
+
+
 async def test_lookups_are_cached(catalog: SqlCatalog) -> None:
-    await catalog.enrich(analyze("SELECT innocent() FROM report JOIN t ON true"))
+    await catalog.enrich(analyze("SELECT innocent() FROM report JOIN t ON t.id = 1"))
     before = catalog.lookups
-    await catalog.enrich(analyze("SELECT innocent() FROM report JOIN t ON true"))
+    await catalog.enrich(analyze("SELECT innocent() FROM report JOIN t ON t.id = 1"))
     await catalog.enrich(analyze("SELECT x FROM report WHERE innocent() = 1"))
     assert catalog.lookups == before
     catalog.invalidate()

@@ -166,3 +166,53 @@ def _policies():  # type: ignore[no-untyped-def]
     from hoopops.policy import load_policies
 
     return load_policies(Path(__file__).resolve().parent.parent / "policies")
+
+
+# -- the shape cache: literals never change facts it serves -------------------------------
+
+
+def test_shape_cache_serves_new_literals() -> None:
+    analyzer = Analyzer()
+    first = analyzer.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 1;")
+    second = analyzer.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 99999;")
+    assert second.statements[0].text == "SELECT abalance FROM pgbench_accounts WHERE aid = 99999"
+    assert second.statements[0].columns == first.statements[0].columns
+    assert len(analyzer._shapes) == 1
+
+
+def test_shape_cache_never_serves_literal_dependent_facts() -> None:
+    analyzer = Analyzer()
+    pairs = [
+        ("SELECT set_config('standard_conforming_strings', 'on', false)",
+         "SELECT set_config('standard_conforming_strings', 'off', false)"),
+        ("SELECT set_config('statement_timeout', '1', false)",
+         "SELECT set_config('role', 'postgres', false)"),
+        ("SET standard_conforming_strings = 'on'", "SET standard_conforming_strings = 'off'"),
+        ("EXPLAIN (ANALYZE 'off') DELETE FROM t", "EXPLAIN (ANALYZE 'on') DELETE FROM t"),
+        ("SELECT 'x' -- ok", "SELECT 'y' -- ok"),
+    ]
+    for safe, risky in pairs:
+        analyzer.analyze(safe)
+        slow = Analyzer().analyze_uncached(risky, shapes=False)
+        assert analyzer.analyze(risky).statements[0].to_dict() == \
+            slow.statements[0].to_dict(), risky
+    assert analyzer._shapes == {}
+
+
+def test_shape_cache_gives_the_same_facts_as_a_full_analysis() -> None:
+    from tests.test_sql_evasions import CASES
+
+    analyzer = Analyzer()
+    hits = 0
+    for sql, *_ in CASES:
+        slow = Analyzer().analyze_uncached(sql, shapes=False)
+        analyzer.analyze_uncached(sql)
+        before = len(analyzer._shapes)
+        again = analyzer.analyze_uncached(sql)
+        hits += before > 0 and sql.strip().upper().startswith(("SELECT", "INSERT", "UPDATE",
+                                                                "DELETE", "WITH", "MERGE"))
+        assert [s.to_dict() for s in again.statements] == \
+            [s.to_dict() for s in slow.statements], sql
+        assert (again.parse_error, again.unanalysable) == (slow.parse_error,
+                                                           slow.unanalysable)
+    assert hits > 50

@@ -69,7 +69,7 @@ class Rig:
         return self.running.config.file
 
     def app(self, **kwargs: Any) -> ConsoleApp:
-        kwargs.setdefault("refresh_interval", 0.1)
+        kwargs.setdefault("refresh_interval", 0.25)
         kwargs.setdefault("decided_by", "oncall@test")
         return ConsoleApp(GatewaySource(self.gateway), **kwargs)
 
@@ -309,8 +309,6 @@ async def test_decision_goes_to_the_approval_selected_at_the_key_press(rig: Rig)
             app.apply(await app.source.live_sessions(), await app.source.pending_approvals())
             await pilot.pause()
             await pilot.press("enter")
-            await pilot.pause(1)
-            print("DEBUG", app.screen, app.actions, [n.message for n in app._notifications])
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await asyncio.wait_for(older, 10)
             assert not newer.done()
@@ -589,7 +587,7 @@ def _plain(widget: Any) -> str:
     from rich.console import Console
 
     console = Console(width=200, record=True, color_system=None)
-    console.print(widget.render())
+    console.print(widget.content)
     return console.export_text()
 
 

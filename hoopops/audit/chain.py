@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring as _encode_string
 from typing import Any
 
 GENESIS = "0" * 64
@@ -29,9 +30,14 @@ PRUNE_KIND = "audit.pruned"
 MAX_PROBLEMS = 50
 
 
+# Built once: json.dumps with any non-default option constructs a new encoder per call,
+# which was most of the cost of writing a record.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def record_hash(seq: int, kind: str, at: str, session_id: str | None, payload: Any,
@@ -55,7 +61,8 @@ def record_hash_text(seq: int, kind: str, at: str, session_id: str | None, paylo
 
 
 def _dump(value: str | None) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    # What canonical_json writes for a string (or null), without the encoder round trip.
+    return "null" if value is None else _encode_string(value)
 
 
 @dataclass(frozen=True)

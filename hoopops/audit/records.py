@@ -222,8 +222,8 @@ class ResultSampler:
         return self._hash.hexdigest()
 
     def sample(self) -> dict[str, Any]:
-        return {"columns": list(self._columns), "rows": [list(r) for r in self._rows],
-                "truncated": self.truncated}
+        return _Capped({"columns": list(self._columns), "rows": [list(r) for r in self._rows],
+                        "truncated": self.truncated}, self.max_rows, self.max_bytes)
 
     def result(self, *, started_at: float | None, finished_at: float, rows: int | None,
                command_tag: str | None, sqlstate: str | None = None,
@@ -234,11 +234,24 @@ class ResultSampler:
                                result_sample=self.sample())
 
 
+class _Capped(dict[str, Any]):
+    """A sample a ResultSampler built, remembering the caps it was built under."""
+
+    def __init__(self, value: dict[str, Any], max_rows: int, max_bytes: int) -> None:
+        super().__init__(value)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+
+
 def cap_sample(sample: dict[str, Any] | None, max_rows: int,
                max_bytes: int) -> dict[str, Any] | None:
-    """Enforce the configured cap on a sample built elsewhere (never trust the caller)."""
+    """Enforce the configured cap on a sample built elsewhere (never trust the caller);
+    one a ResultSampler built under caps at least as tight passes as it is."""
     if sample is None:
         return None
+    if isinstance(sample, _Capped) and sample.max_rows <= max_rows \
+            and sample.max_bytes <= max_bytes:
+        return sample
     sampler = ResultSampler(max_rows, max_bytes)
     sampler.set_columns([str(c) for c in sample.get("columns", [])])
     for row in sample.get("rows", []):

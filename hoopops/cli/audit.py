@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -213,7 +214,7 @@ def _print_statement(t: StatementView) -> None:
     for line in t.sql.strip().splitlines() or [""]:
         print(f"    {line}")
     if t.params is not None:
-        print(f"    params: {t.params}")
+        print(f"    params: {json.dumps(t.params, ensure_ascii=False)}")
     if t.approval is not None:
         a = t.approval
         decided = f" by {a.decided_by}" if a.decided_by else ""

@@ -66,9 +66,10 @@ class ColumnDecision:
 class ResultPlan:
     """Masks one result. Build with :meth:`MaskingRules.plan` / :meth:`MaskingRules.plan_copy`.
 
-    ``rewrite_data_row(payload)`` and ``rewrite_copy_data(chunk)`` return the payload to
-    forward; ``actions()`` / ``take_actions()`` report what was done. Neither is
-    thread-safe: one plan belongs to one result of one session.
+    ``rewrite_data_row(payload)``, ``rewrite_data_rows(messages)`` and
+    ``rewrite_copy_data(chunk)`` return the bytes to forward; ``actions()`` /
+    ``take_actions()`` report what was done. A plan is not thread-safe: it belongs to one
+    result (one statement or portal) of one session.
     """
 
     def __init__(self, columns: Sequence[ColumnInfo], decisions: Sequence[ColumnDecision],
@@ -91,7 +92,6 @@ class ResultPlan:
                                 detect if any(k != D_SKIP for k in detect) else None,
                                 self._value_detector)
         self._copy: CopyRewriter | None = None
-        self._rows = 0
         self._taken: dict[tuple[str, str], int] = {}
         # Nothing to rewrite (only exemptions to count): count rows, forward the bytes.
         self._passthrough = not masks and not self._row.detecting
@@ -111,12 +111,30 @@ class ResultPlan:
         Raises :class:`MaskingError` when the row does not match the RowDescription the
         plan was built for; the relay must then fail the statement, not forward it.
         """
-        self._rows += 1
         if self._passthrough:
             if payload[:2] != self._row.count_bytes:
                 raise MaskingError("DataRow does not match its RowDescription")
+            self._row.rows += 1
             return payload
         return self._row(payload)
+
+    def rewrite_data_rows(self, messages: bytes) -> bytes:
+        """A run of complete DataRow *messages* ('D', length, payload, ...) → the run to
+        send. The fast form for a relay holding many rows in its read buffer: one call
+        per buffer instead of one per row; rows that need no change are copied as is."""
+        if not self._passthrough:
+            return self._row.rewrite_messages(messages)
+        pos = 0
+        size = len(messages)
+        count = self._row.count_bytes
+        while pos < size:
+            if messages[pos] != 68 or pos + 7 > size or messages[pos + 5:pos + 7] != count:
+                raise MaskingError("expected complete DataRow messages of this result")
+            pos += 1 + int.from_bytes(messages[pos + 1:pos + 5], "big")
+            self._row.rows += 1
+        if pos != size:
+            raise MaskingError("incomplete DataRow message")
+        return messages
 
     def rewrite_copy_data(self, chunk: bytes, copy_format: CopyOptions | None = None) -> bytes:
         """A CopyData payload of ``COPY ... TO STDOUT`` → the payload to send.
@@ -133,10 +151,7 @@ class ResultPlan:
                      if d.masked and d.strategy is not None}
             self._copy = CopyRewriter(options, binary, len(self.columns), masks,
                                       self._value_detector, [d.detect for d in self.decisions])
-        before = self._copy.rows
-        out = self._copy.feed(chunk)
-        self._rows += self._copy.rows - before
-        return out
+        return self._copy.feed(chunk)
 
     def finish_copy(self) -> None:
         """Call at CopyDone; raises :class:`MaskingError` if the data ended mid-row."""
@@ -156,12 +171,12 @@ class ResultPlan:
             if decision.strategy is None:
                 continue
             if decision.exempt is not None:
-                add(decision.label, f"unmasked:{decision.exempt}", self._rows)
+                add(decision.label, f"unmasked:{decision.exempt}", self.rows)
                 continue
             count = row_counts.get(decision.index, 0) + copy_counts.get(decision.index, 0)
             add(decision.label, decision.strategy.label, count)
         if self.detectors and self.detectors_exempt is not None:
-            add("detectors", f"unmasked:{self.detectors_exempt}", self._rows)
+            add("detectors", f"unmasked:{self.detectors_exempt}", self.rows)
         if self._value_detector is not None and self.detectors is not None:
             labels = {d.name: d.strategy.label for d in self.detectors.detectors}
             for name, count in self._value_detector.replaced.items():
@@ -188,4 +203,5 @@ class ResultPlan:
 
     @property
     def rows(self) -> int:
-        return self._rows
+        """Rows seen so far (DataRows and COPY rows)."""
+        return self._row.rows + (self._copy.rows if self._copy is not None else 0)

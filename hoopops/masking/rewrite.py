@@ -75,8 +75,11 @@ def detect_class(type_oid: int, format_code: int) -> int:
         return D_JSON
     if type_oid == JSONB_OID:
         return D_JSONB_BIN
-    if type_oid in (INT4_OID, INT8_OID):
+    if type_oid == INT8_OID:
         return D_NUMBER_TEXT if format_code == 0 else D_INT_BIN
+    if type_oid == INT4_OID:
+        # Ten digits at most: no card fits, and a phone number in an int is no text.
+        return D_NUMBER_TEXT if format_code == 0 else D_SKIP
     if type_oid == NUMERIC_OID:
         return D_NUMBER_TEXT if format_code == 0 else D_NUMERIC_BIN
     # Arrays, records, enums, tsvector and other types: their text form may hold any text
@@ -108,7 +111,17 @@ def field_encoder(strategy: Strategy, klass: int) -> Callable[[bytes], bytes]:
     skip = len(prefix)
 
     def as_json(value: bytes) -> bytes:
-        out = apply(value[skip:])
+        body = value[skip:]
+        # A JSON string is masked as the text it holds (so hashes match the text column
+        # and last4 keeps the right characters); any other document is masked whole.
+        if body[:1] == b'"':
+            try:
+                inner = json.loads(body)
+            except ValueError:
+                inner = None
+            if isinstance(inner, str):
+                body = inner.encode("utf-8", "surrogatepass")
+        out = apply(body)
         if out is None:
             return NULL_FIELD
         text = prefix + _json_string(out)
@@ -142,11 +155,16 @@ class ValueDetector:
         if klass == D_NUMBER_TEXT:
             return self._null_if_hit(value)
         if klass == D_INT_BIN:
-            if len(value) in (4, 8):
-                return self._null_if_hit(value, str(int.from_bytes(value, "big", signed=True))
-                                         .encode())
-            return self._null_if_hit(value)
+            if len(value) != 8:
+                return self._null_if_hit(value)
+            number = int.from_bytes(value, "big", signed=True)
+            if -_CARD_MIN < number < _CARD_MIN:
+                return value
+            return self._null_if_hit(value, str(number).encode())
         if klass == D_NUMERIC_BIN:
+            # weight counts base-10000 digit groups before the point: < 3 means < 10^12.
+            if len(value) < 4 or I16.unpack_from(value, 2)[0] < 3:
+                return value
             return self._null_if_hit(value, numeric_text(value))
         if klass == D_OPAQUE_BIN:
             return self._null_if_hit(value)
@@ -178,6 +196,9 @@ class ValueDetector:
         for name, count in counts.items():
             self.replaced[name] = self.replaced.get(name, 0) + count
         return prefix + out
+
+
+_CARD_MIN = 10 ** 12  # a binary number below this has too few digits for a card number
 
 
 def numeric_text(value: bytes) -> bytes:
@@ -275,6 +296,10 @@ class RowRewriter:
         self.detecting = self._detect is not None
         self._detector = detector
         self._probe = detector.detectors.may_match if detector is not None else None
+        # Binary numbers hold no digit text for the byte probe to see: rows with such
+        # columns are always walked, and each value is decoded and checked.
+        self._numbers = self._detect is not None and any(
+            k in (D_INT_BIN, D_NUMERIC_BIN) for k in self._detect)
         self._walk: Callable[[bytes], tuple[bytes, ...]] | None = None
         self._regions = _regions(targets, ncols)
         if targets:
@@ -293,7 +318,7 @@ class RowRewriter:
                 f"columns but its RowDescription had {self.ncols}")
         self.rows += 1
         if self._walk is None:
-            if self._probe is not None and self._probe(payload):
+            if self._probe is not None and (self._numbers or self._probe(payload)):
                 return self._detect_region(payload, 0)
             return payload
         try:
@@ -304,7 +329,7 @@ class RowRewriter:
         if self._probe is not None and regions:
             probe = pieces[regions[0][0]] if len(regions) == 1 else b"".join(
                 [pieces[i] for i, _ in regions])
-            if self._probe(probe):
+            if self._numbers or self._probe(probe):
                 changed = list(pieces)
                 for index, col in regions:
                     changed[index] = self._detect_region(pieces[index], col)
@@ -350,7 +375,7 @@ class RowRewriter:
                 if size > 0:
                     value = region[pos + 4:pos + 4 + size]
                     klass = detect[col]
-                    if klass != D_SKIP and probe(value):
+                    if klass != D_SKIP and (klass in (D_INT_BIN, D_NUMERIC_BIN) or probe(value)):
                         new = detector.value(klass, value)
                         if new is not value:
                             out.append(region[copied:pos])
@@ -566,6 +591,8 @@ class CopyRewriter:
         while True:
             match = self._csv_field.match(data, pos)
             assert match is not None  # the unquoted branch matches the empty string
+            if not match.group(0) and data[pos:pos + 1] == self.options.quote:
+                return None  # a quoted value whose closing quote is still to come
             fields.append(match.group(0))
             pos = match.end()
             if pos >= size:

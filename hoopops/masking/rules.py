@@ -245,9 +245,12 @@ class MaskingRules:
         self._match_cache[source] = rule
         return rule
 
-    async def analyze(self, sql: str, lookup: RelationLookup | None) -> list[StatementSources]:
-        """Source hints for every statement in ``sql`` (see :func:`sources.analyze`)."""
-        return await analyze(sql, lookup, self.trusted_functions)
+    async def analyze(self, sql: str, lookup: RelationLookup | None,
+                      search_path: str | None = None, user: str | None = None
+                      ) -> list[StatementSources]:
+        """Source hints for every statement in ``sql`` (see :func:`sources.analyze`):
+        pass the session's reported ``search_path`` and user for exact name resolution."""
+        return await analyze(sql, lookup, self.trusted_functions, search_path, user)
 
     def touches_sensitive(self, hints: StatementSources | None) -> bool:
         """Whether the statement reads any sensitive column anywhere (or cannot be traced):
@@ -492,6 +495,8 @@ class _Reader:
 
     def strategy(self, spec: Any, key: str, hmac_secret: str | bytes | None,
                  keep: Any = None) -> Strategy:
+        if spec is None:
+            spec = "null"  # YAML reads `ssn: null` as None; also the strictest reading
         try:
             return parse_strategy(spec, hmac_secret, keep)
         except StrategyError as exc:

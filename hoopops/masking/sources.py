@@ -13,8 +13,10 @@ of unknown shape, an unknown relation, SQL it cannot parse) the output carries a
 so a view that renames or computes a sensitive column still traces to it.
 
 Relations and functions are resolved through a :class:`RelationLookup` (the catalog in
-``hoopops.proxy.catalog``); an unqualified name is matched in *every* schema, which can
-only over-mask, because the session's ``search_path`` is not known here.
+``hoopops.proxy.catalog``). An unqualified relation name is resolved along the session's
+``search_path`` when the caller knows it (PostgreSQL 18 reports it in ParameterStatus),
+following ``SET search_path`` statements earlier in the same Query; otherwise it is
+matched in *every* schema, which can only over-mask.
 """
 
 from __future__ import annotations
@@ -271,13 +273,17 @@ def parse(sql: str) -> list[Node] | str:
 
 
 async def analyze(sql: str, lookup: RelationLookup | None,
-                  trusted_functions: Collection[str] = ()) -> list[StatementSources]:
+                  trusted_functions: Collection[str] = (), search_path: str | None = None,
+                  user: str | None = None) -> list[StatementSources]:
     """One :class:`StatementSources` per statement in ``sql`` (a simple Query may carry
     several; their results arrive in order, each ending with CommandComplete).
 
     ``trusted_functions`` (``name`` or ``schema.name``) are user functions whose result
-    depends only on their arguments; any other user function is opaque. Catalog errors
-    propagate, so the caller fails closed.
+    depends only on their arguments; any other user function is opaque.
+    ``search_path`` is the session's value as ParameterStatus reports it (``"$user",
+    public``) and ``user`` the session user that ``$user`` stands for; without them,
+    unqualified names match every schema. Catalog errors propagate, so the caller fails
+    closed.
     """
     stmts = parse(sql)
     if isinstance(stmts, str):
@@ -309,7 +315,55 @@ async def analyze(sql: str, lookup: RelationLookup | None,
     if lookup is not None and function_names:
         functions = await lookup.functions(sorted(function_names))
     analyzer = _Analyzer(relations, functions, views, frozenset(trusted_functions))
-    return [analyzer.statement(stmt) for stmt in stmts]
+    path = parse_search_path(search_path, user)
+    results = []
+    for stmt in stmts:
+        analyzer.search_path = path
+        results.append(analyzer.statement(stmt))
+        path = _path_after(stmt, path, user)
+    return results
+
+
+def parse_search_path(value: str | None, user: str | None = None) -> list[str] | None:
+    """A ``search_path`` setting as schema names in order; None when it cannot be known
+    (not given, or ``$user`` without the user's name)."""
+    if value is None:
+        return None
+    schemas = []
+    for raw in value.split(","):
+        name = raw.strip()
+        if name.startswith('"') and name.endswith('"') and len(name) >= 2:
+            name = name[1:-1].replace('""', '"')
+        else:
+            name = name.lower()
+        if name == "$user":
+            if user is None:
+                return None
+            name = user
+        if name:
+            schemas.append(name)
+    return schemas
+
+
+def _path_after(stmt: Node, path: list[str] | None, user: str | None) -> list[str] | None:
+    """The search_path in force after ``stmt`` ran, as far as its text tells."""
+    kind, body = _only(stmt)
+    if kind == "VariableSetStmt" and body.get("name") == "search_path":
+        values = []
+        for arg in body.get("args", []) or []:
+            _, const = _only(arg)
+            sval = const.get("sval", {}).get("sval") if isinstance(const, dict) else None
+            if sval is None:
+                return None
+            values.append('"' + sval.replace('"', '""') + '"')
+        if body.get("kind") != "VAR_SET_VALUE" or not values:
+            return None  # RESET, DEFAULT, FROM CURRENT: the value is not in the text
+        return parse_search_path(", ".join(values), user)
+    names: set[RelationName] = set()
+    functions: set[str] = set()
+    _collect([stmt], names, functions)
+    # set_config() can change the path to anything; fall back to every schema.
+    return None if "set_config" in functions else path
 
 
 async def view_lineage(info: RelationInfo, lookup: RelationLookup | None,
@@ -327,8 +381,8 @@ async def view_lineage(info: RelationInfo, lookup: RelationLookup | None,
 def _view_column(own: OutputSources, upstream: OutputSources) -> OutputSources:
     # A view column is its own value (rules may name it) and, unchanged or derived,
     # the value its definition computes.
-    return OutputSources(own.sources | upstream.sources, upstream.direct or not upstream.sources,
-                         upstream.opaque)
+    direct = (upstream.direct or not upstream.sources) and not upstream.opaque
+    return OutputSources(own.sources | upstream.sources, direct, upstream.opaque)
 
 
 def _collect(node: Node, relations: set[RelationName], functions: set[str]) -> None:
@@ -537,6 +591,7 @@ class _Analyzer:
         self.trusted = trusted
         self._view_outputs: dict[int, list[OutputSources] | None] = {}
         self._views_open: set[int] = set()
+        self.search_path: list[str] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -886,6 +941,8 @@ class _Analyzer:
                      else _Entry(refname, None, OutputSources.unknown(f"CTE {name}")))
         else:
             infos = list(self.relations.get((schema, name), ()))
+            if schema is None and self.search_path is not None and not self._in_view:
+                infos = _along_path(infos, self.search_path)
             if not infos:
                 entry = _Entry(refname, None, OutputSources.unknown(
                     f"unknown relation {schema + '.' if schema else ''}{name}"), schema)
@@ -1244,6 +1301,20 @@ class _Analyzer:
         return test.merge(_merge_all(columns)).derived()
 
 
+def _along_path(infos: list[RelationInfo], path: list[str]) -> list[RelationInfo]:
+    """The relations an unqualified name means under ``path``: the first schema in the
+    path that has one (pg_catalog is searched first unless the path places it), plus any
+    temporary table of that name, since temporary schemas are searched before the path
+    and this session's own cannot be told from others' here."""
+    temporary = [i for i in infos if i.schema.startswith("pg_temp_")]
+    order = path if "pg_catalog" in path else ["pg_catalog", *path]
+    for schema in order:
+        found = [i for i in infos if i.schema == schema]
+        if found:
+            return temporary + found
+    return temporary or infos
+
+
 def _is_star(node: Node) -> bool:
     return _only(node)[0] == "A_Star"
 
@@ -1303,5 +1374,5 @@ def _json_table_names(columns: list[Node]) -> list[str]:
 __all__ = [
     "EMPTY", "OPAQUE_SYSTEM_FUNCTIONS", "SYSTEM_SCHEMAS", "CopyOptions", "Output",
     "OutputSources", "RelationInfo", "RelationLookup", "RelationName", "SourceColumn",
-    "Spread", "StatementSources", "analyze", "parse", "view_lineage",
+    "Spread", "StatementSources", "analyze", "parse", "parse_search_path", "view_lineage",
 ]

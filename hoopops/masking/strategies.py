@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 REDACTED = b"****"
 
@@ -25,8 +27,13 @@ _ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 # lead bytes count as characters, so a cut never lands inside a character.
 _MASKED_BYTES = frozenset(_ALNUM) | frozenset(range(0x80, 0x100))
 _COUNTED = frozenset(_ALNUM) | frozenset(range(0xC0, 0x100))
-_MASK_TABLE = bytes(42 if b in _MASKED_BYTES else b for b in range(256))
-_COUNT_TABLE = bytes(49 if b in _COUNTED else 48 for b in range(256))
+# Shape of a value for keep_last: counted characters become '*', the other bytes of
+# multi-byte characters '+', everything else stays. The masked prefix of a value is the
+# prefix of its shape with '+' turned into '*'.
+_SHAPE_TABLE = bytes(42 if b in _COUNTED else 43 if b in _MASKED_BYTES else b
+                     for b in range(256))
+_SHAPE_CACHE = 4096
+_shapes: dict[tuple[bytes, int], tuple[int, bytes]] = {}
 _HASH_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: collisions are out of reach, tokens stay short
 
 
@@ -68,6 +75,19 @@ class Strategy:
         """
         return REDACT if self.partial else self
 
+    def text_function(self) -> Callable[[bytes], bytes] | None:
+        """``f(value) -> masked`` for strategies that always give bytes (None for null)."""
+        kind = self.kind
+        if kind == "redact":
+            return lambda value: REDACTED
+        if kind == "keep_last":
+            return partial(keep_last, keep=self.keep)
+        if kind == "email_domain":
+            return email_domain
+        if kind == "hash":
+            return partial(hmac_token, self.key)
+        return None
+
     def apply(self, value: bytes) -> bytes | None:
         kind = self.kind
         if kind == "redact":
@@ -94,15 +114,29 @@ def keep_last(value: bytes, keep: int) -> bytes:
         if size <= keep:
             return REDACTED
         return b"*" * (size - keep) + value[size - keep:]
-    marks = value.translate(_COUNT_TABLE)
-    cut = size
+    # Values of one layout (SSNs, cards, phone numbers) share a shape: the masked prefix
+    # and the cut depend on the shape alone, so they are computed once per layout.
+    shape = value.translate(_SHAPE_TABLE)
+    known = _shapes.get((shape, keep))
+    if known is None:
+        known = _cut(shape, keep)
+        if len(_shapes) >= _SHAPE_CACHE:
+            _shapes.clear()
+        _shapes[(shape, keep)] = known
+    cut, head = known
+    return head if cut < 0 else head + value[cut:]
+
+
+def _cut(shape: bytes, keep: int) -> tuple[int, bytes]:
+    """(cut, masked head) for a shape; cut -1 means the whole value is redacted."""
+    cut = len(shape)
     for _ in range(keep):
-        cut = marks.rfind(49, 0, cut)
+        cut = shape.rfind(42, 0, cut)
         if cut < 0:
-            return REDACTED
-    if marks.find(49, 0, cut) < 0:
-        return REDACTED
-    return value[:cut].translate(_MASK_TABLE) + value[cut:]
+            return -1, REDACTED
+    if shape.find(42, 0, cut) < 0 and shape.find(43, 0, cut) < 0:
+        return -1, REDACTED
+    return cut, shape[:cut].replace(b"+", b"*")
 
 
 def email_domain(value: bytes) -> bytes:

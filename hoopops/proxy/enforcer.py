@@ -167,10 +167,9 @@ class Enforcer(StatementGate):
         try:
             statement_id = await self.store.statement_received(
                 self._record(session, sql, params, verdict, received_at, action))
-            now = time.time()
-            self._spawn(self.store.statement_finished(statement_id, StatementResult(
-                started_at=None, finished_at=now, rows=None, command_tag=None,
-                sqlstate=verdict.sqlstate, error_message=verdict.message)))
+            await self.store.statement_finished(statement_id, StatementResult(
+                started_at=None, finished_at=time.time(), rows=None, command_tag=None,
+                sqlstate=verdict.sqlstate, error_message=verdict.message), wait=False)
         except AuditError as exc:
             log.error("could not record a refused statement: %s", exc)
 
@@ -202,7 +201,12 @@ class Enforcer(StatementGate):
             command_tag=run.tag, sqlstate=run.sqlstate, error_message=run.error,
             result_sha256=run.hasher.hexdigest() if run.hasher is not None else None,
             result_sample=_sample(run))
-        self._spawn(self.store.statement_finished(run.audit_id, result))
+        # Not on the durability path (the statement was recorded before it ran): queued,
+        # and committed in order before the session's next statement is forwarded.
+        try:
+            await self.store.statement_finished(run.audit_id, result, wait=False)
+        except AuditError as exc:
+            log.error("could not record a statement's result: %s", exc)
 
     def _spawn(self, coro: Any) -> None:
         # Completion records are not on the durability path (the statement was recorded

@@ -53,6 +53,11 @@ def _ssl_context(upstream: Upstream) -> ssl.SSLContext:
     return ctx
 
 
+def _server_hostname(upstream: Upstream) -> str | None:
+    """The name the certificate must carry (verify-full only; an IP literal works too)."""
+    return upstream.host if upstream.sslmode == "verify-full" else None
+
+
 async def _open(upstream: Upstream) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if upstream.is_unix_socket:
         path = f"{upstream.host.rstrip('/')}/.s.PGSQL.{upstream.port}"
@@ -76,12 +81,19 @@ async def connect(upstream: Upstream, target: str, params: dict[str, str]) -> Up
     except TimeoutError:
         raise UpstreamError(f"target '{target}' ({upstream.host}:{upstream.port}) did not "
                             f"answer within {upstream.connect_timeout:g}s") from None
+    except ssl.SSLError as exc:
+        # Before OSError, which it subclasses: a TLS failure is not "unreachable".
+        reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        what = ("certificate verify failed" if isinstance(exc, ssl.SSLCertVerificationError)
+                else "TLS handshake failed")
+        raise UpstreamError(f"target '{target}' ({upstream.host}:{upstream.port}): {what}: "
+                            f"{reason} (sslmode={upstream.sslmode})") from None
     except (OSError, asyncio.IncompleteReadError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
             "connection closed during startup")
         raise UpstreamError(f"target '{target}' ({upstream.host}:{upstream.port}) is "
                             f"unreachable: {reason}") from None
-    except (ssl.SSLError, ScramError, p.ProtocolError) as exc:
+    except (ScramError, p.ProtocolError) as exc:
         raise UpstreamError(f"target '{target}': {exc}") from None
 
 
@@ -94,8 +106,7 @@ async def _connect(upstream: Upstream, target: str, params: dict[str, str]) -> U
         answer = await reader.readexactly(1)
         if answer == b"S":
             await writer.start_tls(_ssl_context(upstream),
-                                   server_hostname=upstream.host if upstream.sslmode
-                                   == "verify-full" else None)
+                                   server_hostname=_server_hostname(upstream))
             tls = True
         elif answer == b"N":
             if upstream.sslmode not in ("prefer", "allow"):
@@ -173,11 +184,13 @@ async def send_cancel(upstream: Upstream, pid: int, key: bytes) -> None:
             writer.write(p.ssl_request())
             await writer.drain()
             if await reader.readexactly(1) == b"S":
-                await writer.start_tls(_ssl_context(upstream))
+                # The same checks as the login: the cancel key must not go to an impostor.
+                await writer.start_tls(_ssl_context(upstream),
+                                       server_hostname=_server_hostname(upstream))
         writer.write(p.cancel_request(pid, key))
         await writer.drain()
         await asyncio.wait_for(reader.read(1), 5)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
-        pass
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+        pass  # ssl.SSLError is an OSError
     finally:
         writer.close()

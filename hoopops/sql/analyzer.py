@@ -21,7 +21,7 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from pglast.parser import ParseError, parse_plpgsql_json, parse_sql_json
+from pglast.parser import ParseError, normalize, parse_plpgsql_json, parse_sql_json
 
 from hoopops.sql.effects import EffectTable, builtin_effects
 from hoopops.sql.facts import (
@@ -38,6 +38,10 @@ CACHE_SIZE = 4096
 # Longer texts are analysed every time: caching them would pin megabytes per entry.
 CACHE_MAX_CHARS = 16 * 1024
 GC_PAUSE_CHARS = 64 * 1024
+SHAPE_CACHE_SIZE = 4096
+SHAPE_MAX_CHARS = 4096
+_SHAPE_TYPES = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt",
+                          "MergeStmt"})
 # Bodies of functions (and SQL inside them) are analysed for dangerous calls this deep.
 MAX_BODY_DEPTH = 3
 
@@ -232,6 +236,7 @@ class _Builder:
         self.functions: set[str] = set()
         self.called: set[str] = set()
         self.operators: set[str] = set()
+        self.types: set[str] = set()
         self.unbounded = False
         self.reasons: list[str] = []
         self.lexing: list[str] = []
@@ -507,7 +512,8 @@ class _Builder:
             self.kinds.add("read")
         if ctx[2] & _DDL:
             ctx = (ctx[0], ctx[1], ctx[2] & ~_DDL, ctx[3])
-        ctx = self.with_clause(s.get("withClause"), ctx)
+        if "withClause" in s:
+            ctx = self.with_clause(s["withClause"], ctx)
         scopes, ctes, flags, sink = ctx
         if s.get("op", "SETOP_NONE") != "SETOP_NONE":
             branch_sink = sink if type(sink) in (_Outputs, _Derived, list) else None
@@ -587,7 +593,8 @@ class _Builder:
 
     def insert(self, s: dict[str, Any], ctx: Ctx) -> None:
         ctx = _no_ddl(ctx)
-        ctx = self.with_clause(s.get("withClause"), ctx)
+        if "withClause" in s:
+            ctx = self.with_clause(s["withClause"], ctx)
         scopes, ctes, flags, sink = ctx
         scope = _Scope()
         target = self.dml_target(s.get("relation", {}), ctx, scope)
@@ -602,6 +609,7 @@ class _Builder:
         inner: Ctx = ((*scopes, scope), ctes, flags, sink)
         conflict = s.get("onConflictClause")
         if conflict:
+            scope.aliases["excluded"] = target
             for item in conflict.get("targetList", ()):
                 rt = item.get("ResTarget", {})
                 written.add(f"{target}.{quote_part(rt.get('name', ''))}")
@@ -612,7 +620,8 @@ class _Builder:
 
     def update(self, s: dict[str, Any], ctx: Ctx) -> None:
         ctx = _no_ddl(ctx)
-        ctx = self.with_clause(s.get("withClause"), ctx)
+        if "withClause" in s:
+            ctx = self.with_clause(s["withClause"], ctx)
         scopes, ctes, flags, sink = ctx
         scope = _Scope()
         target = self.dml_target(s.get("relation", {}), ctx, scope)
@@ -632,7 +641,8 @@ class _Builder:
 
     def delete(self, s: dict[str, Any], ctx: Ctx) -> None:
         ctx = _no_ddl(ctx)
-        ctx = self.with_clause(s.get("withClause"), ctx)
+        if "withClause" in s:
+            ctx = self.with_clause(s["withClause"], ctx)
         scopes, ctes, flags, sink = ctx
         scope = _Scope()
         target = self.dml_target(s.get("relation", {}), ctx, scope)
@@ -650,7 +660,8 @@ class _Builder:
 
     def merge(self, s: dict[str, Any], ctx: Ctx) -> None:
         ctx = _no_ddl(ctx)
-        ctx = self.with_clause(s.get("withClause"), ctx)
+        if "withClause" in s:
+            ctx = self.with_clause(s["withClause"], ctx)
         scopes, ctes, flags, sink = ctx
         scope = _Scope()
         target = self.dml_target(s.get("relation", {}), ctx, scope)
@@ -790,6 +801,10 @@ def _h_execute(b: _Builder, v: dict[str, Any], ctx: Ctx) -> None:
 
 
 def _h_type_cast(b: _Builder, v: dict[str, Any], ctx: Ctx) -> None:
+    names = v.get("typeName", {}).get("names")
+    if names and (len(names) == 1 or
+                  names[0].get("String", {}).get("sval") != "pg_catalog"):
+        b.types.add(join_name(*_string_list(names)))
     arg = v.get("arg")
     if arg is not None:
         b.stack.append((arg, ctx))
@@ -981,6 +996,7 @@ class Analyzer:
         self.effects = effects or builtin_effects()
         self.max_bytes = max_bytes
         self._cached = lru_cache(maxsize=cache_size)(self._analyze_top)
+        self._shapes: dict[str, StatementFacts] = {}
 
     def analyze(self, text: str) -> Analysis:
         """Facts for every statement in ``text``; never raises."""
@@ -988,15 +1004,80 @@ class Analyzer:
             return self._cached(text)
         return self._analyze_top(text)
 
-    def analyze_uncached(self, text: str) -> Analysis:
-        return self._analyze_top(text)
+    def analyze_uncached(self, text: str, *, shapes: bool = True) -> Analysis:
+        """Analyse without the exact-text cache (``shapes=False``: without any cache)."""
+        return self._analyze_top(text) if shapes else self._timed(text)
 
     def cache_clear(self) -> None:
         self._cached.cache_clear()
+        self._shapes.clear()
+
+    # -- the shape cache -----------------------------------------------------------------
+    #
+    # Clients that inline literals (pgbench's simple mode, most ORMs' logging paths) send
+    # a new text every time, so the exact-text cache never hits. For plain SELECT / DML
+    # statements no fact depends on the value of a literal, so facts are cached by the
+    # normalised text (literals replaced by $n, which only a successful parse produces).
+    # Statements whose facts do read literals (SET, set_config(), EXPLAIN options, COPY,
+    # utility statements) and texts with comments or several statements are never cached
+    # this way.
+
+    def _shape_key(self, text: str) -> str | None:
+        if len(text) > SHAPE_MAX_CHARS or "--" in text or "/*" in text or "\x00" in text:
+            return None
+        if len(text) * 4 > self.max_bytes and \
+                len(text.encode("utf-8", "surrogatepass")) > self.max_bytes:
+            return None
+        body = text.strip()
+        semicolons = body.count(";")
+        if semicolons > 1 or (semicolons == 1 and not body.endswith(";")):
+            return None
+        try:
+            return normalize(text)
+        except Exception:
+            return None
+
+    def _from_shape(self, text: str, key: str) -> Analysis | None:
+        shape = self._shapes.get(key)
+        if shape is None:
+            return None
+        body = text.strip()
+        if body.endswith(";"):
+            body = body[:-1].rstrip()
+        location = len(text) - len(text.lstrip())
+        return Analysis(text, (shape.replace(text=body, location=location),))
+
+    def _remember_shape(self, key: str, analysis: Analysis) -> None:
+        if len(analysis.statements) != 1:
+            return
+        facts = analysis.statements[0]
+        if facts.statement_type not in _SHAPE_TYPES or facts.parse_error or \
+                facts.unanalysable or facts.lexing_risk or facts.wrapped or \
+                any(name.rpartition(".")[2].lower() == "set_config" for name in facts.functions):
+            return
+        if len(self._shapes) >= SHAPE_CACHE_SIZE:
+            try:
+                del self._shapes[next(iter(self._shapes))]
+            except (KeyError, StopIteration, RuntimeError):
+                self._shapes.clear()
+        self._shapes[key] = facts
 
     # -- top level -----------------------------------------------------------------------
 
     def _analyze_top(self, text: str) -> Analysis:
+        key = self._shape_key(text)
+        if key is None:
+            return self._timed(text)
+        started = time.perf_counter()
+        found = self._from_shape(text, key)
+        if found is not None:
+            return Analysis(found.text, found.statements, None, None,
+                            (time.perf_counter() - started) * 1e6)
+        analysis = self._timed(text)
+        self._remember_shape(key, analysis)
+        return analysis
+
+    def _timed(self, text: str) -> Analysis:
         started = time.perf_counter()
         # A big statement becomes millions of short-lived dicts; the cyclic collector would
         # rescan them over and over (5x slower) though none of them can form a cycle.
@@ -1129,15 +1210,16 @@ class Analyzer:
             changes_data=b.changes_data,
             changes_schema=b.changes_schema,
             changes_server=b.changes_server,
-            tables_read=frozenset(b.tables_read),
-            tables_written=frozenset(b.tables_written),
-            columns=frozenset(b.columns),
-            columns_written=frozenset(b.columns_written),
-            filter_columns=frozenset(b.filter_columns),
+            tables_read=_frozen(b.tables_read),
+            tables_written=_frozen(b.tables_written),
+            columns=_frozen(b.columns),
+            columns_written=_frozen(b.columns_written),
+            filter_columns=_frozen(b.filter_columns),
             output_columns=outputs,
-            functions=frozenset(b.functions),
-            functions_called=frozenset(b.called),
-            operators=frozenset(b.operators),
+            functions=_frozen(b.functions),
+            functions_called=_frozen(b.called),
+            operators=_frozen(b.operators),
+            types=_frozen(b.types),
             unbounded=b.unbounded,
             dangerous=bool(b.reasons),
             dangerous_reasons=tuple(b.reasons),
@@ -1164,12 +1246,16 @@ class Analyzer:
         except RecursionError:
             return []
 
-    def plpgsql_facts(self, create_text: str, depth: int) -> tuple[bool, list[StatementFacts]]:
-        """(runs dynamic SQL, facts of each embedded SQL statement) of a PL/pgSQL body."""
+    def plpgsql_facts(self, create_text: str, depth: int
+                      ) -> tuple[bool, list[StatementFacts]] | None:
+        """(runs dynamic SQL, facts of each embedded statement) of a PL/pgSQL function.
+
+        ``create_text`` is the whole CREATE FUNCTION statement; None when it does not parse.
+        """
         try:
             raw = parse_plpgsql_json(create_text)
         except Exception:
-            return False, []
+            return None
         dynamic = any(marker in raw for marker in (
             '"PLpgSQL_stmt_dynexecute"', '"PLpgSQL_stmt_dynfors"', '"dynquery"'))
         try:
@@ -1195,6 +1281,13 @@ class Analyzer:
                 query = "SELECT " + rhs
             facts.extend(self.body_facts(query, depth))
         return dynamic, facts
+
+
+_EMPTY: frozenset[str] = frozenset()
+
+
+def _frozen(items: set[str]) -> frozenset[str]:
+    return frozenset(items) if items else _EMPTY
 
 
 def _failed(text: str, parse_error: str | None, unanalysable: str | None) -> Analysis:
@@ -1333,9 +1426,12 @@ def _s_rule(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:
 
 def _s_trigger(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:
     rel = s.get("relation") or {}
-    b.tables_written.add(join_name(rel.get("schemaname"), rel.get("relname", "")))
+    name = join_name(rel.get("schemaname"), rel.get("relname", ""))
+    b.tables_written.add(name)
     b.functions.add(join_name(*_string_list(s.get("funcname"))))
-    b.push(s.get("whenClause"), ((), {}, _NOEXEC, None))
+    scope = _Scope()
+    scope.aliases["new"] = scope.aliases["old"] = name
+    b.push(s.get("whenClause"), ((scope,), {}, _NOEXEC, None))
 
 
 def _s_function(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:
@@ -1361,7 +1457,10 @@ def _s_function(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:
     if body and language == "sql":
         inner = b.analyzer.body_facts(body, b.depth)
     elif body and language == "plpgsql":
-        dynamic, inner = b.analyzer.plpgsql_facts(b.text, b.depth)
+        parsed = b.analyzer.plpgsql_facts(b.text, b.depth)
+        if parsed is None:
+            b.notes.append("the PL/pgSQL body does not parse; the server will check it")
+        dynamic, inner = parsed if parsed is not None else (False, [])
         if dynamic:
             b.danger("the function body runs dynamic SQL (EXECUTE) that the gateway cannot "
                      "inspect")
@@ -1489,7 +1588,9 @@ def _s_alter_table(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:
 
 def _s_call(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:
     b.notes.append("procedures can read, write and commit; CALL is treated as a write")
-    b.push(s.get("funccall"), ctx)
+    call = s.get("funccall")
+    if call:
+        b.func_call(call, ctx)
 
 
 def _s_notify(b: _Builder, s: dict[str, Any], ctx: Ctx) -> None:

@@ -110,6 +110,7 @@ class StatementFacts:
     functions: frozenset[str] = frozenset()
     functions_called: frozenset[str] = frozenset()
     operators: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
     unbounded: bool = False
     dangerous: bool = False
     dangerous_reasons: tuple[str, ...] = ()
@@ -195,6 +196,7 @@ class StatementFacts:
             "output_columns": [c.to_dict() for c in self.output_columns],
             "functions": sorted(self.functions),
             "operators": sorted(self.operators),
+            "types": sorted(self.types),
             "unbounded": self.unbounded,
             "dangerous": self.dangerous,
             "dangerous_reasons": list(self.dangerous_reasons),
@@ -242,6 +244,7 @@ def merge_facts(outer: StatementFacts, inner: StatementFacts) -> StatementFacts:
         functions=outer.functions | inner.functions,
         functions_called=outer.functions_called | inner.functions_called,
         operators=outer.operators | inner.operators,
+        types=outer.types | inner.types,
         unbounded=outer.unbounded or inner.unbounded,
         dangerous=bool(reasons),
         dangerous_reasons=reasons,

@@ -98,6 +98,8 @@ class ConsoleApp(App[None]):
         self._refresh_again = False
         self._unknown_keymap = self._apply_keymap(keymap or {})
         self.dashboard = DashboardScreen()
+        #: Approvals decided from this console (their rows going away is expected).
+        self.decided_here: set[int] = set()
         #: Everything the console did, for tests and for the log ("decided #4 ...").
         self.actions: list[str] = []
 
@@ -321,6 +323,7 @@ class ConsoleApp(App[None]):
                       comment: str | None) -> None:
         verb = ("approved for the session" if scope == "session" else "approved once") \
             if approve else "denied"
+        self.decided_here.add(approval_id)
         try:
             await self.source.decide(approval_id, approve, scope, self.decided_by, comment)
         except SourceError as exc:

@@ -7,6 +7,7 @@ Everything an agent controls (SQL, values, application names, subjects) becomes 
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
 from datetime import UTC, datetime
@@ -50,7 +51,15 @@ def pretty_sql(sql: str) -> str:
 
 
 def highlighted_sql(sql: str, pretty: bool = True) -> Text:
-    """Syntax-highlighted SQL as a ``Text`` (Syntax never interprets markup)."""
+    """Syntax-highlighted SQL as a ``Text`` (Syntax never interprets markup).
+
+    Parsing and highlighting cost milliseconds and the detail pane redraws every second
+    (the countdown), so results are cached; callers get their own copy."""
+    return _highlighted(sql, pretty).copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _highlighted(sql: str, pretty: bool) -> Text:
     code = pretty_sql(sql) if pretty else sql
     code = code.translate(_CONTROL)
     text = Syntax(code, "sql", theme="ansi_dark", word_wrap=True,

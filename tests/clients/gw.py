@@ -26,11 +26,12 @@ class GatewayPool:
         self.folder = folder
         self.started: list[object] = []
 
-    async def start(self, targets: dict[str, str], extra: str = "") -> RunningGateway:
+    async def start(self, targets: dict[str, str], extra: str = "",
+                    listen: str = "127.0.0.1:0") -> RunningGateway:
         from hoopops.gateway import build_gateway
 
         path = self.folder / f"hoopops-{len(self.started)}.yaml"
-        path.write_text(config_text(targets, extra))
+        path.write_text(config_text(targets, extra, listen))
         config = load_config(path)
         gateway = await build_gateway(config)
         await gateway.start()

@@ -62,6 +62,7 @@ class DashboardScreen(Screen[None]):
         self.masking = MaskingFeed(id="masking")
         #: Set once mounted; the app renders into it only from then on.
         self.ready = False
+        self._enabled: tuple[bool, bool] | None = None
 
     @property
     def console(self) -> ConsoleApp:
@@ -99,13 +100,17 @@ class DashboardScreen(Screen[None]):
             self.query_one("#sessions-panel").border_title = (
                 f"Live sessions ({len(app.sessions)})")
         had_focus_target = self.approvals.row_count
-        self.approvals.show(app.approvals, now)
+        self.approvals.show(app.approvals, now, app.decided_here)
         self.query_one("#approvals-panel").border_title = (
             f"Pending approvals ({len(app.approvals)})")
         if not had_focus_target and self.approvals.row_count and self.focused is None:
             self.approvals.focus()
         self._show_detail(now)
-        self.refresh_bindings()
+        # Footer keys dim when nothing is selected; only redraw it when that changes.
+        enabled = (self.approvals.selected is not None, self.sessions.selected_key is not None)
+        if enabled != self._enabled:
+            self._enabled = enabled
+            self.refresh_bindings()
 
     def _show_detail(self, now: float) -> None:
         approval = self.approvals.selected

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from rich.text import Text
 
@@ -30,7 +30,11 @@ class ApprovalsTable(KeyedTable):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.approvals: dict[str, ApprovalView] = {}
 
-    def show(self, approvals: Sequence[ApprovalView], now: float) -> None:
+    def show(self, approvals: Sequence[ApprovalView], now: float,
+             decided_here: Collection[int] = ()) -> None:
+        """``decided_here``: approvals this console decided; when the selected one goes
+        for that reason, the cursor moving on is expected, not a surprise to guard."""
+        before = self.selected_key
         self.approvals = {approval_key(a.id): a for a in approvals}
         rows = [(approval_key(a.id), (
             Text(str(a.id), style="bold"), countdown(a.expires_at, now), plain(a.subject, 40),
@@ -38,6 +42,8 @@ class ApprovalsTable(KeyedTable):
             for a in sorted(approvals, key=lambda a: a.id, reverse=True)]
         # Newest first: a new approval appears on top, the cursor stays on its row.
         self.sync(rows, sort_column="id", sort_key=lambda c: -int(c.plain))
+        if before is not None and int(before) in decided_here:
+            self.selection_moved_by_refresh = False
 
     @property
     def selected(self) -> ApprovalView | None:
