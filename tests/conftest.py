@@ -19,9 +19,13 @@ AUDIENCE = "hoopops"
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
-    """A real PostgreSQL (SCRAM auth on) shared by the whole test run."""
-    server = LocalPostgres(tmp_path_factory.mktemp("pg")).start()
+def pg() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL (SCRAM auth on) shared by the whole test run.
+
+    Its folder is outside pytest's temp root, which pytest keeps private (mode 700) and
+    the server's own unprivileged user could then not reach.
+    """
+    server = LocalPostgres().start()
     try:
         yield server
     finally:

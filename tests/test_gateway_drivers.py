@@ -366,3 +366,39 @@ async def test_forged_cancel_key_cancels_nothing(gateway: RunningGateway,
         await send_cancel(gateway.port, secrets.randbits(31), secrets.token_bytes(4))
         cur = await asyncio.wait_for(task, 10)
         assert await cur.fetchone() == ("", "completed")
+
+
+
+async def test_copy_in_over_extended_protocol(gateway: RunningGateway) -> None:
+    """COPY FROM STDIN sent as Parse/Bind/Execute/Sync, the way libpq's PQexecParams and
+    tokio-postgres do it: the server ignores Sync during copy-in, so libpq sends a second
+    one after CopyDone and gets a single ReadyForQuery. The relay must stay in step."""
+    from tests.clients.rawpg import RawClient, message
+
+    raw = await RawClient.open(gateway.port)
+    try:
+        assert (await raw.login(gateway.token())).types().endswith(b"Z")
+        assert (await raw.simple("create temp table xc (id int, v text)")).errors() == []
+        for rows, finish in ((b"1\ta\n2\tb\n", message(b"c")),
+                             (b"3\tc\n", message(b"f", b"client gave up\0"))):
+            await raw.send(message(b"P", b"\0copy xc from stdin\0\0\0")
+                           + message(b"B", b"\0\0" + b"\0\0" * 3)
+                           + message(b"E", b"\0\0\0\0\0") + message(b"S"))
+            reply = await raw.read_until(b"G")
+            assert reply.types() == b"12G", reply.types()
+            await raw.send(message(b"d", rows) + finish + message(b"S"))
+            reply = await raw.read_until(b"Z")
+            if finish[:1] == b"c":
+                assert reply.types() == b"CZ", reply.types()
+            else:
+                assert reply.types() == b"EZ" and "client gave up" in reply.errors()[0]["M"]
+        # Extended and simple queries afterwards are answered in step.
+        await raw.send(message(b"P", b"\0select count(*)::text from xc\0\0\0")
+                       + message(b"B", b"\0\0" + b"\0\0" * 3) + message(b"D", b"P\0")
+                       + message(b"E", b"\0\0\0\0\0") + message(b"S"))
+        reply = await raw.read_until(b"Z")
+        assert reply.types() == b"12TDCZ", reply.types()
+        assert reply.rows() == [["2"]]
+        assert (await raw.simple("select 'in step'")).rows() == [["in step"]]
+    finally:
+        await raw.close()

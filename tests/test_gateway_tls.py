@@ -101,7 +101,7 @@ async def test_drivers_over_tls(tls_gateway: RunningGateway) -> None:
     ctx = ssl.create_default_context(cafile=str(_cert(gw)))
     conn = await asyncpg.connect(gw.dsn().replace("?sslmode=disable", ""), ssl=ctx)
     try:
-        assert conn._transport.get_extra_info("ssl_object") is not None  # noqa: SLF001
+        assert conn._transport.get_extra_info("ssl_object") is not None
         assert await conn.fetchval("select $1::text", "asyncpg+tls") == "asyncpg+tls"
     finally:
         await conn.close()
@@ -308,7 +308,6 @@ async def test_upstream_tls_failures_name_the_target(tls_pg: LocalPostgres, pool
     assert "target 'wrongca'" in str(info.value)
     assert "certificate verify failed" in str(info.value)
     assert "unreachable" not in str(info.value)
-    print("MSG", str(info.value))
 
 
 @pytest.mark.parametrize("mode", ["require", "verify-full"])

@@ -21,6 +21,7 @@ from hoopops.masking import (
     StatementSources,
     apply_result_formats,
     build_data_row,
+    columns_from_fields,
     parse_copy_response,
     parse_row_description,
     split_data_row,
@@ -279,8 +280,12 @@ def test_batch_of_data_row_messages() -> None:
     assert split_data_row(out[pos + 5:pos + 1 + length])[2:4] == [b"***-**-6789",
                                                                  b"***@example.com"]
     assert out.endswith(message(clean))
+    assert plan.rewrite_data_rows(message(clean)) == message(clean)  # one framed message
     with pytest.raises(MaskingError):
         plan.rewrite_data_rows(data + b"C\x00\x00\x00\x05x")
+    exempt = RULES.plan(BREAKGLASS, CUSTOMER, None)
+    assert exempt is not None and exempt.rewrite_data_rows(data) == data
+    assert exempt.rows == 3
 
 
 # -- COPY -------------------------------------------------------------------------------------
@@ -445,6 +450,14 @@ def test_row_description_and_bind_formats() -> None:
         parse_row_description(payload[:-3])
     with pytest.raises(CodecError):
         parse_row_description(payload + b"x")
+
+
+def test_columns_from_another_codecs_fields() -> None:
+    from hoopops.proxy.protocol import decode_row_description
+
+    payload = row_description([("ssn", 16400, 3, TEXT, 1)])
+    assert columns_from_fields(decode_row_description(payload)) == parse_row_description(
+        payload)
 
 
 def test_data_row_codec_roundtrip_and_errors() -> None:

@@ -161,6 +161,9 @@ NOTHING = [((), False, False)]
      "SELECT n + 1, s || 'x' FROM r WHERE n < 3) SELECT s FROM r", DERIVED_SSN),
     ("SELECT (SELECT ssn FROM json_populate_record(null::customers, '{}')) FROM customers",
      [(SSN, True, False)]),
+    # A subquery whose columns include an unknown-width spread cannot hide the outer ssn.
+    ("SELECT (SELECT ssn FROM (SELECT * FROM json_populate_record(null::customers, '{}')) i) "
+     "FROM customers", [(SSN, True, False)]),
 ])
 async def test_traces(sql: str, expected: list[Shape]) -> None:
     assert await outs(sql) == expected

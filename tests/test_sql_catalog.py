@@ -85,6 +85,14 @@ CREATE FUNCTION to_money2(int) RETURNS money2 LANGUAGE sql VOLATILE
     AS 'SELECT ROW($1)::money2';
 CREATE CAST (int AS money2) WITH FUNCTION to_money2(int);
 
+CREATE TABLE ruled (id int);
+CREATE RULE copy_to_audited AS ON INSERT TO ruled DO ALSO
+    INSERT INTO audited VALUES (NEW.id, 'copied');
+CREATE VIEW audited_view AS SELECT id, note FROM audited;
+
+CREATE FUNCTION relax_strings() RETURNS text LANGUAGE sql STABLE
+    AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$;
+
 CREATE FUNCTION lots_of_uuid() RETURNS uuid LANGUAGE sql VOLATILE
     AS 'SELECT gen_random_uuid()';
 """
@@ -204,6 +212,25 @@ async def test_triggers_fire_on_writes(catalog: SqlCatalog, engine: PolicyEngine
     assert (action, rule) == ("allow", "reads")
 
 
+async def test_rules_and_updatable_views_reach_triggers(
+        catalog: SqlCatalog, engine: PolicyEngine) -> None:
+    action, rule, facts = await judge(catalog, engine, "INSERT INTO ruled VALUES (1)")
+    assert (action, rule) == ("block", "no-dangerous")
+    assert any("rules that rewrite writes" in note for note in facts.notes)
+    action, rule, _ = await judge(catalog, engine,
+                                  "INSERT INTO audited_view VALUES (1, 'x')")
+    assert (action, rule) == ("block", "no-dangerous")
+    action, rule, _ = await judge(catalog, engine, "SELECT * FROM audited_view")
+    assert (action, rule) == ("allow", "reads")
+
+
+async def test_functions_changing_how_text_is_read(catalog: SqlCatalog,
+                                                   engine: PolicyEngine) -> None:
+    action, rule, facts = await judge(catalog, engine, "SELECT relax_strings()")
+    assert (action, rule) == ("block", "builtin:lexing-risk")
+    assert facts.lexing_risk[0].startswith("public.relax_strings: ")
+
+
 async def test_user_defined_operators_are_calls(catalog: SqlCatalog,
                                                 engine: PolicyEngine) -> None:
     action, rule, facts = await judge(catalog, engine, "SELECT 1 === 2")
@@ -298,3 +325,17 @@ async def test_lookup_on_a_pool(catalog_db: str, engine: PolicyEngine) -> None:
         assert (action, rule) == ("review", "writes-need-review")
     finally:
         await pool.close()
+
+
+def test_policy_check_consults_the_catalog(catalog_db: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from hoopops.cli import main
+
+    code = main(["policy", "check", "--policies", str(POLICIES), "--json", "--dsn",
+                 catalog_db, "SELECT * FROM report"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (out["decision"], out["rule"]) == ("review", "writes-need-review")
+    assert "public.innocent" in out["statements"][0]["functions"]

@@ -216,3 +216,25 @@ def test_shape_cache_gives_the_same_facts_as_a_full_analysis() -> None:
         assert (again.parse_error, again.unanalysable) == (slow.parse_error,
                                                            slow.unanalysable)
     assert hits > 50
+
+
+def test_facts_are_built_in_field_order() -> None:
+    """The analyser builds StatementFacts positionally for speed: keep the order in step."""
+    import dataclasses
+
+    from hoopops.sql import StatementFacts
+
+    names = [f.name for f in dataclasses.fields(StatementFacts) if f.init]
+    assert names == [
+        "text", "statement_type", "kinds", "changes_data", "changes_schema",
+        "changes_server", "tables_read", "tables_written", "columns", "columns_written",
+        "filter_columns", "output_columns", "functions", "functions_called", "operators",
+        "types", "unbounded", "dangerous", "dangerous_reasons", "lexing_risk",
+        "resets_session", "row_locks", "parse_error", "unanalysable", "wrapped", "prepares",
+        "executes", "deallocates", "notes", "location"]
+    facts = analyze("PREPARE p AS DELETE FROM t USING u WHERE u.a = t.b "
+                    "RETURNING pg_sleep(1)").statements[0]
+    assert facts.statement_type == "PrepareStmt" and facts.prepares == "p"
+    assert facts.tables_written == {"t"} and facts.tables_read == {"u"}
+    assert facts.functions == {"pg_sleep"} and facts.location == 0
+    assert facts.wrapped == ("DeleteStmt",) and facts.unanalysable is None

@@ -7,18 +7,41 @@ STDOUT in text, CSV and binary, and the texts of errors, notices, notifications 
 parameter statuses. Where the origin cannot be traced, the value is masked (or the
 result refused). Only counts are recorded, never values.
 
-How the relay uses it, per statement:
+How the relay drives it (``rules`` = ``MaskingRules.from_sections(policy.masking_sections,
+config.masking.hmac_secret)``, ``catalog`` = one ``hoopops.proxy.catalog.Catalog`` per
+upstream database; skip everything when ``not rules.enabled_for(identity)``):
 
-1. ``hints = await rules.analyze(sql, catalog)`` at Query/Parse (one entry per
-   statement of a simple Query); keep the list per prepared statement.
-2. At RowDescription: ``cols = await catalog.resolve(parse_row_description(payload))``
-   (apply Bind's result formats with ``apply_result_formats`` for portals), then
-   ``plan = rules.plan(identity, cols, hints[i])``; None means forward DataRows as bytes.
-3. Each DataRow: ``payload = plan.rewrite_data_row(payload)``.
-4. At CommandComplete / PortalSuspended / ErrorResponse: ``plan.take_actions()`` →
-   audit and the ``masking.applied`` event.
+1. Query / Parse: ``hints = await rules.analyze(sql, catalog, search_path, user)`` — one
+   ``StatementSources`` per statement, in order; ``search_path`` is the session's latest
+   ParameterStatus value (PostgreSQL 18 reports it), ``user`` the upstream role. Keep the
+   list per prepared statement; cache by ``(sql, search_path)`` if you like. Remember
+   ``hints.prepare`` / ``hints.cursor`` names: a later ``EXECUTE name`` / ``FETCH ... name``
+   (whose ``outputs`` is None) must use the remembered hints, or its computed columns
+   are masked.
+2. RowDescription (for statement *i* of a simple Query: *i* = CommandCompletes seen so
+   far): ``cols = columns_from_fields(fields)`` or ``parse_row_description(payload)``;
+   for a portal ``apply_result_formats(cols, bind.result_formats)`` (a statement
+   Describe always says text); ``cols = await catalog.resolve(cols, rules.trusted_functions)``;
+   ``plan = rules.plan(identity, cols, hints[i])``. None: forward DataRows untouched.
+   Keep the plan per portal: Execute may run again after PortalSuspended. DataRows with
+   no RowDescription known (Execute without Describe) need one: Describe the portal
+   yourself, or fail the statement.
+3. DataRow: ``plan.rewrite_data_row(payload)``, or ``plan.rewrite_data_rows(messages)``
+   for one or more whole framed 'D' messages at once (the faster form).
+4. CopyOutResponse: ``plan = rules.plan_copy(identity, payload, hints[i])``; each
+   CopyData: ``out = plan.rewrite_copy_data(payload)`` (send nothing when ``b""``);
+   CopyDone: ``plan.finish_copy()``.
+5. CommandComplete / PortalSuspended / ErrorResponse: ``plan.take_actions()`` → audit
+   record and the ``masking.applied`` event; ``catalog.note_command(tag)`` after
+   CommandComplete (DDL empties its caches).
+6. ErrorResponse / NoticeResponse: ``rules.rewrite_error(payload, identity,
+   strict=rules.touches_sensitive(hints[i]))``; NotificationResponse:
+   ``rules.rewrite_notification``; ParameterStatus: ``rules.rewrite_parameter_status``.
+   Each returns ``(payload, actions)``.
 
-See ``rules.MaskingRules`` for COPY, errors, notices, notifications and parameter status.
+``MaskingError`` (and ``MaskingRefused``, with SQLSTATE 42501) mean the statement must
+end with an ErrorResponse, never with the data. ``rules.facts(hints)`` gives the policy
+engine what masking cannot fix (sensitive columns in predicates, copies, writes).
 """
 
 from hoopops.masking.codec import (
@@ -26,6 +49,7 @@ from hoopops.masking.codec import (
     CopyResponse,
     apply_result_formats,
     build_data_row,
+    columns_from_fields,
     parse_copy_response,
     parse_row_description,
     split_data_row,
@@ -48,6 +72,7 @@ __all__ = [
     "ColumnDecision", "ColumnInfo", "CopyOptions", "CopyResponse", "MaskingAction",
     "MaskingError", "MaskingFacts", "MaskingRefused", "MaskingRules", "OutputSources",
     "RelationInfo", "RelationLookup", "ResultPlan", "SourceColumn", "StatementSources",
-    "Strategy", "analyze", "apply_result_formats", "build_data_row", "parse_copy_response",
+    "Strategy", "analyze", "apply_result_formats", "build_data_row", "columns_from_fields",
+    "parse_copy_response",
     "parse_row_description", "split_data_row",
 ]

@@ -8,9 +8,9 @@ bytes: field values are never decoded here, so the client encoding never matters
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from hoopops.masking.sources import OutputSources
@@ -49,6 +49,24 @@ class ColumnInfo:
     @property
     def wire_type(self) -> int:
         return self.base_type_oid if self.base_type_oid is not None else self.type_oid
+
+
+class FieldLike(Protocol):
+    """A decoded RowDescription field from elsewhere (``hoopops.proxy.protocol.Field``)."""
+
+    name: str
+    table_oid: int
+    attnum: int
+    type_oid: int
+    type_size: int
+    type_mod: int
+    format_code: int
+
+
+def columns_from_fields(fields: Iterable[FieldLike]) -> list[ColumnInfo]:
+    """ColumnInfo for fields another codec already decoded (no origins yet)."""
+    return [ColumnInfo(f.name, f.table_oid, f.attnum, f.type_oid, f.format_code, f.type_size,
+                       f.type_mod) for f in fields]
 
 
 def parse_row_description(payload: bytes) -> list[ColumnInfo]:

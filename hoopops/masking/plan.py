@@ -19,7 +19,7 @@ from hoopops.masking.rewrite import (
     RowRewriter,
     ValueDetector,
     detect_class,
-    field_encoder,
+    field_mask,
     mask_class,
 )
 from hoopops.masking.sources import CopyOptions
@@ -83,7 +83,7 @@ class ResultPlan:
         self.copy_binary = copy_binary
         detecting = detectors is not None and bool(detectors) and detectors_exempt is None
         self._value_detector = ValueDetector(detectors) if detecting and detectors else None
-        masks = {d.index: field_encoder(d.strategy, mask_class(c.wire_type, c.format_code))
+        masks = {d.index: field_mask(d.strategy, mask_class(c.wire_type, c.format_code))
                  for d, c in zip(self.decisions, self.columns, strict=True)
                  if d.masked and d.strategy is not None}
         detect = [detect_class(c.wire_type, c.format_code) if d.detect else D_SKIP
@@ -95,6 +95,10 @@ class ResultPlan:
         self._taken: dict[tuple[str, str], int] = {}
         # Nothing to rewrite (only exemptions to count): count rows, forward the bytes.
         self._passthrough = not masks and not self._row.detecting
+        if not self._passthrough:
+            # The generated per-row function itself, not a method calling it: on the hot
+            # path every Python call costs as much as the masking.
+            self.rewrite_data_row = self._row.rewrite  # type: ignore[method-assign]
 
     @property
     def masked(self) -> list[ColumnDecision]:
@@ -114,7 +118,7 @@ class ResultPlan:
         if self._passthrough:
             if payload[:2] != self._row.count_bytes:
                 raise MaskingError("DataRow does not match its RowDescription")
-            self._row.rows += 1
+            self._row.count_rows(1)
             return payload
         return self._row(payload)
 
@@ -131,7 +135,7 @@ class ResultPlan:
             if messages[pos] != 68 or pos + 7 > size or messages[pos + 5:pos + 7] != count:
                 raise MaskingError("expected complete DataRow messages of this result")
             pos += 1 + int.from_bytes(messages[pos + 1:pos + 5], "big")
-            self._row.rows += 1
+            self._row.count_rows(1)
         if pos != size:
             raise MaskingError("incomplete DataRow message")
         return messages

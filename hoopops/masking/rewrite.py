@@ -91,17 +91,34 @@ def _json_string(value: bytes) -> bytes:
     return json.dumps(value.decode("utf-8", "replace")).encode()
 
 
+FieldMask = tuple[str, object]  # ("const", field bytes) | ("text", f) | ("encode", f)
+
+
+def field_mask(strategy: Strategy, klass: int) -> FieldMask:
+    """How the row rewriter writes one masked column.
+
+    ``const``: the same field bytes for every value (redact, null); ``text``: a function
+    from value to masked bytes, length-prefixed by the caller; ``encode``: a function from
+    value to a whole length-prefixed field (JSON wrapping).
+    """
+    if strategy.kind == "null" or klass == M_NULL:
+        return ("const", NULL_FIELD)
+    if strategy.kind == "redact":
+        token = {M_RAW: REDACTED, M_JSON: _json_string(REDACTED),
+                 M_JSONB_BIN: b"\x01" + _json_string(REDACTED)}[klass]
+        return ("const", I32.pack(len(token)) + token)
+    text = strategy.text_function()
+    if klass == M_RAW and text is not None:
+        return ("text", text)
+    return ("encode", field_encoder(strategy, klass))
+
+
 def field_encoder(strategy: Strategy, klass: int) -> Callable[[bytes], bytes]:
     """``encode(value) -> length-prefixed field`` for one masked column."""
     pack = I32.pack
     apply = strategy.apply
     if strategy.kind == "null" or klass == M_NULL:
         return lambda value: NULL_FIELD
-    if strategy.kind == "redact":
-        constant = {M_RAW: REDACTED, M_JSON: _json_string(REDACTED),
-                    M_JSONB_BIN: b"\x01" + _json_string(REDACTED)}[klass]
-        encoded = pack(len(constant)) + constant
-        return lambda value: encoded
     if klass == M_RAW:
         def raw(value: bytes) -> bytes:
             out = apply(value)
@@ -222,40 +239,80 @@ _pack_i32 = I32.pack
 _DATA_ROW = 68  # 'D'
 
 
-def _walker_source(targets: Sequence[int]) -> str:
-    """Source of ``walk(payload) -> pieces``, unrolled for one result shape.
+class _Short(Exception):
+    """A field length pointed past the end of the DataRow."""
 
-    A per-field loop costs several bytecodes per column on every row; an unrolled walker
-    with the encoders bound as default arguments reads each length prefix once and does
-    nothing else. ``pieces`` alternates unmasked byte ranges (copied as slices) and the
-    masked fields, so ``b"".join(pieces)`` is the new payload; see :func:`_regions`.
+
+def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
+                     detecting: bool) -> str:
+    """Source of ``rewrite(payload) -> payload``, unrolled for one result shape.
+
+    A per-field loop costs several bytecodes per column on every row, and every extra
+    Python call costs as much as the work itself; so each plan gets one generated
+    function that checks the field count, reads each length prefix once up to the last
+    masked column, calls the strategy inline, and joins the unmasked byte ranges (copied
+    as slices) with the masked fields. With detectors on, the unmasked ranges are joined
+    into one probe; only rows whose probe hits go to the slow path (``_slow``). Binary
+    numbers, which a byte probe cannot read, are "check" fields: their checker returns
+    None (unchanged) or the replacement field.
     """
-    lines = ["def walk(payload, _u=_u, _c=_c, _NULL=_NULL" + "".join(
-        f", _e{k}=_e{k}" for k in range(len(targets))) + "):", "    p = 2"]
+    lines = ["def rewrite(payload, _u=_u, _c=_c, _rows=_rows, _NULL=_NULL, _pk=_pk,"
+             " _COUNT=_COUNT, _probe=_probe, _slow=_slow, _bad=_bad" + "".join(
+                 f", _m{k}=_m{k}" for k in range(len(targets))) + "):",
+             "    if payload[:2] != _COUNT:", "        _bad(payload)", "    _rows[0] += 1"]
+    if not targets:
+        lines += ["    if _probe(payload):", "        return _slow(payload, (payload,))",
+                  "    return payload"]
+        return "\n".join(lines)
+    lines += ["    try:", "        p = 2"]
     pieces = []
+    regions = []
     col = 0
     for k, target in enumerate(targets):
         for _ in range(target - col):
-            lines += ["    n = _u(payload, p)[0]", "    p += 4 + n if n > 0 else 4"]
+            lines += ["        n = _u(payload, p)[0]", "        p += 4 + n if n > 0 else 4"]
         if k == 0:
             pieces.append("payload[:s0]")
+            if target > 0:
+                regions.append(len(pieces) - 1)
         elif target > col:
             pieces.append(f"payload[e{k - 1}:s{k}]")
-        lines += [f"    s{k} = p", "    n = _u(payload, p)[0]", "    if n >= 0:",
-                  "        p += 4 + n", f"        f{k} = _e{k}(payload[s{k} + 4:p])",
-                  f"        _c[{k}] += 1", "    else:", "        p += 4", f"        f{k} = _NULL",
-                  f"    e{k} = p"]
+            regions.append(len(pieces) - 1)
+        kind = kinds[k]
+        if kind == "const":
+            value = [f"            f{k} = _m{k}", f"            _c[{k}] += 1"]
+        elif kind == "text":
+            value = [f"            v = _m{k}(payload[s{k} + 4:p])",
+                     f"            f{k} = _pk(len(v)) + v", f"            _c[{k}] += 1"]
+        elif kind == "check":
+            value = [f"            v = _m{k}(payload[s{k} + 4:p])",
+                     f"            f{k} = payload[s{k}:p] if v is None else v"]
+        else:
+            value = [f"            f{k} = _m{k}(payload[s{k} + 4:p])", f"            _c[{k}] += 1"]
+        lines += [f"        s{k} = p", "        n = _u(payload, p)[0]", "        if n >= 0:",
+                  "            p += 4 + n", *value, "        else:",
+                  "            p += 4", f"            f{k} = _NULL", f"        e{k} = p"]
         pieces.append(f"f{k}")
         col = target + 1
     pieces.append(f"payload[e{len(targets) - 1}:]")
-    lines += ["    if p > len(payload):", "        raise _Short",
-              f"    return ({', '.join(pieces)})"]
+    if col < ncols:
+        regions.append(len(pieces) - 1)
+    lines += ["    except _error:", "        raise _Truncated('truncated DataRow') from None",
+              "    if p > len(payload):", "        raise _Truncated('truncated DataRow')",
+              f"    pieces = ({', '.join(pieces)},)"]
+    if detecting and regions:
+        probe = f"pieces[{regions[0]}]" if len(regions) == 1 else (
+            "b''.join((" + ", ".join(f"pieces[{i}]" for i in regions) + ",))")
+        lines += [f"    if _probe({probe}):", "        return _slow(payload, pieces)"]
+    lines.append("    return b''.join(pieces)")
     return "\n".join(lines)
 
 
 def _regions(targets: Sequence[int], ncols: int) -> list[tuple[int, int]]:
-    """``(piece index, first column)`` of each unmasked range in a walker's pieces that
-    holds at least one field (the first range also holds the field count)."""
+    """``(piece index, first column)`` of each unmasked range in a rewriter's pieces
+    that holds at least one field (the first range also holds the field count)."""
+    if not targets:
+        return [(0, 0)] if ncols else []
     regions = []
     index = 0
     col = 0
@@ -271,89 +328,106 @@ def _regions(targets: Sequence[int], ncols: int) -> list[tuple[int, int]]:
     return regions
 
 
-class _Short(Exception):
-    """A field length pointed past the end of the DataRow."""
+def _number_checker(klass: int, detector: ValueDetector) -> Callable[[bytes], bytes | None]:
+    """``check(value)``: None when a binary int8/numeric cannot be a card number (the
+    common case, decided without decoding digits), else the field to send instead."""
+    def check_int8(value: bytes) -> bytes | None:
+        if len(value) == 8 and -_CARD_MIN < int.from_bytes(value, "big", signed=True) < _CARD_MIN:
+            return None
+        return None if detector.value(klass, value) is not None else NULL_FIELD
+
+    def check_numeric(value: bytes) -> bytes | None:
+        # weight counts base-10000 digit groups before the point: < 3 means < 10^12.
+        if len(value) >= 4 and I16.unpack_from(value, 2)[0] < 3:
+            return None
+        return None if detector.value(klass, value) is not None else NULL_FIELD
+
+    return check_int8 if klass == D_INT_BIN else check_numeric
 
 
 class RowRewriter:
     """Masks the listed columns of every DataRow and runs detectors over the others.
 
-    Fields up to the last masked column are walked by their length prefixes only, by a
-    walker generated for this result's shape; the bytes between masked fields are copied
-    as slices. With detectors on, the unmasked slices are joined into one probe, so a row
-    costs a single probe and only rows whose probe hits are split into fields.
+    ``rewrite(payload)`` is generated for the result's shape (see
+    :func:`_rewriter_source`); it returns the payload itself when nothing changed.
     """
 
-    def __init__(self, ncols: int, masks: dict[int, Callable[[bytes], bytes]],
+    def __init__(self, ncols: int, masks: dict[int, FieldMask],
                  detect: Sequence[int] | None, detector: ValueDetector | None) -> None:
         self.ncols = ncols
         self.count_bytes = I16.pack(ncols)
-        targets = sorted(masks)
-        self.target_index = targets
-        self.mask_counts = [0] * len(targets)
-        self.rows = 0
+        self._rows = [0]
         self._detect = list(detect) if detect is not None and detector is not None else None
         self.detecting = self._detect is not None
         self._detector = detector
-        self._probe = detector.detectors.may_match if detector is not None else None
-        # Binary numbers hold no digit text for the byte probe to see: rows with such
-        # columns are always walked, and each value is decoded and checked.
-        self._numbers = self._detect is not None and any(
-            k in (D_INT_BIN, D_NUMERIC_BIN) for k in self._detect)
-        self._walk: Callable[[bytes], tuple[bytes, ...]] | None = None
+        masks = dict(masks)
+        if self._detect is not None and detector is not None:
+            # Binary numbers hold no digit text for the byte probe to see: they are read
+            # and checked inline, and the probe covers only the text between them.
+            for col, klass in enumerate(self._detect):
+                if klass in (D_INT_BIN, D_NUMERIC_BIN) and col not in masks:
+                    masks[col] = ("check", _number_checker(klass, detector))
+        targets = sorted(masks)
+        self.target_index = targets
+        self.mask_counts = [0] * len(targets)
         self._regions = _regions(targets, ncols)
-        if targets:
-            namespace: dict[str, object] = {
-                "_u": _unpack_i32, "_c": self.mask_counts, "_NULL": NULL_FIELD,
-                "_Short": _Short, **{f"_e{k}": masks[t] for k, t in enumerate(targets)}}
-            exec(compile(_walker_source(targets), f"<masking walker {targets}>", "exec"),
-                 namespace)
-            self._walk = namespace["walk"]  # type: ignore[assignment]
+        namespace: dict[str, object] = {
+            "_u": _unpack_i32, "_c": self.mask_counts, "_rows": self._rows,
+            "_NULL": NULL_FIELD, "_pk": _pack_i32, "_COUNT": self.count_bytes,
+            "_probe": detector.detectors.may_match if detector is not None else None,
+            "_slow": self._slow, "_bad": self._bad, "_error": struct.error,
+            "_Truncated": MaskingError,
+            **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)}}
+        source = _rewriter_source([masks[t][0] for t in targets], targets, ncols,
+                                  self.detecting)
+        exec(compile(source, f"<masking rewriter {targets} of {ncols}>", "exec"), namespace)
+        self.rewrite: Callable[[bytes], bytes] = namespace["rewrite"]  # type: ignore[assignment]
+
+    @property
+    def rows(self) -> int:
+        return self._rows[0]
+
+    def count_rows(self, count: int) -> None:
+        """Count rows forwarded without rewriting (exempt identities)."""
+        self._rows[0] += count
 
     def __call__(self, payload: bytes) -> bytes:
-        """One DataRow payload → the payload to send (the same object if unchanged)."""
-        if payload[:2] != self.count_bytes:
-            raise MaskingError(
-                f"DataRow has {I16.unpack_from(payload)[0] if len(payload) >= 2 else 0} "
-                f"columns but its RowDescription had {self.ncols}")
-        self.rows += 1
-        if self._walk is None:
-            if self._probe is not None and (self._numbers or self._probe(payload)):
-                return self._detect_region(payload, 0)
-            return payload
-        try:
-            pieces = self._walk(payload)
-        except (struct.error, _Short):
-            raise MaskingError("truncated DataRow") from None
-        regions = self._regions
-        if self._probe is not None and regions:
-            probe = pieces[regions[0][0]] if len(regions) == 1 else b"".join(
-                [pieces[i] for i, _ in regions])
-            if self._numbers or self._probe(probe):
-                changed = list(pieces)
-                for index, col in regions:
-                    changed[index] = self._detect_region(pieces[index], col)
-                return b"".join(changed)
-        return b"".join(pieces)
+        return self.rewrite(payload)
+
+    def _bad(self, payload: bytes) -> None:
+        count = I16.unpack_from(payload)[0] if len(payload) >= 2 else 0
+        raise MaskingError(f"DataRow has {count} columns but its RowDescription had "
+                           f"{self.ncols}")
+
+    def _slow(self, payload: bytes, pieces: tuple[bytes, ...]) -> bytes:
+        """Detectors over the unmasked fields of a row whose probe hit."""
+        changed = list(pieces)
+        for index, col in self._regions:
+            changed[index] = self._detect_region(pieces[index], col)
+        if len(changed) == 1:
+            return changed[0]
+        return b"".join(changed)
 
     def rewrite_messages(self, data: bytes) -> bytes:
         """A run of complete DataRow messages (type byte and length included) rewritten.
 
-        The batch form of :meth:`__call__` for a relay that holds several DataRows in
-        its read buffer: it saves a call and a framing step per row.
+        The batch form for a relay that holds several DataRows in its read buffer: it
+        saves a call and a framing step per row; unchanged rows are copied as they are.
         """
         out: list[bytes] = []
         append = out.append
+        rewrite = self.rewrite
+        unpack = _unpack_i32
         pos = 0
         size = len(data)
         while pos < size:
             if data[pos] != _DATA_ROW or pos + 5 > size:
-                raise MaskingError("rewrite_data_rows expects complete DataRow messages only")
-            end = pos + 1 + _unpack_i32(data, pos + 1)[0]
+                raise MaskingError("expected complete DataRow messages only")
+            end = pos + 1 + unpack(data, pos + 1)[0]
             if end > size:
                 raise MaskingError("incomplete DataRow message")
             payload = data[pos + 5:end]
-            new = self(payload)
+            new = rewrite(payload)
             append(data[pos:end] if new is payload else b"D" + _pack_i32(len(new) + 4) + new)
             pos = end
         return b"".join(out)
@@ -375,7 +449,7 @@ class RowRewriter:
                 if size > 0:
                     value = region[pos + 4:pos + 4 + size]
                     klass = detect[col]
-                    if klass != D_SKIP and (klass in (D_INT_BIN, D_NUMERIC_BIN) or probe(value)):
+                    if klass != D_SKIP and probe(value):
                         new = detector.value(klass, value)
                         if new is not value:
                             out.append(region[copied:pos])
@@ -778,7 +852,7 @@ def rewrite_fields(fields: list[tuple[int, bytes]], detectors: DetectorSet | Non
 
 
 __all__ = [
-    "CopyRewriter", "MaskingError", "MaskingRefused", "RowRewriter", "ValueDetector",
-    "detect_class", "field_encoder", "mask_class", "numeric_text",
-    "redact_quoted", "rewrite_fields",
+    "CopyRewriter", "FieldMask", "MaskingError", "MaskingRefused", "RowRewriter",
+    "ValueDetector", "detect_class", "field_encoder", "field_mask", "mask_class",
+    "numeric_text", "redact_quoted", "rewrite_fields",
 ]

@@ -453,17 +453,30 @@ class _Entry:
         # star cannot be laid out column by column.
         self.exact = exact
 
-    def column(self, name: str) -> OutputSources | None:
+    def known(self, name: str) -> OutputSources | None:
+        """The column called ``name`` if this entry certainly has one."""
+        found = None
+        for col, out in self.columns or ():
+            if col == name and isinstance(out, OutputSources):
+                found = out if found is None else found.merge(out)
+        return found
+
+    def maybe(self) -> OutputSources | None:
+        """What a name this entry does not list could still carry: entries of unknown
+        shape (or with columns of unknown width) may define any name."""
         if self.columns is None:
             return self.fallback
-        found = None
-        for col, out in self.columns:
-            if col == name:
-                sources = out.sources if isinstance(out, Spread) else out
-                found = sources if found is None else found.merge(sources)
-        if found is None and any(isinstance(o, Spread) for _, o in self.columns):
-            return self.fallback
-        return found
+        spreads = [o.sources for _, o in self.columns if isinstance(o, Spread)]
+        if not spreads:
+            return None
+        merged = self.fallback
+        for sources in spreads:
+            merged = merged.merge(sources)
+        return merged
+
+    def column(self, name: str) -> OutputSources | None:
+        known = self.known(name)
+        return known if known is not None else self.maybe()
 
     def whole_row(self) -> OutputSources:
         if self.columns is None:
@@ -1150,13 +1163,13 @@ class _Analyzer:
             found: OutputSources | None = None
             certain = False
             for entry in level.entries:
-                if entry.columns is None:
-                    found = entry.fallback if found is None else found.merge(entry.fallback)
-                    continue
-                value = entry.column(column)
+                value = entry.known(column)
+                if value is not None:
+                    certain = True
+                else:
+                    value = entry.maybe()
                 if value is not None:
                     found = value if found is None else found.merge(value)
-                    certain = True
             if certain:
                 return found, True
             for entry in level.entries:
@@ -1206,8 +1219,7 @@ class _Analyzer:
         if len(names) != 1 or len(names) != len(fields):
             return None
         for level in scope.levels():
-            if any(e.column(names[0]) is not None and e.columns is not None
-                   for e in level.entries):
+            if any(e.known(names[0]) is not None for e in level.entries):
                 return None
             entry = self._entry_at(names, level)
             if entry is not None:

@@ -144,13 +144,18 @@ class GatewayServer:
     async def close(self, grace: float) -> None:
         """Stop accepting, let sessions finish for up to ``grace`` seconds, then close."""
         await self.stop_accepting()
-        if self._connections:
-            _, still = await asyncio.wait(self._connections, timeout=grace)
+        if not self._connections:
+            return
+        _, still = await asyncio.wait(set(self._connections), timeout=grace)
+        if still:
             for session in list(self.registry.sessions.values()):
-                session.end_reason = "gateway shut down"
                 session.kill("closed because the gateway is shutting down")
-            for task in still:
-                task.cancel()
+            # A killed session ends by itself (FATAL sent, upstream closed, SESSION_ENDED
+            # published); only what is still stuck after that is cancelled.
+            _, still = await asyncio.wait(still, timeout=2)
+        for task in still:
+            task.cancel()
+        if still:
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*still, return_exceptions=True)
 
@@ -159,6 +164,21 @@ class GatewayServer:
         if task is not None:
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+        try:
+            await self._serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            # Shutdown cancels connections that outlived the grace period. Ending quietly
+            # keeps asyncio from logging each one as an "exception in callback".
+            await self._close_writer(writer)
+        except Exception:
+            log.exception("unexpected error while serving a connection")
+            with contextlib.suppress(Exception):
+                writer.write(p.error_response("XX000", "hoopops: internal error; the "
+                                              "connection was closed", "FATAL"))
+            await self._close_writer(writer)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         try:
             if not self.accepting:
@@ -167,9 +187,10 @@ class GatewayServer:
                 raise StartupRefused("53300", "too many connections to the gateway "
                                      f"(limits.max_connections = "
                                      f"{self.config.limits.max_connections})")
+            deadline = asyncio.get_running_loop().time() + self.config.limits.startup_timeout
             try:
-                async with asyncio.timeout(self.config.limits.startup_timeout):
-                    session = await self._startup(reader, writer, peer)
+                async with asyncio.timeout_at(deadline):
+                    session = await self._startup(reader, writer, peer, deadline)
             except TimeoutError:
                 raise StartupRefused("08006", "startup and authentication did not complete "
                                      f"within {self.config.limits.startup_timeout:g}s "
@@ -222,7 +243,7 @@ class GatewayServer:
         return p.parse_startup(await reader.readexactly(length - 4))
 
     async def _startup(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       peer: tuple[str, int]) -> Session | None:
+                       peer: tuple[str, int], deadline: float) -> Session | None:
         tls_active = False
         packet = await self._read_startup_packet(reader)
         negotiations = 0
@@ -274,7 +295,10 @@ class GatewayServer:
         self.registry.per_subject[identity.subject] += 1
         try:
             try:
-                upstream = await up.connect(target.upstream, target.name, forward)
+                # Leave a moment of the startup deadline to tell the client which
+                # target did not answer.
+                budget = deadline - asyncio.get_running_loop().time() - 0.2
+                upstream = await up.connect(target.upstream, target.name, forward, budget)
             except up.UpstreamError as exc:
                 raise StartupRefused("08006", f"hoopops: {exc}") from None
             info = SessionInfo(

@@ -78,6 +78,7 @@ class Pending:
     name: str = ""
     swallow: bool = False  # drop every reply (gateway-injected request)
     injected_error: bool = False  # pass the error but strip the DO block's context
+    copy_in: bool = False  # an Execute that put the server in COPY FROM STDIN mode
 
 
 @dataclass
@@ -193,6 +194,8 @@ class Session:
         try:
             done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
+                if task.cancelled():  # _stop(): token expiry or kill, already reported
+                    continue
                 exc = task.exception()
                 if exc is not None and not isinstance(exc, ClientGone | ConnectionError):
                     log.exception("session %s failed", self.id, exc_info=exc)
@@ -319,6 +322,8 @@ class Session:
         elif mtype == p.FLUSH:
             out.append(p.FLUSH_MESSAGE)
         elif mtype in (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL):
+            if mtype != p.COPY_DATA:
+                self._drop_syncs_ignored_in_copy()
             out.append(p.frame(mtype, payload))
         elif mtype == p.FUNCTION_CALL:
             self._flush(out)
@@ -326,6 +331,19 @@ class Session:
                                 "through hoopops; call the function with SELECT instead")
         else:
             raise p.ProtocolError(f"unexpected message type {chr(mtype)!r} from the client")
+
+    def _drop_syncs_ignored_in_copy(self) -> None:
+        """The server ignores Sync during an extended-protocol COPY FROM STDIN, so a Sync
+        the client pipelined after that Execute gets no ReadyForQuery (libpq sends another
+        after CopyDone/CopyFail): forget the expectation, or every later reply is
+        attributed one request too early."""
+        pending = self.pending
+        if pending and pending[0].kind == K_EXECUTE and pending[0].copy_in:
+            head = pending.popleft()
+            kept = [x for x in pending if x.kind != K_SYNC]
+            pending.clear()
+            pending.append(head)
+            pending.extend(kept)
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
@@ -656,6 +674,8 @@ class Session:
                     await self._finish(run)
                 return replacement
             if mtype in (p.COPY_OUT_RESPONSE, p.COPY_IN_RESPONSE, p.COPY_DONE):
+                if mtype == p.COPY_IN_RESPONSE:
+                    head.copy_in = True
                 return replacement
             if mtype == p.COPY_DATA:
                 if run is not None:

@@ -73,14 +73,24 @@ async def _read_message(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return mtype[0], await reader.readexactly(length - 4)
 
 
-async def connect(upstream: Upstream, target: str, params: dict[str, str]) -> UpstreamConnection:
-    """Open, secure and authenticate; raises UpstreamError naming the target."""
+async def connect(upstream: Upstream, target: str, params: dict[str, str],
+                  budget: float | None = None) -> UpstreamConnection:
+    """Open, secure and authenticate; raises UpstreamError naming the target.
+
+    ``budget`` is what is left of the caller's own deadline (the client's startup
+    timeout): the wait is the shorter of it and the target's ``connect_timeout``, so the
+    client hears which target was slow instead of a generic startup timeout.
+    """
+    limit = upstream.connect_timeout if budget is None else max(
+        0.0, min(budget, upstream.connect_timeout))
     try:
-        return await asyncio.wait_for(_connect(upstream, target, params),
-                                      upstream.connect_timeout)
+        return await asyncio.wait_for(_connect(upstream, target, params), limit)
     except TimeoutError:
+        waited = f"{limit:.1f}".rstrip("0").rstrip(".")
+        why = "" if limit >= upstream.connect_timeout else (
+            " (the rest of the gateway's limits.startup_timeout)")
         raise UpstreamError(f"target '{target}' ({upstream.host}:{upstream.port}) did not "
-                            f"answer within {upstream.connect_timeout:g}s") from None
+                            f"answer within {waited}s{why}") from None
     except ssl.SSLError as exc:
         # Before OSError, which it subclasses: a TLS failure is not "unreachable".
         reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)

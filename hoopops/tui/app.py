@@ -60,7 +60,7 @@ class ConsoleApp(App[None]):
         Binding("question_mark", "help", "Help", id="app.help", key_display="?",
                 tooltip="What this view shows and every key it takes"),
         Binding("c", "connect_info", "Connect", id="app.connect", show=False),
-        Binding("q", "quit_console", "Quit", id="app.quit",
+        Binding("q", "quit_console", "Quit", id="app.quit", show=False,
                 tooltip="Quit the console (asks first: the gateway stops with it)"),
         Binding("escape", "back", "Back", id="app.back"),
     ]
@@ -380,17 +380,18 @@ class ConsoleApp(App[None]):
         self.push_screen(HelpScreen(view, self.key_rows()))
 
     def key_rows(self) -> list[tuple[str, str, str]]:
-        """Every key the current screen answers to, as remapped, for ``?``."""
-        rows: dict[tuple[str, str], tuple[str, str, str]] = {}
-        for key, active in self.screen.active_bindings.items():
+        """The console's own keys on the current screen, as remapped, for ``?``.
+
+        Only bindings with an id (ours): Textual's generic ones (cursor, page, copy) would
+        bury the few that matter."""
+        rows: dict[str, tuple[str, str, str]] = {}
+        for active in self.screen.active_bindings.values():
             binding = active.binding
-            if not binding.description or binding.system:
+            if not binding.id or binding.id in rows:
                 continue
-            label = self.get_key_display(binding)
-            rows[(binding.id or binding.action, label)] = (
-                label, binding.tooltip or binding.description, binding.id or "")
-            del key
-        return sorted(rows.values(), key=lambda r: (r[2] == "", r[2], r[0]))
+            rows[binding.id] = (self.get_key_display(binding),
+                                binding.tooltip or binding.description, binding.id)
+        return sorted(rows.values(), key=lambda r: r[2])
 
     def action_connect_info(self) -> None:
         if self.connect_line and not isinstance(self.screen, ConnectScreen):

@@ -38,7 +38,7 @@ class DashboardScreen(Screen[None]):
                 tooltip="Approve this statement's fingerprint for the rest of the session"),
         Binding("d", "deny", "Deny", id="approvals.deny",
                 tooltip="Deny the selected held statement (optional reason)"),
-        Binding("p", "pause", "Pause", id="dashboard.pause",
+        Binding("p", "pause", "Pause", id="dashboard.pause", show=False,
                 tooltip="Freeze the sessions table and masking feed (approvals keep "
                 "updating)"),
         Binding("1", "focus_panel('sessions')", "Sessions", id="dashboard.focus_sessions",

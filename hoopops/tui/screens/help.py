@@ -26,8 +26,9 @@ def keys_table(rows: list[tuple[str, str, str]]) -> str:
              "| --- | --- | --- |"]
     for key, description, binding_id in rows:
         safe = description.replace("|", "/")
-        lines.append(f"| `{key}` | {safe} | `{binding_id}` |" if binding_id
-                     else f"| `{key}` | {safe} | |")
+        lines.append(f"| `{key}` | {safe} | `{binding_id}` |")
+    lines += ["", "`tab` moves between panels, `ctrl+p` opens the command palette, `esc` goes "
+              "back."]
     return "\n".join(lines) + "\n"
 
 

@@ -48,18 +48,23 @@ def _masking(s: StatementView) -> Text:
 
 def _outcome(s: StatementView) -> Text:
     if not s.finished:
-        return Text("no result recorded (refused, or still running)", style="dim")
-    text = Text()
+        return Text("no result recorded (still running, or the session ended first)",
+                    style="dim")
+    parts: list[Text] = []
     if s.command_tag:
-        text.append(s.command_tag, style="bold")
+        parts.append(Text(s.command_tag, style="bold"))
+    elif s.sqlstate:
+        parts.append(Text("refused" if s.decision in ("block", "review") else "failed",
+                          style="bold red"))
     if s.rows is not None:
-        text.append(f"  {s.rows} row(s)")
-    if s.duration_ms is not None:
-        text.append(f"  {s.duration_ms:.1f} ms")
+        parts.append(Text(f"{s.rows} row(s)"))
+    if s.duration_ms is not None and s.started_at is not None:
+        parts.append(Text(f"{s.duration_ms:.1f} ms"))
     if s.sqlstate:
-        text.append(f"  {s.sqlstate} ", style="bold red")
-        text.append(s.error_message or "", style="red")
-    return text
+        error = Text(f"{s.sqlstate} ", style="bold red")
+        error.append(s.error_message or "", style="red")
+        parts.append(error)
+    return Text("  ").join(parts)
 
 
 class StepView(Static):

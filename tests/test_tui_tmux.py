@@ -1,0 +1,111 @@
+"""End to end: the real ``hoopops console`` in tmux, a real psql agent, one key press.
+
+The console runs as its own process in a tmux pane (a real terminal); psql connects
+through the gateway it started, sends an UPDATE the shipped policy holds for review, the
+test presses ``a`` in the pane, and the row psql prints is the proof.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from hoopops.config import load_config
+from hoopops.devdb import free_port
+from hoopops.identity import mint_token
+from tests.conftest import psql_path, write_config
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
+                                reason="tmux is not installed (.ci/run installs it)")
+
+
+def _tmux(*args: str) -> str:
+    done = subprocess.run(["tmux", *args], capture_output=True, text=True, check=False,
+                          timeout=10)
+    return done.stdout
+
+
+async def _wait_pane(name: str, needle: str, within: float = 30) -> str:
+    deadline = time.monotonic() + within
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = await asyncio.to_thread(_tmux, "capture-pane", "-p", "-t", name)
+        if needle in screen:
+            return screen
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{needle!r} never appeared in the console; last screen:\n{screen}")
+
+
+async def test_console_in_tmux_approves_a_psql_statement(tmp_path: Path, pg: Any) -> None:
+    seed = await asyncpg.connect(pg.dsn())
+    try:
+        await seed.execute("CREATE TABLE IF NOT EXISTS tmux_orders (id int primary key, "
+                           "status text)")
+        await seed.execute("INSERT INTO tmux_orders VALUES (7, 'paid') "
+                           "ON CONFLICT (id) DO UPDATE SET status = 'paid'")
+    finally:
+        await seed.close()
+    port = free_port()
+    config_path = write_config(tmp_path, pg, policies=POLICIES, audit=True)
+    text = config_path.read_text().replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+    config_path.write_text(text)
+    config = load_config(config_path)
+    log = tmp_path / "console.log"
+    name = f"hoopops-e2e-{uuid.uuid4().hex[:8]}"
+    command = (f"cd {ROOT} && {sys.executable} -m hoopops console --config {config_path} "
+               f"--log-file {log} --export-dir {tmp_path}; sleep 30")
+    _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
+    psql: asyncio.subprocess.Process | None = None
+    try:
+        screen = await _wait_pane(name, "Live sessions")
+        assert f"127.0.0.1:{port}" in screen
+        token = mint_token(config.identity, "psql-agent", ["agents"], 600)
+        psql = await asyncio.create_subprocess_exec(
+            psql_path(pg), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "agent",
+            "-d", "appdb", "-c",
+            "UPDATE tmux_orders SET status = 'shipped' WHERE id = 7 RETURNING id, status",
+            env={"PGPASSWORD": token, "PGCONNECT_TIMEOUT": "10", "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await _wait_pane(name, "Pending approvals (1)")
+        await _wait_pane(name, "psql-agent")
+        assert psql.returncode is None, "psql must be waiting for the analyst"
+        await asyncio.to_thread(_tmux, "send-keys", "-t", name, "a")
+        out, err = await asyncio.wait_for(psql.communicate(), 15)
+        assert psql.returncode == 0, err.decode()
+        assert out.decode().strip().splitlines()[0] == "7|shipped"
+        assert "awaiting approval" in err.decode()  # the NOTICE psql printed while held
+        await _wait_pane(name, "Pending approvals (0)")
+        # Quit (asks first, because the gateway stops with the console).
+        await asyncio.to_thread(_tmux, "send-keys", "-t", name, "q")
+        await _wait_pane(name, "Quit hoopops console?")
+        await asyncio.to_thread(_tmux, "send-keys", "-t", name, "y")
+        await _wait_pane(name, "", within=1)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                conn = await asyncpg.connect(host="127.0.0.1", port=port, user="agent",
+                                             password=token, database="appdb", ssl=False,
+                                             timeout=1)
+            except (OSError, asyncpg.PostgresError, TimeoutError):
+                break
+            await conn.close()
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the gateway kept listening after the console quit")
+    finally:
+        if psql is not None and psql.returncode is None:
+            psql.kill()
+            await psql.wait()
+        _tmux("kill-session", "-t", name)
