@@ -18,6 +18,7 @@ from hoopops.audit.store import AuditError, AuditStore
 from hoopops.config import Config
 from hoopops.identity import KeySourceError, TokenVerifier
 from hoopops.policy import PolicyEngine
+from hoopops.proxy.catalog import Catalog
 from hoopops.proxy.enforcer import Enforcer
 from hoopops.proxy.gate import StatementGate
 from hoopops.proxy.server import GatewayServer
@@ -124,6 +125,9 @@ class Gateway:
                       result.error)
         elif result.changed:
             log.info("policy reloaded: version %s", result.version)
+            changed = getattr(self.gate, "policies_changed", None)
+            if changed is not None:
+                changed()
         if self.store is not None and (result.changed or result.error is not None):
             task = asyncio.ensure_future(self.store.gateway_event(events.POLICY_RELOADED, {
                 "version": result.version,
@@ -153,11 +157,17 @@ async def build_gateway(config: Config, bus: events.EventBus | None = None) -> G
     except AuditError as exc:
         raise GatewayConfigError(f"audit store: {exc}") from None
     broker = ApprovalBroker.from_config(store, bus, config.approvals)
-    catalogs = {}
+    catalogs: dict[str, SqlCatalog] = {}
+    column_catalogs: dict[str, Catalog] = {}
     if engine is not None:
         for name, target in config.targets.items():
             catalogs[name] = SqlCatalog(_connector(target.upstream))
-    gate = Enforcer(config, bus, engine, store, broker, catalogs)
+            column_catalogs[name] = Catalog(_LazyFetcher(target.upstream))
+    try:
+        gate = Enforcer(config, bus, engine, store, broker, catalogs, column_catalogs)
+    except YamlFileError as exc:
+        await store.close()
+        raise GatewayConfigError(f"masking policy error: {exc}") from None
     try:
         gateway = Gateway(config, bus, gate)
     except KeySourceError as exc:
@@ -167,6 +177,24 @@ async def build_gateway(config: Config, bus: events.EventBus | None = None) -> G
     gateway.broker = broker
     gateway.engine = engine
     return gateway
+
+
+class _LazyFetcher:
+    """An asyncpg connection on the service credential, opened on first use and reopened
+    after a failure (the catalog's lookups then fail closed until it is back)."""
+
+    def __init__(self, upstream: Any) -> None:
+        self.upstream = upstream
+        self._conn: Any = None
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(**self.upstream.asyncpg_kwargs())
+        try:
+            return list(await self._conn.fetch(query, *args))
+        except (OSError, asyncpg.InterfaceError):
+            self._conn = None
+            raise
 
 
 def _connector(upstream: Any) -> Any:

@@ -218,13 +218,14 @@ class SqlCatalog:
         self._rel_uses: dict[int, dict[str, _Uses]] = {}
         self._func_effects: dict[int, Effect] = {}
         self._rel_effects: dict[tuple[int, str], Effect] = {}
+        self._statement_effects: dict[tuple[Any, ...], Effect] = {}
         self.lookups = 0  # round trips made (for tests and the console)
 
     def invalidate(self) -> None:
         """Forget everything (after DDL, or when objects may have changed)."""
         for cache in (self._funcs_by_name, self._funcs_by_oid, self._rels_by_name,
                       self._ops, self._types, self._rel_uses, self._func_effects,
-                      self._rel_effects):
+                      self._rel_effects, self._statement_effects):
             cache.clear()
         self._loaded_at = time.monotonic()
 
@@ -245,30 +246,46 @@ class SqlCatalog:
         if time.monotonic() - self._loaded_at > self.ttl:
             self.invalidate()
         path = _parse_search_path(search_path)
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._load_statement_names(todo)
-                out: list[StatementFacts] = []
-                changed = False
-                for facts in analysis.statements:
-                    new = facts
-                    if any(facts is item for item in todo):
-                        new = await self._enrich_statement(facts, path)
-                    changed = changed or new is not facts
-                    out.append(new)
-        except Exception as exc:
-            self._conn = None
-            reason = (f"the catalog could not be consulted ({type(exc).__name__}: {exc}); "
-                      "statements are refused until it can be")
-            return analysis.with_statements(
-                [st if st.unanalysable else st.replace(unanalysable=reason)
-                 for st in analysis.statements])
+        path_key = tuple(path) if path is not None else None
+        effects: dict[int, Effect] = {}
+        missing: list[StatementFacts] = []
+        for facts in todo:
+            found = self._statement_effects.get(_effect_key(facts, path_key))
+            if found is None:
+                missing.append(facts)
+            else:
+                effects[id(facts)] = found
+        if missing:
+            if len(self._statement_effects) > 50_000:
+                self._statement_effects.clear()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._load_statement_names(missing)
+                    for facts in missing:
+                        effect = await self._statement_effect(facts, path)
+                        self._statement_effects[_effect_key(facts, path_key)] = effect
+                        effects[id(facts)] = effect
+            except Exception as exc:
+                self._conn = None
+                reason = (f"the catalog could not be consulted ({type(exc).__name__}: "
+                          f"{exc}); statements are refused until it can be")
+                return analysis.with_statements(
+                    [st if st.unanalysable else st.replace(unanalysable=reason)
+                     for st in analysis.statements])
+        out: list[StatementFacts] = []
+        changed = False
+        for facts in analysis.statements:
+            effect = effects.get(id(facts))
+            new = facts if effect is None or effect == NO_EFFECT else _apply(facts, effect)
+            changed = changed or new is not facts
+            out.append(new)
         return analysis.with_statements(out) if changed else analysis
 
     # -- judging statements --------------------------------------------------------------
 
-    async def _enrich_statement(self, facts: StatementFacts, path: list[str] | None
-                                ) -> StatementFacts:
+    async def _statement_effect(self, facts: StatementFacts, path: list[str] | None
+                                ) -> Effect:
+        """Everything the names in ``facts`` can do, beyond what its text shows."""
         effect = NO_EFFECT
         for name in facts.functions_called:
             for func in self._candidates_func(name, path):
@@ -287,18 +304,7 @@ class SqlCatalog:
         for name in facts.tables_written:
             for rel in self._candidates_rel(name, path):
                 effect = effect | await self._relation_effect(rel, "write", 0)
-        if effect is NO_EFFECT or effect == NO_EFFECT:
-            return facts
-        new = add_effects(facts, effect="write" if effect.writes else None,
-                          reasons=effect.reasons, notes=effect.notes)
-        if effect.lexing:
-            new = new.replace(lexing_risk=tuple(dict.fromkeys((*new.lexing_risk,
-                                                               *effect.lexing))))
-        extra = effect.functions - facts.functions
-        if extra:
-            new = new.replace(functions=new.functions | extra,
-                              functions_called=new.functions_called | extra)
-        return new
+        return effect
 
     # -- judging objects -----------------------------------------------------------------
 
@@ -541,6 +547,26 @@ def _definition_facts(analyzer: Analyzer, text: str) -> list[StatementFacts]:
     if stripped[:7].upper() == "CHECK (":
         stripped = stripped[6:].strip()
     return list(analyzer.analyze("SELECT " + stripped).statements)
+
+
+def _effect_key(facts: StatementFacts, path: tuple[str, ...] | None) -> tuple[Any, ...]:
+    # The names a statement reaches decide the effect; shapes that differ only in literals
+    # share these frozensets (and their cached hashes).
+    return (facts.functions_called, facts.operators, facts.types, facts.tables_read,
+            facts.tables_written, path)
+
+
+def _apply(facts: StatementFacts, effect: Effect) -> StatementFacts:
+    new = add_effects(facts, effect="write" if effect.writes else None,
+                      reasons=effect.reasons, notes=effect.notes)
+    if effect.lexing:
+        new = new.replace(lexing_risk=tuple(dict.fromkeys((*new.lexing_risk,
+                                                           *effect.lexing))))
+    extra = effect.functions - facts.functions
+    if extra:
+        new = new.replace(functions=new.functions | extra,
+                          functions_called=new.functions_called | extra)
+    return new
 
 
 def _char(value: Any) -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from hoopops.devdb import LocalPostgres, free_port
 from tests.clients.gw import config_text, env_with
-from tests.clients.util import poll, psql_args, run
+from tests.clients.util import poll, psql_args, run, wait_active
 from tests.conftest import psql_path
 
 HOOPOPS = [sys.executable, "-m", "hoopops"]
@@ -112,8 +112,9 @@ async def test_serve_shuts_down_cleanly(tmp_path: Path, pg: LocalPostgres,
         dsn = f"postgresql://agent:{token}@127.0.0.1:{port}/appdb?sslmode=disable"
         idle = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         busy = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        running = asyncio.create_task(busy.execute("select pg_sleep(0.5), 'finished in grace'"))
-        await asyncio.sleep(0.2)  # let the statement reach the server before the signal
+        running = asyncio.create_task(
+            busy.execute("select pg_sleep(0.5), 'finished in grace' /* in-grace */"))
+        await wait_active(pg, "in-grace")  # the statement is running when the signal comes
         loop = asyncio.get_running_loop()
         started = loop.time()
         proc.send_signal(sig)
@@ -131,7 +132,7 @@ async def test_serve_shuts_down_cleanly(tmp_path: Path, pg: LocalPostgres,
         assert "Traceback" not in err, err
         with pytest.raises(psycopg.OperationalError) as info:
             await idle.execute("select 1")
-        assert "shutting down" in str(info.value) or "closed" in str(info.value)
+        assert "closed because the gateway is shutting down" in str(info.value), info.value
         await idle.close()
         await busy.close()
     finally:

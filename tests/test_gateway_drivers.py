@@ -402,3 +402,47 @@ async def test_copy_in_over_extended_protocol(gateway: RunningGateway) -> None:
         assert (await raw.simple("select 'in step'")).rows() == [["in step"]]
     finally:
         await raw.close()
+
+
+async def test_server_terminating_the_backend_reaches_the_client(gateway: RunningGateway,
+                                                                 pg: LocalPostgres) -> None:
+    async with await _psycopg(gateway, autocommit=True) as conn:
+        cur = await conn.execute("select pg_backend_pid()")
+        (server_pid,) = await cur.fetchone()
+        check = await admin(pg)
+        try:
+            assert await check.fetchval("select pg_terminate_backend($1)", server_pid)
+        finally:
+            await check.close()
+        with pytest.raises(psycopg.OperationalError) as info:
+            for _ in range(50):  # the FATAL arrives asynchronously
+                await conn.execute("select 1")
+                await asyncio.sleep(0.1)
+        assert "terminating connection due to administrator command" in str(info.value)
+    await (await _asyncpg(gateway)).close()  # the gateway itself is fine
+
+
+async def test_session_events_published(gateway: RunningGateway) -> None:
+    from hoopops import events
+
+    bus = gateway.gateway.bus  # type: ignore[attr-defined]
+    sub = bus.subscribe([events.SESSION_STARTED, events.SESSION_ENDED])
+    try:
+        conn = await _asyncpg(gateway, server_settings={"application_name": "evt-app"})
+        await conn.fetchval("select 1")
+        await conn.fetchval("select 2")
+        await conn.close()
+        started = await asyncio.wait_for(sub.get(), 5)
+        ended = await asyncio.wait_for(sub.get(), 5)
+        assert started.kind == events.SESSION_STARTED
+        assert started.data["subject"] == "agent-1"
+        assert started.data["application"] == "evt-app"
+        assert started.data["target"] == "appdb"
+        assert started.data["client"].startswith("127.0.0.1:")
+        assert ended.kind == events.SESSION_ENDED
+        assert ended.data["session_id"] == started.data["session_id"]
+        assert ended.data["statements"] >= 2
+        assert ended.data["bytes_in"] > 0 and ended.data["bytes_out"] > 0
+        assert ended.data["reason"] == "client terminated the session"
+    finally:
+        sub.close()

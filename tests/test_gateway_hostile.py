@@ -164,7 +164,7 @@ async def test_half_open_sockets_do_not_lock_out_psql(gateway: RunningGateway,
 
 
 async def test_cap_full_of_half_open_sockets_frees_up_at_the_deadline(gateway_factory) -> None:
-    gw = await gateway_factory("limits:\n  max_connections: 20\n  startup_timeout: 1s\n")
+    gw = await gateway_factory("limits:\n  max_connections: 20\n  startup_timeout: 2s\n")
     sockets = [await RawClient.open(gw.port) for _ in range(20)]
     try:
         async def cap_reached() -> bool:

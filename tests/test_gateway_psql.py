@@ -188,3 +188,21 @@ async def test_many_sequential_psql_sessions_leave_no_upstream_backends(
     async def settled() -> bool:
         return await service_backends(pg) <= before
     await poll(settled, what="upstream backends of finished psql sessions to close")
+
+
+@pytest.mark.parametrize(("locale", "expected"), [("C.UTF-8", "UTF8"), ("C", "SQL_ASCII")])
+async def test_psql_client_encoding_auto_from_locale(gateway: RunningGateway, pg: LocalPostgres,
+                                                     locale: str, expected: str) -> None:
+    # An interactive psql asks for client_encoding=auto: libpq sends the locale's.
+    done = await run(_psql(pg, gateway, "-At", "-c", "show client_encoding"),
+                     env=gateway.env() | {"PGCLIENTENCODING": "auto", "LC_ALL": locale})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
+
+
+async def test_psql_latin1_client_encoding_refused_clearly(gateway: RunningGateway,
+                                                           pg: LocalPostgres) -> None:
+    done = await run(_psql(pg, gateway, "-At", "-c", "select 1"),
+                     env=gateway.env() | {"PGCLIENTENCODING": "LATIN1"})
+    assert done.returncode == 2
+    assert "client_encoding 'LATIN1' is not allowed through hoopops: use UTF8" in done.stderr

@@ -112,6 +112,20 @@ async def test_drivers_over_tls(tls_gateway: RunningGateway) -> None:
         assert await cur.fetchone() == (50000,)
 
 
+async def test_cancel_from_a_tls_client(tls_gateway: RunningGateway, pg: LocalPostgres) -> None:
+    # libpq 17+'s cancel API negotiates TLS for the CancelRequest like the session did.
+    gw = tls_gateway
+    dsn = gw.dsn().replace("sslmode=disable", f"sslmode=verify-full&sslrootcert={_cert(gw)}")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        task = asyncio.create_task(conn.execute("select pg_sleep(30) /* tls-client-cancel */"))
+        await wait_active(pg, "tls-client-cancel")
+        await conn.cancel_safe()
+        with pytest.raises(pgerr.QueryCanceled):
+            await asyncio.wait_for(task, 10)
+        cur = await conn.execute("select 'usable'")
+        assert await cur.fetchone() == ("usable",)
+
+
 async def test_plaintext_from_loopback_allowed(tls_gateway: RunningGateway,
                                                pg: LocalPostgres) -> None:
     done = await run(psql_args(psql_path(pg), tls_gateway.port, "-At", "-c",

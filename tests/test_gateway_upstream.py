@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -100,12 +101,17 @@ async def test_wrong_service_password_named_not_echoed(pool: GatewayPool,
     assert "target 'bad' refused the gateway's login" in message
     assert "password authentication failed" in message
     assert "Wrong-Pass-123" not in message
+    # The service account's login failing is not about the agent's token.
+    assert info.value.sqlstate == "08006"
 
 
 # -- authentication methods -----------------------------------------------------------------
 
 _METHODS = {"trust": "hh_trust", "password": "hh_cleartext", "md5": "hh_md5",
             "scram-sha-256": "hh_scram"}
+# The server SASLpreps a SCRAM password before hashing it (NFKC, soft hyphen dropped), so
+# the gateway must too: "\ufb01" is the "fi" ligature, "\u00ad" a soft hyphen.
+_UNICODE_PASSWORD = "\ufb01-pass\u00adword-\u00fc\u2003x"
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +124,18 @@ def auth_methods(pg: LocalPostgres) -> Iterator[dict[str, str]]:
         pg.psql(f"set password_encryption = '{encryption}'; "
                 f"create role {role} login password 'pw-{role}'")
         pg.psql(f"grant connect on database app to {role}")
+    pg.psql(f"create role hh_unicode login password '{_UNICODE_PASSWORD}'")
+    pg.psql("create role hh_limited login password 'pw-hh_limited' connection limit 0")
     lines = [f"host app {role} 127.0.0.1/32 {method}" for method, role in _METHODS.items()]
     hba.write_text("\n".join(lines) + "\n" + original)
     pg.psql("select pg_reload_conf()")
     try:
-        yield {method: f"postgresql://{role}:pw-{role}@127.0.0.1:{pg.port}/app"
-               for method, role in _METHODS.items()}
+        urls = {method: f"postgresql://{role}:pw-{role}@127.0.0.1:{pg.port}/app"
+                for method, role in _METHODS.items()}
+        urls["unicode"] = (f"postgresql://hh_unicode:{quote(_UNICODE_PASSWORD, safe='')}"
+                           f"@127.0.0.1:{pg.port}/app")
+        urls["limited"] = f"postgresql://hh_limited:pw-hh_limited@127.0.0.1:{pg.port}/app"
+        yield urls
     finally:
         hba.write_text(original)
         pg.psql("select pg_reload_conf()")
@@ -133,7 +145,7 @@ async def test_upstream_auth_methods(auth_methods: dict[str, str], pool: Gateway
     names = {method: method.replace("-", "_") for method in auth_methods}
     gw = await pool.start({names[m]: dsn + "?sslmode=disable"
                            for m, dsn in auth_methods.items()})
-    for method, role in _METHODS.items():
+    for method, role in [*_METHODS.items(), ("unicode", "hh_unicode")]:
         conn = await asyncpg.connect(_to(gw, names[method]))
         try:
             assert await conn.fetchval("select current_user") == role, method
@@ -152,3 +164,13 @@ async def test_upstream_over_unix_socket(pool: GatewayPool, pg: LocalPostgres) -
         assert await conn.fetchval("select count(*) from generate_series(1, 1000)") == 1000
     finally:
         await conn.close()
+
+
+async def test_target_refusal_keeps_its_sqlstate(auth_methods: dict[str, str],
+                                                 pool: GatewayPool) -> None:
+    # The role may not log in at all (connection limit 0): the server answers 53300,
+    # which tells a client "too many connections, retry later" -- it is passed on.
+    gw = await pool.start({"limited": auth_methods["limited"]})
+    with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+        await asyncpg.connect(_to(gw, "limited"))
+    assert "target 'limited' refused the gateway's login" in str(info.value)

@@ -235,7 +235,7 @@ class DetectorSet:
         self._needs_at = any(d.needs_at for d in self.detectors)
         self._needs_plus = any(d.needs_plus for d in self.detectors)
         tails = list(dict.fromkeys(t for d in self.detectors for t in d.shape_tails))
-        self._shape_rx = re.compile(b"000(?:" + b"|".join(tails) + b")").search if tails else None
+        self._shape_rx = re.compile(b"000" + _alternation(tails)).search if tails else None
         self._raw = tuple(re.compile(d.prefilter).search for d in self.detectors
                           if d.prefilter is not None)
         self._quick = [_quick_check(d) for d in self.detectors]
@@ -307,11 +307,44 @@ class DetectorSet:
         return None
 
 
+_LITERAL = re.compile(rb"[0-9A-Za-z -]+")
+
+
+def _alternation(tails: list[bytes]) -> bytes:
+    """A regex group matching any of ``tails``, literal ones factored into a trie.
+
+    The engine tries the group at every ``000`` in the shape, and digits are common;
+    with shared prefixes factored out, a failing attempt costs a character or two
+    instead of one comparison per alternative.
+    """
+    literal = [t for t in tails if _LITERAL.fullmatch(t)]
+    other = [t for t in tails if not _LITERAL.fullmatch(t)]
+
+    def trie(words: list[bytes]) -> bytes:
+        if words == [b""]:
+            return b""
+        groups: dict[bytes, list[bytes]] = {}
+        for word in words:
+            groups.setdefault(word[:1], []).append(word[1:])
+        branches = []
+        for first, rests in sorted(groups.items()):
+            if first == b"":
+                continue
+            rest = trie(sorted(set(rests)))
+            branches.append(re.escape(first) + rest)
+        optional = b"" in groups
+        body = branches[0] if len(branches) == 1 else b"(?:" + b"|".join(branches) + b")"
+        return b"(?:" + body + b")?" if optional else body
+
+    parts = ([trie(sorted(set(literal)))] if literal else []) + other
+    return b"(?:" + b"|".join(parts) + b")"
+
+
 def _quick_check(detector: Detector) -> Callable[[bytes, bytes], bool] | None:
     """The probe of one detector, given a value and its shape."""
     if not detector.probed:
         return None
-    tails = (re.compile(b"000(?:" + b"|".join(detector.shape_tails) + b")").search
+    tails = (re.compile(b"000" + _alternation(list(detector.shape_tails))).search
              if detector.shape_tails else None)
     raw = re.compile(detector.prefilter).search if detector.prefilter is not None else None
     needs_at = detector.needs_at

@@ -33,7 +33,6 @@ _COUNTED = frozenset(_ALNUM) | frozenset(range(0xC0, 0x100))
 _SHAPE_TABLE = bytes(42 if b in _COUNTED else 43 if b in _MASKED_BYTES else b
                      for b in range(256))
 _SHAPE_CACHE = 4096
-_shapes: dict[tuple[bytes, int], tuple[int, bytes]] = {}
 _HASH_HEX_CHARS = 32  # 128 bits of HMAC-SHA256: collisions are out of reach, tokens stay short
 
 
@@ -81,7 +80,7 @@ class Strategy:
         if kind == "redact":
             return lambda value: REDACTED
         if kind == "keep_last":
-            return partial(keep_last, keep=self.keep)
+            return keep_last_function(self.keep)
         if kind == "email_domain":
             return email_domain
         if kind == "hash":
@@ -95,7 +94,7 @@ class Strategy:
         if kind == "null":
             return None
         if kind == "keep_last":
-            return keep_last(value, self.keep)
+            return keep_last_function(self.keep)(value)
         if kind == "email_domain":
             return email_domain(value)
         return hmac_token(self.key, value)
@@ -109,22 +108,39 @@ def keep_last(value: bytes, keep: int) -> bytes:
     of multi-byte characters count as letters, and the cut never splits a character, so
     the output stays valid UTF-8.
     """
-    size = len(value)
-    if value.isalnum():  # ASCII-only fast path, the common shape of ids and numbers
-        if size <= keep:
-            return REDACTED
-        return b"*" * (size - keep) + value[size - keep:]
-    # Values of one layout (SSNs, cards, phone numbers) share a shape: the masked prefix
-    # and the cut depend on the shape alone, so they are computed once per layout.
-    shape = value.translate(_SHAPE_TABLE)
-    known = _shapes.get((shape, keep))
-    if known is None:
-        known = _cut(shape, keep)
-        if len(_shapes) >= _SHAPE_CACHE:
-            _shapes.clear()
-        _shapes[(shape, keep)] = known
-    cut, head = known
-    return head if cut < 0 else head + value[cut:]
+    return keep_last_function(keep)(value)
+
+
+_keepers: dict[int, Callable[[bytes], bytes]] = {}
+
+
+def keep_last_function(keep: int) -> Callable[[bytes], bytes]:
+    """``keep_last`` for one ``keep``, specialised because it runs once per masked value.
+
+    Values of one layout (SSNs, cards, phone numbers) share a *shape*; the masked prefix
+    and the cut depend on the shape alone, so each layout is worked out once and later
+    values cost a translate, a dict lookup and a concatenation.
+    """
+    known = _keepers.get(keep)
+    if known is not None:
+        return known
+    shapes: dict[bytes, tuple[int, bytes]] = {}
+    lookup = shapes.get
+    table = _SHAPE_TABLE
+
+    def keeper(value: bytes) -> bytes:
+        shape = value.translate(table)
+        found = lookup(shape)
+        if found is None:
+            found = _cut(shape, keep)
+            if len(shapes) >= _SHAPE_CACHE:
+                shapes.clear()
+            shapes[shape] = found
+        cut, head = found
+        return head if cut < 0 else head + value[cut:]
+
+    _keepers[keep] = keeper
+    return keeper
 
 
 def _cut(shape: bytes, keep: int) -> tuple[int, bytes]:
@@ -141,7 +157,7 @@ def _cut(shape: bytes, keep: int) -> tuple[int, bytes]:
 
 def email_domain(value: bytes) -> bytes:
     """``alice@example.com`` → ``***@example.com``; anything else is redacted whole."""
-    at = value.rfind(b"@")
+    at = value.rfind(64)  # an int needle is a bare memrchr
     if at < 1 or at == len(value) - 1:
         return REDACTED
     return b"***" + value[at:]

@@ -18,8 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 from hoopops import events
 from hoopops.approvals import ApprovalBroker, ApprovalError
+from hoopops.audit.records import MaskingAction as AuditMaskingAction
 from hoopops.audit.records import SessionRecord, StatementRecord, StatementResult
 from hoopops.audit.store import AuditError, AuditStore, NullAuditStore
+from hoopops.masking import (
+    ColumnInfo,
+    MaskingError,
+    MaskingRules,
+    apply_result_formats,
+)
 from hoopops.policy import PolicyEngine
 from hoopops.proxy import protocol as p
 from hoopops.proxy.gate import ALLOW, StatementGate, Verdict
@@ -28,6 +35,7 @@ from hoopops.sql.session import SessionSqlState
 
 if TYPE_CHECKING:
     from hoopops.config import Config
+    from hoopops.proxy.catalog import Catalog
     from hoopops.proxy.session import Run, Session
     from hoopops.sql_catalog import SqlCatalog
 
@@ -52,7 +60,8 @@ def _fingerprint(decision: Any) -> str:
 class Enforcer(StatementGate):
     def __init__(self, config: Config, bus: events.EventBus, engine: PolicyEngine | None,
                  store: AuditStore, broker: ApprovalBroker | None,
-                 catalogs: dict[str, SqlCatalog] | None = None) -> None:
+                 catalogs: dict[str, SqlCatalog] | None = None,
+                 column_catalogs: dict[str, Catalog] | None = None) -> None:
         self.config = config
         self.bus = bus
         self.engine = engine
@@ -62,20 +71,31 @@ class Enforcer(StatementGate):
         self.audit_on = not isinstance(store, NullAuditStore)
         self.sample_limits = (config.audit.result_rows, config.audit.result_bytes)
         self._background: set[asyncio.Task[Any]] = set()
+        self.column_catalogs = column_catalogs or {}
+        self.masking = self._masking_rules()
+
+    def _masking_rules(self) -> MaskingRules:
+        if self.engine is None:
+            return MaskingRules([], [])
+        return MaskingRules.from_sections(self.engine.policies.masking_sections,
+                                          self.config.masking.hmac_secret)
 
     # -- policy -----------------------------------------------------------------------------
 
     def new_session_state(self) -> SessionSqlState:
         return SessionSqlState(lexing_defaults_verified=True)
 
-    def reload(self) -> None:
-        if self.engine is not None:
-            result = self.engine.reload()
-            if result.error is not None:
-                log.error("policy reload refused, the previous policy stays in force: %s",
-                          result.error)
-            for catalog in self.catalogs.values():
-                catalog.invalidate()
+    def policies_changed(self) -> None:
+        """The policy engine loaded a new version: rebuild the masking rules from it."""
+        try:
+            self.masking = self._masking_rules()
+        except Exception as exc:  # a bad masking section keeps the rules in force
+            log.error("masking rules in the new policy are invalid; the previous rules stay "
+                      "in force: %s", exc)
+        for catalog in self.catalogs.values():
+            catalog.invalidate()
+        for column_catalog in self.column_catalogs.values():
+            column_catalog.invalidate()
 
     async def decide(self, session: Session, sql: str, statement_name: str | None) -> Verdict:
         engine = self.engine
@@ -104,14 +124,20 @@ class Enforcer(StatementGate):
             self.bus.publish(events.STATEMENT_DECIDED, session_id=session.id,
                              subject=session.info.identity.subject, sql=sql, action=action,
                              rule=decision.rule_id, elapsed_us=decision.elapsed_us)
+        hints = None
+        if self.masking.active and action != "block":
+            hints = await self.masking.analyze(
+                sql, self.column_catalogs.get(session.target.name),
+                session.upstream.parameters.get("search_path"), session.target.upstream.user)
         if action == "allow":
             return Verdict("allow", rule_id=decision.rule_id, decision=decision,
-                           approval_id=approval_id)
+                           approval_id=approval_id, masking_hints=hints)
         hint = None
         if action == "block":
             hint = f"policy version {decision.policy_version or '?'}; ask an analyst if this " \
                    "statement is needed"
-        return Verdict(action, "42501", decision.message, hint, decision.rule_id, decision)
+        return Verdict(action, "42501", decision.message, hint, decision.rule_id, decision,
+                       masking_hints=hints)
 
     def session_allows(self, session: Session, verdict: Verdict) -> bool:
         if self.broker is None:
@@ -138,7 +164,7 @@ class Enforcer(StatementGate):
         outcome = await pending.wait()
         if outcome.approved and outcome.authorises(session.id, identity, sql, text_params):
             return Verdict("allow", rule_id=verdict.rule_id, decision=decision,
-                           approval_id=outcome.approval_id)
+                           approval_id=outcome.approval_id, masking_hints=verdict.masking_hints)
         return Verdict("block", outcome.sqlstate or "42501", f"hoopops: {outcome.message}",
                        rule_id=verdict.rule_id, decision=decision,
                        approval_id=outcome.approval_id)
@@ -188,6 +214,122 @@ class Enforcer(StatementGate):
         run.hasher = hashlib.sha256()
         run.sample = []
         return None
+
+    # -- masking ----------------------------------------------------------------------------
+
+    def needs_row_description(self, session: Session, run: Run) -> bool:
+        return self.masking.active
+
+    def _hints(self, run: Run) -> Any:
+        verdict = run.decision
+        hints = getattr(verdict, "masking_hints", None)
+        if not hints:
+            return None
+        index = run.statement_index
+        return hints[index] if index < len(hints) else None
+
+    async def on_row_description(self, session: Session, run: Run) -> None:
+        if not self.masking.active or run.fields is None:
+            return
+        columns = [ColumnInfo(f.name, f.table_oid, f.attnum, f.type_oid, f.format_code,
+                              f.type_size, f.type_mod) for f in run.fields]
+        if run.result_formats:
+            columns = apply_result_formats(columns, run.result_formats)
+        catalog = self.column_catalogs.get(session.target.name)
+        try:
+            if catalog is not None:
+                columns = await catalog.resolve(columns, self.masking.trusted_functions)
+            run.plan = self.masking.plan(session.info.identity, columns, self._hints(run))
+        except Exception as exc:
+            # Cannot tell how to mask: every value of this result is withheld (fail closed).
+            log.warning("masking plan failed, withholding the result's values: %s", exc)
+            run.plan = _WithholdAll(len(columns), str(exc))
+
+    async def on_copy_out(self, session: Session, run: Run, payload: bytes) -> None:
+        if not self.masking.active:
+            return
+        try:
+            run.plan = self.masking.plan_copy(session.info.identity, payload, self._hints(run))
+        except Exception as exc:
+            log.warning("COPY masking plan failed, withholding the data: %s", exc)
+            run.plan = _WithholdAll(0, str(exc))
+
+    async def rewrite_row(self, session: Session, run: Run, message: bytes) -> bytes:
+        plan = run.plan
+        if plan is not None:
+            try:
+                message = p.frame(p.DATA_ROW, plan.rewrite_data_row(message[5:]))
+            except MaskingError as exc:
+                run.plan = _WithholdAll(0, str(exc))
+                message = run.plan.rewrite_message(message)
+        if run.hasher is not None:
+            run.hasher.update(message)
+        if run.sample is not None:
+            limit_rows, limit_bytes = self.sample_limits
+            if len(run.sample) < limit_rows and run.sample_bytes + len(message) <= limit_bytes:
+                run.sample.append(message[5:])
+                run.sample_bytes += len(message)
+        return message
+
+    async def rewrite_copy(self, session: Session, run: Run, message: bytes) -> bytes:
+        plan = run.plan
+        if plan is None:
+            return message
+        try:
+            return p.frame(p.COPY_DATA, plan.rewrite_copy_data(message[5:]))
+        except MaskingError as exc:
+            run.plan = _WithholdAll(0, str(exc))
+            return p.frame(p.COPY_DATA, b"")
+
+    async def on_error(self, session: Session, fields: dict[str, str], payload: bytes
+                       ) -> bytes | None:
+        if not self.masking.active:
+            return None
+        new, actions = self.masking.rewrite_error(payload, session.info.identity, strict=True)
+        self._report_masking(session, None, actions)
+        return None if new is payload else p.frame(p.ERROR_RESPONSE, new)
+
+    async def on_async_message(self, session: Session, mtype: int, payload: bytes
+                               ) -> bytes | None:
+        if not self.masking.active:
+            return None
+        identity = session.info.identity
+        if mtype == p.NOTICE_RESPONSE:
+            new, actions = self.masking.rewrite_error(payload, identity, strict=True)
+        elif mtype == p.NOTIFICATION_RESPONSE:
+            new, actions = self.masking.rewrite_notification(payload, identity)
+        else:
+            new, actions = self.masking.rewrite_parameter_status(payload, identity)
+        self._report_masking(session, None, actions)
+        return None if new is payload else p.frame(mtype, new)
+
+    async def on_statement_complete(self, session: Session, run: Run) -> None:
+        catalog = self.column_catalogs.get(session.target.name)
+        if catalog is not None and run.tag:
+            catalog.note_command(run.tag)
+        plan = run.plan
+        if plan is not None:
+            finish = getattr(plan, "finish_copy", None)
+            if finish is not None:
+                finish()
+            self._report_masking(session, run, plan.take_actions())
+
+    def _report_masking(self, session: Session, run: Run | None, actions: list[Any]) -> None:
+        if not actions:
+            return
+        if self.bus.has_listeners:
+            self.bus.publish(events.MASKING_APPLIED, session_id=session.id,
+                             subject=session.info.identity.subject,
+                             actions=[{"column": a.column, "strategy": a.strategy,
+                                       "count": a.count} for a in actions])
+        if self.audit_on and run is not None and run.audit_id is not None:
+            records = [AuditMaskingAction(a.column, a.strategy, a.count) for a in actions]
+            task = asyncio.ensure_future(self.store.masking_actions(
+                run.audit_id, session.id, records, wait=False))
+            self._background.add(task)
+            task.add_done_callback(self._done)
+
+    # -- results -----------------------------------------------------------------------------
 
     async def after_result(self, session: Session, run: Run) -> None:
         if self.bus.has_listeners:
@@ -275,3 +417,29 @@ def _sample(run: Run) -> dict[str, Any] | None:
                 row.append(value.decode("utf-8", "replace"))
         rows.append(row)
     return {"columns": columns, "rows": rows, "truncated": run.rows > len(rows)}
+
+
+class _WithholdAll:
+    """The fail-closed plan: every value of the result becomes NULL (never the raw value)."""
+
+    def __init__(self, columns: int, reason: str) -> None:
+        self.reason = reason
+        self.count = 0
+
+    def rewrite_data_row(self, payload: bytes) -> bytes:
+        columns = int.from_bytes(payload[:2], "big")
+        self.count += 1
+        return columns.to_bytes(2, "big") + b"\xff\xff\xff\xff" * columns
+
+    def rewrite_message(self, message: bytes) -> bytes:
+        return p.frame(p.DATA_ROW, self.rewrite_data_row(message[5:]))
+
+    def rewrite_copy_data(self, chunk: bytes) -> bytes:
+        self.count += 1
+        return b""
+
+    def take_actions(self) -> list[Any]:
+        from hoopops.masking import MaskingAction
+
+        count, self.count = self.count, 0
+        return [MaskingAction("withheld: " + self.reason[:200], "null", count)] if count else []

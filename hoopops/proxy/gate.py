@@ -25,6 +25,7 @@ class Verdict:
     rule_id: str | None = None
     decision: Any = None  # the policy engine's full Decision (facts, timing)
     approval_id: Any = None
+    masking_hints: Any = None  # per statement: where each output column comes from
 
 
 ALLOW = Verdict("allow")
@@ -78,6 +79,13 @@ class StatementGate:
 
     async def rewrite_copy(self, session: Session, run: Run, message: bytes) -> bytes:
         return message
+
+    async def on_copy_out(self, session: Session, run: Run, payload: bytes) -> None:
+        return None
+
+    async def on_statement_complete(self, session: Session, run: Run) -> None:
+        """One statement's result ended (CommandComplete); a Query may hold several."""
+        return None
 
     async def on_error(self, session: Session, fields: dict[str, str], payload: bytes
                        ) -> bytes | None:

@@ -10,6 +10,8 @@ import base64
 import hashlib
 import hmac
 import secrets
+import stringprep
+import unicodedata
 from functools import lru_cache
 
 
@@ -17,9 +19,40 @@ class ScramError(Exception):
     pass
 
 
+_PROHIBITED = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+               stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+               stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
+               stringprep.in_table_a1)
+
+
+def saslprep(password: str) -> str:
+    """The password as PostgreSQL hashes it for SCRAM (RFC 4013 SASLprep, pg_saslprep).
+
+    The server prepares the password before deriving the stored key; a client that does
+    not would fail to log in with passwords such as ``"ﬁ"`` (NFKC: ``"fi"``) or ones
+    holding a soft hyphen. Like the server, a password SASLprep refuses (prohibited
+    characters, bad bidirectional text) is used exactly as given.
+    """
+    if password.isascii():
+        return password
+    mapped = "".join(" " if stringprep.in_table_c12(ch) else ch for ch in password
+                     if not stringprep.in_table_b1(ch))
+    prepared = unicodedata.normalize("NFKC", mapped)
+    if not prepared or any(check(ch) for ch in prepared for check in _PROHIBITED):
+        return password
+    # Bidirectional text (RFC 3454 section 6): right-to-left characters may not mix with
+    # left-to-right ones, and must open and close the string.
+    rtl = any(stringprep.in_table_d1(ch) for ch in prepared)
+    if rtl and (any(stringprep.in_table_d2(ch) for ch in prepared) or not (
+            stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1]))):
+        return password
+    return prepared
+
+
 @lru_cache(maxsize=64)
 def _salted(password: str, salt: bytes, iterations: int) -> bytes:
-    return hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return hashlib.pbkdf2_hmac("sha256", saslprep(password).encode("utf-8"), salt,
+                               iterations)
 
 
 class ScramClient:

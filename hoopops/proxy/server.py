@@ -293,6 +293,7 @@ class GatewayServer:
             raise StartupRefused("53300", f"too many connections for '{identity.subject}' "
                                  f"(limits.max_connections_per_identity = {limit})")
         self.registry.per_subject[identity.subject] += 1
+        upstream: up.UpstreamConnection | None = None
         try:
             try:
                 # Leave a moment of the startup deadline to tell the client which
@@ -300,7 +301,11 @@ class GatewayServer:
                 budget = deadline - asyncio.get_running_loop().time() - 0.2
                 upstream = await up.connect(target.upstream, target.name, forward, budget)
             except up.UpstreamError as exc:
-                raise StartupRefused("08006", f"hoopops: {exc}") from None
+                # The target's own verdict (53300 too many clients, 57P03 starting up...)
+                # tells the client whether to retry; a refused *service* login (28xxx) is
+                # not about the agent's token, so it is reported as a connection failure.
+                sqlstate = "08006" if exc.sqlstate.startswith("28") else exc.sqlstate
+                raise StartupRefused(sqlstate, f"hoopops: {exc}") from None
             info = SessionInfo(
                 id=new_session_id(), identity=identity, target=target.name,
                 client_addr=str(peer[0]), client_port=int(peer[1]),
@@ -312,6 +317,8 @@ class GatewayServer:
             await writer.drain()
         except BaseException:
             self.registry.per_subject[identity.subject] -= 1
+            if upstream is not None:
+                upstream.close()  # e.g. the startup deadline hit while greeting the client
             raise
         return session
 

@@ -69,6 +69,7 @@ class Run:
     plan: Any = None
     result_formats: tuple[int, ...] = ()
     finished: bool = False
+    statement_index: int = 0  # which statement of a simple Query is answering
 
 
 @dataclass(slots=True)
@@ -671,7 +672,11 @@ class Session:
                 if run is not None:
                     if mtype == p.COMMAND_COMPLETE:
                         run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+                    await self.gate.on_statement_complete(self, run)
                     await self._finish(run)
+                return replacement
+            if mtype == p.COPY_OUT_RESPONSE and run is not None:
+                await self.gate.on_copy_out(self, run, bytes(buf[pos + 5:nxt]))
                 return replacement
             if mtype in (p.COPY_OUT_RESPONSE, p.COPY_IN_RESPONSE, p.COPY_DONE):
                 if mtype == p.COPY_IN_RESPONSE:
@@ -698,8 +703,15 @@ class Session:
             return await self.gate.rewrite_row(self, run, bytes(buf[pos:nxt]))
         if mtype == p.COPY_DATA:
             return await self.gate.rewrite_copy(self, run, bytes(buf[pos:nxt]))
-        if mtype == p.COMMAND_COMPLETE:
-            run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+        if mtype == p.COPY_OUT_RESPONSE:
+            await self.gate.on_copy_out(self, run, bytes(buf[pos + 5:nxt]))
+            return None
+        if mtype == p.COMMAND_COMPLETE or mtype == p.EMPTY_QUERY_RESPONSE:
+            if mtype == p.COMMAND_COMPLETE:
+                run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+            await self.gate.on_statement_complete(self, run)
+            run.statement_index += 1
+            run.plan = None
             return None
         if mtype == p.COPY_BOTH_RESPONSE:
             raise p.ProtocolError("replication (CopyBoth) is not relayed by the gateway")

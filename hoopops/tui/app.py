@@ -96,6 +96,7 @@ class ConsoleApp(App[None]):
         self._refresh_timer: Timer | None = None
         self._refreshing = False
         self._refresh_again = False
+        self._refresh_error: str | None = None
         self._unknown_keymap = self._apply_keymap(keymap or {})
         self.dashboard = DashboardScreen()
         #: Approvals decided from this console (their rows going away is expected).
@@ -153,10 +154,18 @@ class ConsoleApp(App[None]):
     @work(group="refresh", exit_on_error=False)
     async def _refresh_worker(self) -> None:
         try:
-            if isinstance(self.screen, ModalScreen):
-                # A prompt is open: the analyst is deciding something. Keep still.
-                return
             await self.refresh_once()
+            if self._refresh_error is not None:
+                self._refresh_error = None
+                self.notify("The console is reading the gateway and store again.",
+                            markup=False)
+        except Exception as exc:  # keep refreshing; say so once, not every second
+            message = f"{type(exc).__name__}: {exc}"
+            if message != self._refresh_error:
+                self._refresh_error = message
+                log.error("console refresh failed: %s", message)
+                self.notify(message, title="Refresh failed", severity="error",
+                            markup=False, timeout=10)
         finally:
             self._refreshing = False
             again, self._refresh_again = self._refresh_again, False
@@ -164,6 +173,7 @@ class ConsoleApp(App[None]):
 
     async def refresh_once(self) -> None:
         """One fetch of everything the dashboard shows, then one render."""
+        self.status_info = self.source.status()
         sessions = await self.source.live_sessions()
         approvals = await self.source.pending_approvals()
         hits: list[MaskingHit] = []
@@ -187,8 +197,15 @@ class ConsoleApp(App[None]):
     def render_dashboard(self) -> None:
         self.counters.paused = self.paused
         self.counters.buffered = len(self._buffered_hits)
-        if self.dashboard.ready:
-            self.dashboard.render_state(self.clock(), live=not self.paused)
+        if not self.dashboard.ready:
+            return
+        if isinstance(self.screen, ModalScreen) and self.screen_stack[-2:-1] == [
+                self.dashboard]:
+            # A prompt is open over the dashboard (the Dolphie rule: keep still behind
+            # it). The data is fetched and new approvals still ring; the tables catch up
+            # when the prompt closes (DashboardScreen.on_screen_resume).
+            return
+        self.dashboard.render_state(self.clock(), live=not self.paused)
 
     def _update_rates(self, sessions: list[LiveSession], now: float) -> None:
         counts = {s.id: (s.statements, s.blocked) for s in sessions}
@@ -464,9 +481,6 @@ class ConsoleApp(App[None]):
             log.error("console worker %s failed", event.worker.name, exc_info=error)
             self.notify(f"{type(error).__name__}: {error}", title=f"{event.worker.group} failed",
                         severity="error", markup=False, timeout=10)
-            if event.worker.group == "refresh":
-                self._refreshing = False
-                self._schedule_refresh(self.refresh_interval * 2)
 
 
 def analyse(sql: str) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from hoopops.config import parse_duration
 
 # Beyond this, pretty-printing (a full parse) is not worth blocking the loop for.
 _PRETTY_LIMIT = 20_000
+# Beyond this, the screen shows the head only (the export and the store have it all).
+_SHOW_LIMIT = 100_000
 _CONTROL = {i: "·" for i in range(32) if i not in (9, 10)} | {127: "·"}
 
 
@@ -34,7 +36,8 @@ def plain(value: object, limit: int | None = None) -> Text:
 
 def one_line(sql: str, limit: int = 200) -> Text:
     """A statement squeezed onto one line for a table cell."""
-    return plain(" ".join(sql.split()), limit)
+    # Only the head can show; never split a multi-megabyte statement every refresh.
+    return plain(" ".join(sql[: limit * 4].split()), limit)
 
 
 def pretty_sql(sql: str) -> str:
@@ -60,11 +63,15 @@ def highlighted_sql(sql: str, pretty: bool = True) -> Text:
 
 @functools.lru_cache(maxsize=256)
 def _highlighted(sql: str, pretty: bool) -> Text:
-    code = pretty_sql(sql) if pretty else sql
+    cut = len(sql) > _SHOW_LIMIT
+    code = sql[:_SHOW_LIMIT] if cut else (pretty_sql(sql) if pretty else sql)
     code = code.translate(_CONTROL)
     text = Syntax(code, "sql", theme="ansi_dark", word_wrap=True,
                   background_color="default").highlight(code)
     text.rstrip()
+    if cut:
+        text.append(f"\n… {len(sql) - _SHOW_LIMIT:,} more characters (export the session "
+                    "for the full text)", style="bold yellow")
     return text
 
 

@@ -46,7 +46,9 @@ def _console_logging(app: ConsoleApp, log_file: Path | None, level: int = loggin
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     root.handlers = []
-    root.setLevel(level)
+    # INFO only when it goes somewhere; otherwise WARNING, so the hot path builds no
+    # records that nobody reads.
+    root.setLevel(level if log_file is not None else logging.WARNING)
     toast = _ToastHandler(app)
     root.addHandler(toast)
     file_handler: logging.Handler | None = None

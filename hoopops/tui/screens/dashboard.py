@@ -90,6 +90,10 @@ class DashboardScreen(Screen[None]):
         # Whatever the app already knows (a refresh may have finished before we mounted).
         self.console.render_dashboard()
 
+    def on_screen_resume(self) -> None:
+        if self.ready:
+            self.console.render_dashboard()
+
     # -- rendering (called by the app after each refresh) --------------------------------
 
     def render_state(self, now: float, *, live: bool = True) -> None:
