@@ -185,7 +185,7 @@ NO_EFFECT = Effect()
 
 
 class CatalogError(Exception):
-    pass
+    """The catalog connection could not be obtained."""
 
 
 Connector = Callable[[], Awaitable[Any]]

@@ -163,28 +163,28 @@ async def test_half_open_sockets_do_not_lock_out_psql(gateway: RunningGateway,
             await raw.close()
 
 
-async def test_cap_full_of_half_open_sockets_frees_up_at_the_deadline(gateway_factory) -> None:
-    gw = await gateway_factory("limits:\n  max_connections: 20\n  startup_timeout: 2s\n")
-    sockets = [await RawClient.open(gw.port) for _ in range(20)]
+async def test_cap_full_of_half_open_sockets_still_admits_agents(gateway_factory) -> None:
+    gw = await gateway_factory("limits:\n  max_connections: 20\n")
+    sockets = []
     try:
-        async def cap_reached() -> bool:
-            try:
-                await (await asyncpg.connect(gw.dsn())).close()
-            except asyncpg.TooManyConnectionsError as exc:
-                assert "limits.max_connections" in str(exc)
-                return True
-            return False
-        await poll(cap_reached, 5, what="the cap to be reached by half-open sockets")
-
-        # The half-open sockets are closed at the startup deadline; agents get back in.
-        async def admitted() -> bool:
-            try:
-                conn = await asyncpg.connect(gw.dsn())
-            except asyncpg.TooManyConnectionsError:
-                return False
+        for _ in range(20):  # every slot taken by sockets that never authenticate
+            raw = await RawClient.open(gw.port)
+            await raw.send(b"\x00\x00")
+            sockets.append(raw)
+        conns = []
+        for i in range(5):  # each newcomer displaces the oldest unauthenticated socket
+            conn = await asyncpg.connect(gw.dsn(gw.token(f"agent-{i}")))
+            assert await conn.fetchval("select 1") == 1
+            conns.append(conn)
+        fields = fatal(await sockets[0].wait_closed_by_peer(5))
+        assert fields["C"] == "53300" and "not authenticated yet" in fields["M"]
+        # Once the slots hold real sessions, the cap is enforced for everyone.
+        conns += [await asyncpg.connect(gw.dsn(gw.token(f"more-{i}"))) for i in range(15)]
+        with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+            await asyncpg.connect(gw.dsn(gw.token("one-too-many")))
+        assert "limits.max_connections = 20" in str(info.value)
+        for conn in conns:
             await conn.close()
-            return True
-        await poll(admitted, 10, interval=0.2, what="the deadline to free the slots")
     finally:
         for raw in sockets:
             await raw.close()

@@ -164,6 +164,17 @@ def test_hash_is_joinable_across_results() -> None:
     assert first == second and first is not None and first.startswith(b"hmac:")
 
 
+def test_binary_numbers_in_the_buffer_path() -> None:
+    columns = [col("amount", INT8, 1), col("ssn", TEXT, 1), col("note")]
+    plan = RULES.plan(AGENT, columns, None)
+    assert plan is not None
+    payloads = [build_data_row([struct.pack("!q", 4111111111111111), b"123-45-6789", b"x"]),
+                build_data_row([struct.pack("!q", 5), None, b"mail a@b.co"])]
+    out = plan.rewrite_data_rows(b"".join(framed(p) for p in payloads))
+    assert out == b"".join(framed(plan.rewrite_data_row(p)) for p in payloads)
+    assert split_data_row(plan.rewrite_data_row(payloads[0])) == [None, b"***-**-6789", b"x"]
+
+
 def test_binary_numbers_are_checked_by_detectors() -> None:
     columns = [col("amount", INT8, 1), col("total", NUMERIC, 1), col("n", INT4, 1),
                col("small", INT8, 1)]
@@ -248,19 +259,38 @@ def test_malformed_rows_fail_closed() -> None:
         plan.rewrite_data_row(lying)
 
 
-@pytest.mark.parametrize("masked", [[0], [5], [0, 5], [1, 2], [0, 1, 2, 3, 4, 5], [2, 4]])
-def test_every_mask_layout_rebuilds_a_valid_row(masked: list[int]) -> None:
-    rules = make_rules("masking:\n  columns:\n" + "".join(
-        f"    public.t.c{i}: redact\n" for i in masked) + "  detectors: [email]\n")
+def framed(payload: bytes) -> bytes:
+    return b"D" + struct.pack("!i", len(payload) + 4) + payload
+
+
+@pytest.mark.parametrize("masked", [[], [0], [5], [0, 5], [1, 2], [0, 1, 2, 3, 4, 5], [2, 4]])
+@pytest.mark.parametrize("detectors", [True, False])
+def test_every_mask_layout_rebuilds_a_valid_row(masked: list[int], detectors: bool) -> None:
+    section: dict[str, object] = {"columns": {f"public.t.c{i}": "redact" for i in masked}}
+    if detectors:
+        section["detectors"] = ["email"]
+    rules = MaskingRules.from_sections([("p.yaml", None, section)])
     columns = [ColumnInfo(f"c{i}", 1, i + 1, TEXT, origin=OutputSources.of(
         SourceColumn("public", "t", f"c{i}"))) for i in range(6)]
     plan = rules.plan(AGENT, columns, None)
+    if not masked and not detectors:
+        assert plan is None
+        return
     assert plan is not None
-    values: list[bytes | None] = [b"v0", None, b"v2@example.com", b"", b"v4", b"x@y.org"]
-    out = split_data_row(plan.rewrite_data_row(build_data_row(values)))
-    expected = [None if v is None else b"****" if i in masked or b"@" in v else v
-                for i, v in enumerate(values)]
-    assert out == expected
+    rows: list[list[bytes | None]] = [
+        [b"v0", None, b"v2@example.com", b"", b"v4", b"x@y.org"],
+        [None, None, None, None, None, None],
+        [b"a", b"b", b"c", b"d", b"e", b"f"],
+    ]
+    for values in rows:
+        out = split_data_row(plan.rewrite_data_row(build_data_row(values)))
+        expected = [None if v is None else b"****" if i in masked or (
+            detectors and b"@" in v) else v for i, v in enumerate(values)]
+        assert out == expected
+    # The buffer form gives exactly the per-row results, framed.
+    payloads = [build_data_row(v) for v in rows]
+    assert plan.rewrite_data_rows(b"".join(framed(p) for p in payloads)) == b"".join(
+        framed(plan.rewrite_data_row(p)) for p in payloads)
 
 
 def test_batch_of_data_row_messages() -> None:
@@ -269,9 +299,7 @@ def test_batch_of_data_row_messages() -> None:
     clean = build_data_row([b"1", b"Bob", None, None, b"2024-01-01", b"x"])
     dirty = build_data_row(ROW)
 
-    def message(payload: bytes) -> bytes:
-        return b"D" + struct.pack("!i", len(payload) + 4) + payload
-
+    message = framed
     data = message(clean) + message(dirty) + message(clean)
     out = plan.rewrite_data_rows(data)
     assert out[:len(message(clean))] == message(clean)
@@ -283,6 +311,10 @@ def test_batch_of_data_row_messages() -> None:
     assert plan.rewrite_data_rows(message(clean)) == message(clean)  # one framed message
     with pytest.raises(MaskingError):
         plan.rewrite_data_rows(data + b"C\x00\x00\x00\x05x")
+    with pytest.raises(MaskingError):
+        plan.rewrite_data_rows(data[:-3])
+    with pytest.raises(MaskingError, match="columns"):
+        plan.rewrite_data_rows(message(build_data_row([b"1"])))
     exempt = RULES.plan(BREAKGLASS, CUSTOMER, None)
     assert exempt is not None and exempt.rewrite_data_rows(data) == data
     assert exempt.rows == 3

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import re
 import struct
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 from hoopops.masking.codec import I16, I32, NULL_FIELD
 from hoopops.masking.detectors import DetectorSet
@@ -236,76 +238,145 @@ def numeric_text(value: bytes) -> bytes:
 
 _unpack_i32 = I32.unpack_from
 _pack_i32 = I32.pack
-_DATA_ROW = 68  # 'D'
+_HEADER = struct.Struct("!ci")  # message type and length, packed in one call
 
 
 class _Short(Exception):
     """A field length pointed past the end of the DataRow."""
 
 
-def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
-                     detecting: bool) -> str:
-    """Source of ``rewrite(payload) -> payload``, unrolled for one result shape.
+def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, first: str,
+          last: str, pad: str) -> tuple[list[str], list[str], list[int], list[str]]:
+    """Unrolled field walk over one DataRow in ``buf[first:last]``, fields from ``p``.
 
-    A per-field loop costs several bytecodes per column on every row, and every extra
-    Python call costs as much as the work itself; so each plan gets one generated
-    function that checks the field count, reads each length prefix once up to the last
-    masked column, calls the strategy inline, and joins the unmasked byte ranges (copied
-    as slices) with the masked fields. With detectors on, the unmasked ranges are joined
-    into one probe; only rows whose probe hits go to the slow path (``_slow``). Binary
-    numbers, which a byte probe cannot read, are "check" fields: their checker returns
-    None (unchanged) or the replacement field.
+    Returns the source lines, the piece expressions (unmasked byte ranges alternating
+    with masked fields, so their concatenation is the new payload), the indexes of the
+    pieces that are unmasked ranges holding fields, and the per-field length changes.
     """
-    lines = ["def rewrite(payload, _u=_u, _c=_c, _rows=_rows, _NULL=_NULL, _pk=_pk,"
-             " _COUNT=_COUNT, _probe=_probe, _slow=_slow, _bad=_bad" + "".join(
-                 f", _m{k}=_m{k}" for k in range(len(targets))) + "):",
-             "    if payload[:2] != _COUNT:", "        _bad(payload)", "    _rows[0] += 1"]
-    if not targets:
-        lines += ["    if _probe(payload):", "        return _slow(payload, (payload,))",
-                  "    return payload"]
-        return "\n".join(lines)
-    lines += ["    try:", "        p = 2"]
-    pieces = []
-    regions = []
+    lines: list[str] = []
+    pieces: list[str] = []
+    regions: list[int] = []
+    deltas: list[str] = []
     col = 0
     for k, target in enumerate(targets):
         for _ in range(target - col):
-            lines += ["        n = _u(payload, p)[0]", "        p += 4 + n if n > 0 else 4"]
+            lines += [f"{pad}n = _u({buf}, p)[0]", f"{pad}p += 4 + n if n > 0 else 4"]
         if k == 0:
-            pieces.append("payload[:s0]")
+            pieces.append(f"{buf}[{first}:s0]")
             if target > 0:
                 regions.append(len(pieces) - 1)
         elif target > col:
-            pieces.append(f"payload[e{k - 1}:s{k}]")
+            pieces.append(f"{buf}[e{k - 1}:s{k}]")
             regions.append(len(pieces) - 1)
+        value_of = f"{buf}[s{k} + 4:p]"
         kind = kinds[k]
         if kind == "const":
-            value = [f"            f{k} = _m{k}", f"            _c[{k}] += 1"]
+            value = [f"{pad}    f{k} = _m{k}", f"{pad}    _c[{k}] += 1"]
         elif kind == "text":
-            value = [f"            v = _m{k}(payload[s{k} + 4:p])",
-                     f"            f{k} = _pk(len(v)) + v", f"            _c[{k}] += 1"]
+            value = [f"{pad}    v = _m{k}({value_of})", f"{pad}    f{k} = _pk(len(v)) + v",
+                     f"{pad}    _c[{k}] += 1"]
         elif kind == "check":
-            value = [f"            v = _m{k}(payload[s{k} + 4:p])",
-                     f"            f{k} = payload[s{k}:p] if v is None else v"]
+            value = [f"{pad}    v = _m{k}({value_of})",
+                     f"{pad}    f{k} = {buf}[s{k}:p] if v is None else v"]
         else:
-            value = [f"            f{k} = _m{k}(payload[s{k} + 4:p])", f"            _c[{k}] += 1"]
-        lines += [f"        s{k} = p", "        n = _u(payload, p)[0]", "        if n >= 0:",
-                  "            p += 4 + n", *value, "        else:",
-                  "            p += 4", f"            f{k} = _NULL", f"        e{k} = p"]
+            value = [f"{pad}    f{k} = _m{k}({value_of})", f"{pad}    _c[{k}] += 1"]
+        lines += [f"{pad}s{k} = p", f"{pad}n = _u({buf}, p)[0]", f"{pad}if n >= 0:",
+                  f"{pad}    p += 4 + n", *value, f"{pad}else:", f"{pad}    p += 4",
+                  f"{pad}    f{k} = _NULL", f"{pad}e{k} = p"]
         pieces.append(f"f{k}")
+        deltas.append(f"len(f{k}) - (e{k} - s{k})")
         col = target + 1
-    pieces.append(f"payload[e{len(targets) - 1}:]")
+    pieces.append(f"{buf}[e{len(targets) - 1}:{last}]")
     if col < ncols:
         regions.append(len(pieces) - 1)
-    lines += ["    except _error:", "        raise _Truncated('truncated DataRow') from None",
-              "    if p > len(payload):", "        raise _Truncated('truncated DataRow')",
-              f"    pieces = ({', '.join(pieces)},)"]
+    return lines, pieces, regions, deltas
+
+
+_DEFAULTS = ("_u=_u, _c=_c, _rows=_rows, _NULL=_NULL, _pk=_pk, _hd=_hd, _COUNT=_COUNT, "
+             "_probe=_probe, _slow=_slow, _redo=_redo, _bad=_bad, _error=_error, "
+             "_Truncated=_Truncated")
+
+
+def _probe_expr(pieces: str, regions: Sequence[int]) -> str:
+    if len(regions) == 1:
+        return f"{pieces}[{regions[0]}]"
+    if len(regions) == 2:
+        return f"{pieces}[{regions[0]}] + {pieces}[{regions[1]}]"
+    return "b''.join((" + ", ".join(f"{pieces}[{i}]" for i in regions) + ",))"
+
+
+def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
+                     detecting: bool) -> str:
+    """Source of ``rewrite(payload)`` and ``rewrite_run(data)``, unrolled for one result.
+
+    A per-field loop costs several bytecodes per column on every row, and every extra
+    Python call costs as much as the work itself; so each plan gets generated functions
+    that check the field count, read each length prefix once up to the last masked
+    column, call the strategy inline, and join the unmasked byte ranges (copied as
+    slices) with the masked fields. With detectors on, the unmasked ranges are joined
+    into one probe; only rows whose probe hits go to the slow path (``_slow``). Binary
+    numbers, which a byte probe cannot read, are "check" fields: their checker returns
+    None (unchanged) or the replacement field.
+
+    ``rewrite_run`` does the same over a buffer of whole framed DataRow messages in one
+    loop: no call, no payload copy and one join per buffer instead of per row. Its probe
+    runs once per buffer over every row's unmasked ranges joined by NUL; the rows whose
+    ranges a candidate falls in are then redone on the slow path (``_redo``).
+    """
+    defaults = _DEFAULTS + "".join(f", _m{k}=_m{k}" for k in range(len(targets)))
+    row = [f"def rewrite(payload, {defaults}):",
+           "    if payload[:2] != _COUNT:", "        _bad(payload)", "    _rows[0] += 1"]
+    run = [f"def rewrite_run(data, {defaults}):",
+           "    out = []", "    extend = out.extend", "    pos = 0", "    size = len(data)",
+           "    rows = 0", "    try:", "        while pos < size:",
+           "            if data[pos] != 68:", "                _bad(b'')",
+           "            end = pos + 1 + _u(data, pos + 1)[0]",
+           "            if end > size:", "                raise _Truncated('incomplete DataRow')",
+           "            if data[pos + 5:pos + 7] != _COUNT:",
+           "                _bad(data[pos + 5:end])",
+           "            rows += 1"]
+    if not targets:
+        row += ["    if _probe(payload):", "        return _slow(payload, (payload,))",
+                "    return payload"]
+        run += ["            payload = data[pos + 5:end]",
+                "            if _probe(payload):",
+                "                new = _slow(payload, (payload,))",
+                "                extend((_hd(b'D', len(new) + 4), new))",
+                "            else:", "                extend((data[pos:end],))",
+                "            pos = end", "    except _error:",
+                "        raise _Truncated('truncated DataRow') from None",
+                "    _rows[0] += rows", "    return b''.join(out)"]
+        return "\n".join(row) + "\n\n\n" + "\n".join(run)
+    lines, pieces, regions, _ = _walk(kinds, targets, ncols, "payload", "", "", "        ")
+    row += ["    try:", "        p = 2", *lines,
+            "    except _error:", "        raise _Truncated('truncated DataRow') from None",
+            "    if p > len(payload):", "        raise _Truncated('truncated DataRow')",
+            f"    pieces = ({', '.join(pieces)},)"]
     if detecting and regions:
-        probe = f"pieces[{regions[0]}]" if len(regions) == 1 else (
-            "b''.join((" + ", ".join(f"pieces[{i}]" for i in regions) + ",))")
-        lines += [f"    if _probe({probe}):", "        return _slow(payload, pieces)"]
-    lines.append("    return b''.join(pieces)")
-    return "\n".join(lines)
+        row += [f"    if _probe({_probe_expr('pieces', regions)}):",
+                "        return _slow(payload, pieces)"]
+    row.append("    return b''.join(pieces)")
+    lines, pieces, regions, deltas = _walk(kinds, targets, ncols, "data", "pos + 5", "end",
+                                           "            ")
+    probing = detecting and bool(regions)
+    if probing:
+        run[1:1] = ["    probes = []", "    starts = []"]
+    run += ["            p = pos + 7", *lines,
+            "            if p > end:", "                raise _Truncated('truncated DataRow')",
+            f"            pieces = ({', '.join(pieces)},)"]
+    if probing:
+        run += [f"            probes.append({_probe_expr('pieces', regions)})",
+                "            starts.append(pos)"]
+    run += [f"            extend((_hd(b'D', end - pos - 1 + {' + '.join(deltas)}),) + pieces)",
+            "            pos = end", "    except _error:",
+            "        raise _Truncated('truncated DataRow') from None",
+            "    _rows[0] += rows"]
+    if probing:
+        run += ["    if probes:", "        joined = b'\\x00'.join(probes)",
+                "        if _probe(joined):",
+                f"            _redo(data, out, probes, starts, joined, {len(pieces)})"]
+    run.append("    return b''.join(out)")
+    return "\n".join(row) + "\n\n\n" + "\n".join(run)
 
 
 def _regions(targets: Sequence[int], ncols: int) -> list[tuple[int, int]]:
@@ -348,8 +419,9 @@ def _number_checker(klass: int, detector: ValueDetector) -> Callable[[bytes], by
 class RowRewriter:
     """Masks the listed columns of every DataRow and runs detectors over the others.
 
-    ``rewrite(payload)`` is generated for the result's shape (see
-    :func:`_rewriter_source`); it returns the payload itself when nothing changed.
+    ``rewrite(payload)`` and ``rewrite_messages(framed DataRows)`` are generated for the
+    result's shape (see :func:`_rewriter_source`); ``rewrite`` returns the payload itself
+    when nothing changed.
     """
 
     def __init__(self, ncols: int, masks: dict[int, FieldMask],
@@ -375,13 +447,17 @@ class RowRewriter:
             "_u": _unpack_i32, "_c": self.mask_counts, "_rows": self._rows,
             "_NULL": NULL_FIELD, "_pk": _pack_i32, "_COUNT": self.count_bytes,
             "_probe": detector.detectors.may_match if detector is not None else None,
-            "_slow": self._slow, "_bad": self._bad, "_error": struct.error,
+            "_slow": self._slow, "_redo": self._redo, "_bad": self._bad,
+            "_error": struct.error,
+            "_hd": _HEADER.pack,
             "_Truncated": MaskingError,
             **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)}}
         source = _rewriter_source([masks[t][0] for t in targets], targets, ncols,
                                   self.detecting)
         exec(compile(source, f"<masking rewriter {targets} of {ncols}>", "exec"), namespace)
         self.rewrite: Callable[[bytes], bytes] = namespace["rewrite"]  # type: ignore[assignment]
+        self.rewrite_messages: Callable[[bytes], bytes] = namespace[  # type: ignore[assignment]
+            "rewrite_run"]
 
     @property
     def rows(self) -> int:
@@ -395,6 +471,8 @@ class RowRewriter:
         return self.rewrite(payload)
 
     def _bad(self, payload: bytes) -> None:
+        if not payload:
+            raise MaskingError("expected complete DataRow messages only")
         count = I16.unpack_from(payload)[0] if len(payload) >= 2 else 0
         raise MaskingError(f"DataRow has {count} columns but its RowDescription had "
                            f"{self.ncols}")
@@ -408,29 +486,33 @@ class RowRewriter:
             return changed[0]
         return b"".join(changed)
 
-    def rewrite_messages(self, data: bytes) -> bytes:
-        """A run of complete DataRow messages (type byte and length included) rewritten.
+    def _redo(self, data: bytes, out: list[bytes], probes: list[bytes], starts: list[int],
+              joined: bytes, width: int) -> None:
+        """Run the slow path on the rows of a buffer whose probe ranges hold a candidate,
+        patching their entries in ``out`` (``width`` pieces plus a header per row)."""
+        assert self._detector is not None
+        ends = list(accumulate(len(p) + 1 for p in probes))
+        rows: set[int] = set()
+        for start, stop in self._detector.detectors.candidates(joined):
+            first = bisect_right(ends, start)
+            last = bisect_right(ends, max(start, stop - 1))
+            rows.update(range(first, min(last, len(probes) - 1) + 1))
+        for row in sorted(rows):
+            at = row * (width + 1)
+            pos = starts[row]
+            end = pos + 1 + _unpack_i32(data, pos + 1)[0]
+            pieces = tuple(out[at + 1:at + 1 + width])
+            if not self._probe_row(pieces):
+                continue
+            new = self._slow(data[pos + 5:end], pieces)
+            out[at] = _HEADER.pack(b"D", len(new) + 4)
+            out[at + 1] = new
+            for index in range(at + 2, at + 1 + width):
+                out[index] = b""
 
-        The batch form for a relay that holds several DataRows in its read buffer: it
-        saves a call and a framing step per row; unchanged rows are copied as they are.
-        """
-        out: list[bytes] = []
-        append = out.append
-        rewrite = self.rewrite
-        unpack = _unpack_i32
-        pos = 0
-        size = len(data)
-        while pos < size:
-            if data[pos] != _DATA_ROW or pos + 5 > size:
-                raise MaskingError("expected complete DataRow messages only")
-            end = pos + 1 + unpack(data, pos + 1)[0]
-            if end > size:
-                raise MaskingError("incomplete DataRow message")
-            payload = data[pos + 5:end]
-            new = rewrite(payload)
-            append(data[pos:end] if new is payload else b"D" + _pack_i32(len(new) + 4) + new)
-            pos = end
-        return b"".join(out)
+    def _probe_row(self, pieces: tuple[bytes, ...]) -> bool:
+        assert self._detector is not None
+        return self._detector.detectors.may_match(b"".join([pieces[i] for i, _ in self._regions]))
 
     def _detect_region(self, region: bytes, col: int) -> bytes:
         """Detectors over the whole fields in ``region`` (a DataRow payload when col is 0

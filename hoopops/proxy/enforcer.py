@@ -82,8 +82,10 @@ class Enforcer(StatementGate):
 
     # -- policy -----------------------------------------------------------------------------
 
-    def new_session_state(self) -> SessionSqlState:
-        return SessionSqlState(lexing_defaults_verified=True)
+    def new_session_state(self, server_parameters: dict[str, str]) -> SessionSqlState:
+        # RESET ALL / DISCARD ALL return to the session defaults; they are only safe when
+        # the server reported those defaults as the ones the gateway lexes with.
+        return SessionSqlState(lexing_defaults_verified=_lexing_safe(server_parameters))
 
     def policies_changed(self) -> None:
         """The policy engine loaded a new version: rebuild the masking rules from it."""
@@ -291,9 +293,15 @@ class Enforcer(StatementGate):
 
     async def on_async_message(self, session: Session, mtype: int, payload: bytes
                                ) -> bytes | None:
+        identity = session.info.identity
+        if mtype == p.PARAMETER_STATUS:
+            name, value = p.decode_parameter_status(payload)
+            if not _lexing_safe({name: value}):
+                # Something the analysis could not see changed how the server reads text.
+                session.kill(f"closed: the server reported {name}={value}, which would make "
+                             "the gateway and the server read statements differently")
         if not self.masking.active:
             return None
-        identity = session.info.identity
         if mtype == p.NOTICE_RESPONSE:
             new, actions = self.masking.rewrite_error(payload, identity, strict=True)
         elif mtype == p.NOTIFICATION_RESPONSE:
@@ -443,3 +451,9 @@ class _WithholdAll:
 
         count, self.count = self.count, 0
         return [MaskingAction("withheld: " + self.reason[:200], "null", count)] if count else []
+
+
+def _lexing_safe(parameters: dict[str, str]) -> bool:
+    scs = parameters.get("standard_conforming_strings", "on").lower()
+    encoding = parameters.get("client_encoding", "UTF8").upper().replace("-", "")
+    return scs == "on" and encoding in ("UTF8", "SQL_ASCII")

@@ -36,7 +36,7 @@ class StatementGate:
 
     sample_limits: tuple[int, int] = (0, 0)
 
-    def new_session_state(self) -> Any:
+    def new_session_state(self, server_parameters: dict[str, str]) -> Any:
         return None
 
     async def decide(self, session: Session, sql: str, statement_name: str | None) -> Verdict:

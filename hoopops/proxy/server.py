@@ -52,6 +52,9 @@ _GATEWAY_PARAMETERS = {"user", "database"}
 
 
 class StartupRefused(Exception):
+    # The cancel message of a connection closed to make room for a newer one.
+    EVICTED = "evicted: still unauthenticated when the connection cap was reached"
+
     def __init__(self, sqlstate: str, message: str) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
@@ -113,6 +116,9 @@ class GatewayServer:
         self.registry = Registry()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        # Connections that have not yet presented a valid token, oldest first: when the
+        # cap is reached, the oldest of these makes room (see _make_room).
+        self._unauthenticated: dict[asyncio.Task[None], None] = {}
         self._ssl = self._server_ssl_context()
         self.accepting = True
 
@@ -163,12 +169,21 @@ class GatewayServer:
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            self._unauthenticated[task] = None
+            task.add_done_callback(self._forget)
         try:
             await self._serve_connection(reader, writer)
-        except asyncio.CancelledError:
-            # Shutdown cancels connections that outlived the grace period. Ending quietly
-            # keeps asyncio from logging each one as an "exception in callback".
+        except asyncio.CancelledError as exc:
+            # Shutdown cancels connections that outlived the grace period, _make_room the
+            # oldest unauthenticated one. Ending quietly keeps asyncio from logging each
+            # as an "exception in callback".
+            if exc.args == (StartupRefused.EVICTED,):
+                with contextlib.suppress(Exception):
+                    writer.write(p.error_response(
+                        "53300", "too many connections to the gateway: this connection had "
+                        "not authenticated yet and was closed to admit a newer one "
+                        f"(limits.max_connections = {self.config.limits.max_connections})",
+                        "FATAL"))
             await self._close_writer(writer)
         except Exception:
             log.exception("unexpected error while serving a connection")
@@ -177,13 +192,39 @@ class GatewayServer:
                                               "connection was closed", "FATAL"))
             await self._close_writer(writer)
 
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        self._unauthenticated.pop(task, None)
+
+    def _authenticated(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._unauthenticated.pop(task, None)
+
+    def _make_room(self) -> bool:
+        """At the cap, close the oldest connection still in startup to admit a new one.
+
+        Sockets that connect and then say nothing (or dribble a startup packet) would
+        otherwise hold every slot until their startup deadline, over and over, locking
+        legitimate agents out; a real client authenticates within milliseconds, so the
+        oldest unauthenticated connection is the likeliest to be one of those.
+        """
+        current = asyncio.current_task()
+        for task in self._unauthenticated:
+            if task is not current and not task.done():
+                del self._unauthenticated[task]
+                task.cancel(StartupRefused.EVICTED)
+                return True
+        return False
+
     async def _serve_connection(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         try:
             if not self.accepting:
                 raise StartupRefused("57P03", "the gateway is shutting down")
-            if len(self._connections) > self.config.limits.max_connections:
+            if len(self._connections) > self.config.limits.max_connections and not (
+                    self._make_room()):
                 raise StartupRefused("53300", "too many connections to the gateway "
                                      f"(limits.max_connections = "
                                      f"{self.config.limits.max_connections})")
@@ -288,6 +329,7 @@ class GatewayServer:
                                  f"(the database name picks the target; known: {known})")
         forward = check_startup_parameters(packet.params)
         identity = await self._authenticate(reader, writer)
+        self._authenticated()
         limit = self.config.limits.max_connections_per_identity
         if self.registry.per_subject[identity.subject] >= limit:
             raise StartupRefused("53300", f"too many connections for '{identity.subject}' "

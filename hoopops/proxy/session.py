@@ -166,7 +166,7 @@ class Session:
         self._waiting: asyncio.Future[Any] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._current_simple: Run | None = None
-        self.sql_state: Any = gate.new_session_state()
+        self.sql_state: Any = gate.new_session_state(upstream.parameters)
         self._inbuf = p.MessageBuffer(max_message_size)
         self._cancel_task: asyncio.Future[None] | None = None
 
@@ -312,6 +312,8 @@ class Session:
             kind, name = p.decode_describe_or_close(payload)
             if kind == "S":
                 self.statements.pop(name, None)
+                if self.sql_state is not None:
+                    self.sql_state.on_close(name)
             else:
                 self.portals.pop(name, None)
             self.pending.append(Pending(K_CLOSE))
