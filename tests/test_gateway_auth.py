@@ -10,7 +10,6 @@ connection caps answer 53300.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import struct
@@ -310,4 +309,3 @@ async def test_failed_logins_do_not_use_up_identity_slots(gateway_factory) -> No
             await c.close()
             return True
         await poll(again, 10, what="the identity's slot to be released")
-    await asyncio.sleep(0)

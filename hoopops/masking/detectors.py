@@ -275,33 +275,6 @@ class DetectorSet:
     def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.detectors)
 
-    def candidates(self, data: bytes) -> list[tuple[int, int]]:
-        """``(start, end)`` spans where a detector may match in ``data``: the probe's
-        answer with positions, so a caller that joined many rows can tell which rows to
-        look at. Built-in shapes never span a NUL byte; custom spans may."""
-        if self.always_scan:
-            return [(0, len(data))]
-        spans: list[tuple[int, int]] = []
-        for byte, wanted in ((64, self._needs_at), (43, self._needs_plus)):
-            if wanted:
-                at = data.find(byte)
-                while at >= 0:
-                    spans.append((at, at + 1))
-                    at = data.find(byte, at + 1)
-        if self._shape_rx is not None:
-            shape = data.translate(SHAPE)
-            search = self._shape_rx
-            found = search(shape)
-            while found is not None:
-                spans.append(found.span())
-                found = search(shape, found.start() + 1)
-        for search in self._raw:
-            found = search(data)
-            while found is not None:
-                spans.append((found.start(), max(found.end(), found.start() + 1)))
-                found = search(data, found.start() + 1)
-        return spans
-
     def scan(self, value: bytes, counts: dict[str, int]) -> bytes:
         """``value`` with every validated match replaced by its detector's strategy.
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from itertools import accumulate
 
 from hoopops.masking.codec import I16, I32, NULL_FIELD
 from hoopops.masking.detectors import DetectorSet
@@ -293,8 +291,7 @@ def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, fi
 
 
 _DEFAULTS = ("_u=_u, _c=_c, _rows=_rows, _NULL=_NULL, _pk=_pk, _hd=_hd, _COUNT=_COUNT, "
-             "_probe=_probe, _slow=_slow, _redo=_redo, _bad=_bad, _error=_error, "
-             "_Truncated=_Truncated")
+             "_probe=_probe, _slow=_slow, _bad=_bad, _error=_error, _Truncated=_Truncated")
 
 
 def _probe_expr(pieces: str, regions: Sequence[int]) -> str:
@@ -319,9 +316,9 @@ def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
     None (unchanged) or the replacement field.
 
     ``rewrite_run`` does the same over a buffer of whole framed DataRow messages in one
-    loop: no call, no payload copy and one join per buffer instead of per row. Its probe
-    runs once per buffer over every row's unmasked ranges joined by NUL; the rows whose
-    ranges a candidate falls in are then redone on the slow path (``_redo``).
+    loop: no call, no payload copy and one join per buffer instead of per row. (Probing
+    the whole buffer at once was tried: the regex scan, not the calls, dominates, so it
+    gained nothing.)
     """
     defaults = _DEFAULTS + "".join(f", _m{k}=_m{k}" for k in range(len(targets)))
     row = [f"def rewrite(payload, {defaults}):",
@@ -358,24 +355,18 @@ def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
     row.append("    return b''.join(pieces)")
     lines, pieces, regions, deltas = _walk(kinds, targets, ncols, "data", "pos + 5", "end",
                                            "            ")
-    probing = detecting and bool(regions)
-    if probing:
-        run[1:1] = ["    probes = []", "    starts = []"]
     run += ["            p = pos + 7", *lines,
             "            if p > end:", "                raise _Truncated('truncated DataRow')",
             f"            pieces = ({', '.join(pieces)},)"]
-    if probing:
-        run += [f"            probes.append({_probe_expr('pieces', regions)})",
-                "            starts.append(pos)"]
+    if detecting and regions:
+        run += [f"            if _probe({_probe_expr('pieces', regions)}):",
+                "                new = _slow(data[pos + 5:end], pieces)",
+                "                extend((_hd(b'D', len(new) + 4), new))",
+                "                pos = end", "                continue"]
     run += [f"            extend((_hd(b'D', end - pos - 1 + {' + '.join(deltas)}),) + pieces)",
             "            pos = end", "    except _error:",
             "        raise _Truncated('truncated DataRow') from None",
-            "    _rows[0] += rows"]
-    if probing:
-        run += ["    if probes:", "        joined = b'\\x00'.join(probes)",
-                "        if _probe(joined):",
-                f"            _redo(data, out, probes, starts, joined, {len(pieces)})"]
-    run.append("    return b''.join(out)")
+            "    _rows[0] += rows", "    return b''.join(out)"]
     return "\n".join(row) + "\n\n\n" + "\n".join(run)
 
 
@@ -447,8 +438,7 @@ class RowRewriter:
             "_u": _unpack_i32, "_c": self.mask_counts, "_rows": self._rows,
             "_NULL": NULL_FIELD, "_pk": _pack_i32, "_COUNT": self.count_bytes,
             "_probe": detector.detectors.may_match if detector is not None else None,
-            "_slow": self._slow, "_redo": self._redo, "_bad": self._bad,
-            "_error": struct.error,
+            "_slow": self._slow, "_bad": self._bad, "_error": struct.error,
             "_hd": _HEADER.pack,
             "_Truncated": MaskingError,
             **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)}}
@@ -485,34 +475,6 @@ class RowRewriter:
         if len(changed) == 1:
             return changed[0]
         return b"".join(changed)
-
-    def _redo(self, data: bytes, out: list[bytes], probes: list[bytes], starts: list[int],
-              joined: bytes, width: int) -> None:
-        """Run the slow path on the rows of a buffer whose probe ranges hold a candidate,
-        patching their entries in ``out`` (``width`` pieces plus a header per row)."""
-        assert self._detector is not None
-        ends = list(accumulate(len(p) + 1 for p in probes))
-        rows: set[int] = set()
-        for start, stop in self._detector.detectors.candidates(joined):
-            first = bisect_right(ends, start)
-            last = bisect_right(ends, max(start, stop - 1))
-            rows.update(range(first, min(last, len(probes) - 1) + 1))
-        for row in sorted(rows):
-            at = row * (width + 1)
-            pos = starts[row]
-            end = pos + 1 + _unpack_i32(data, pos + 1)[0]
-            pieces = tuple(out[at + 1:at + 1 + width])
-            if not self._probe_row(pieces):
-                continue
-            new = self._slow(data[pos + 5:end], pieces)
-            out[at] = _HEADER.pack(b"D", len(new) + 4)
-            out[at + 1] = new
-            for index in range(at + 2, at + 1 + width):
-                out[index] = b""
-
-    def _probe_row(self, pieces: tuple[bytes, ...]) -> bool:
-        assert self._detector is not None
-        return self._detector.detectors.may_match(b"".join([pieces[i] for i, _ in self._regions]))
 
     def _detect_region(self, region: bytes, col: int) -> bytes:
         """Detectors over the whole fields in ``region`` (a DataRow payload when col is 0
