@@ -20,6 +20,7 @@ import contextlib
 import struct
 import sys
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 _HDR = struct.Struct("!BI").unpack_from
@@ -53,7 +54,7 @@ class _Framer:
     def __init__(self) -> None:
         self.rest = b""
 
-    def complete(self, data: bytes, on_type: int, callback: object) -> bytes:
+    def complete(self, data: bytes, on_type: int, callback: Callable[[int], object]) -> bytes:
         if self.rest:
             data = self.rest + data
             self.rest = b""
@@ -64,7 +65,7 @@ class _Framer:
             if nxt > end:
                 break
             if mtype == on_type:
-                callback(mtype)  # type: ignore[operator]
+                callback(mtype)
             pos = nxt
         if pos < end:
             self.rest = data[pos:]

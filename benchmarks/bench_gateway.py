@@ -18,9 +18,10 @@ import datetime as dt
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _common import (
     RELAY_KINDS,
@@ -293,26 +294,30 @@ def _mark(ok: bool | None) -> str:
 
 def render_targets(results: Results, modes: Sequence[str], clients: Sequence[int],
                    methods: Sequence[str]) -> str:
+    """The issue's targets for the first gateway (the one without comparisons)."""
     if not results.gateways:
         return ""
     main = results.gateways[0]
     lines = []
-    if PGBOUNCER in results.paths and 8 in clients:
+    if PGBOUNCER in results.paths and 8 in clients and "select" in {
+            key[0] for key in results.rounds}:
         for mode in modes:
-            value = ratio(_tps(results, "select", mode, 8, main),
-                          _tps(results, "select", mode, 8, PGBOUNCER))
+            gw, pgb = (_tps(results, "select", mode, 8, main),
+                       _tps(results, "select", mode, 8, PGBOUNCER))
+            value = ratio(gw, pgb)
             ok = None if value is None else value >= TARGET_SELECT_VS_PGBOUNCER
             lines.append(f"- {_mark(ok)} select-only -M {mode} -c 8: {main}/pgbouncer = "
-                         f"{fmt_ratio(_tps(results, 'select', mode, 8, main), _tps(results, 'select', mode, 8, PGBOUNCER))}"  # noqa: E501
-                         f" (target ≥ {TARGET_SELECT_VS_PGBOUNCER})")
+                         f"{fmt_ratio(gw, pgb)} (target ≥ {TARGET_SELECT_VS_PGBOUNCER})")
     for method in methods:
-        gw = results.streams.get((method, main))
-        direct = results.streams.get((method, DIRECT))
-        value = ratio(gw.rows_per_s if gw else None, direct.rows_per_s if direct else None)
+        gw_stream, direct_stream = (results.streams.get((method, main)),
+                                    results.streams.get((method, DIRECT)))
+        gw_rate = gw_stream.rows_per_s if gw_stream else None
+        direct_rate = direct_stream.rows_per_s if direct_stream else None
+        value = ratio(gw_rate, direct_rate)
         ok = None if value is None else value >= TARGET_STREAM_VS_DIRECT
         lines.append(f"- {_mark(ok)} 1M-row stream, {STREAM_METHODS[method][0]}: "
-                     f"{main}/direct = {fmt_ratio(gw.rows_per_s if gw else None, direct.rows_per_s if direct else None)}"  # noqa: E501
-                     f" (target ≥ {TARGET_STREAM_VS_DIRECT})")
+                     f"{main}/direct = {fmt_ratio(gw_rate, direct_rate)} "
+                     f"(target ≥ {TARGET_STREAM_VS_DIRECT})")
     for gateway in results.gateways:
         peak = results.memory_end.get(gateway, {}).get("peak")
         ok = None if peak is None else peak < TARGET_RSS_MB
@@ -462,8 +467,10 @@ def render(results: Results, args: argparse.Namespace, stack: Stack) -> str:
 # -- command line ---------------------------------------------------------------------------
 
 
-def _csv(kind: type, allowed: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> list[object]:
+def _csv(kind: Callable[[str], Any], allowed: Sequence[str] | None = None
+         ) -> Callable[[str], list[Any]]:
+    """An argparse type for comma-separated lists, checked against ``allowed``."""
+    def parse(text: str) -> list[Any]:
         items = [kind(x.strip()) for x in text.split(",") if x.strip()]
         if allowed is not None:
             bad = [x for x in items if x not in allowed]
