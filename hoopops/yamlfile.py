@@ -63,9 +63,15 @@ def _walk(node: yaml.Node, prefix: str, lines: dict[str, int]) -> Any:
     return _scalar(node)
 
 
+_CONSTRUCTOR = yaml.SafeLoader("")
+
+
 def _scalar(node: yaml.Node) -> Any:
-    return yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != (
-        "tag:yaml.org,2002:str") else node.value
+    if node.tag == "tag:yaml.org,2002:str":
+        return node.value
+    # Build the value straight from the node (a null, int, bool, float, timestamp...);
+    # re-serialising an empty scalar would not parse back.
+    return _CONSTRUCTOR.construct_object(node, deep=True)
 
 
 def load_located(path: str | Path, text: str | None = None) -> LocatedYaml:

@@ -205,6 +205,9 @@ def test_json_detection_keeps_documents_valid() -> None:
         b'\x01{"mail": "bob@corp.example"}'])))
     assert json.loads(out[0]) == {"ssn": "****", "ok": 1}  # type: ignore[arg-type]
     assert json.loads(out[1]) == "****"  # type: ignore[arg-type]  # a number: whole value
+    assert {(a.column, a.strategy, a.count) for a in plan.actions()} == {
+        ("detector:ssn", "redact", 1), ("detector:email", "redact", 1),
+        ("detector:credit_card", "redact", 1)}
     assert out[2] is not None and out[2][:1] == b"\x01"
     assert json.loads(out[2][1:]) == {"mail": "****"}
 

@@ -117,3 +117,16 @@ def test_parse_strategy_errors(spec: object, secret: str | None, keep: object,
                                message: str) -> None:
     with pytest.raises(StrategyError, match=message):
         parse_strategy(spec, secret, keep)
+
+
+@pytest.mark.parametrize("spec", ["redact", "last4", "last2", "email_domain", "hash"])
+def test_field_function_is_apply_with_a_length_prefix(spec: str) -> None:
+    strategy = parse_strategy(spec, "k")
+    field = strategy.field_function()
+    assert field is not None
+    for value in [b"", b"1", b"1234", b"123-45-6789", b"123-45-6780", b"a@b.co", b"@x",
+                  "José García".encode(), b"4111 1111 1111 1111"]:
+        masked = strategy.apply(value)
+        assert masked is not None
+        assert field(value) == len(masked).to_bytes(4, "big") + masked, (spec, value)
+    assert NULL.field_function() is None

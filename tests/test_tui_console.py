@@ -662,17 +662,17 @@ async def test_masking_feed_follows_until_scrolled_then_counts_new(rig: Rig) -> 
 
         app.add_masking_hits(hits(0, 30))
         await pilot.pause()
-        await until(pilot, lambda: feed.at_end and feed.table.max_scroll_y > 0,
+        await until(pilot, lambda: feed.at_end and feed.log_view.max_scroll_y > 0,
                     what="the feed to follow the tail")
-        feed.table.scroll_home(animate=False, immediate=True)
+        feed.log_view.scroll_home(animate=False, immediate=True)
         await pilot.pause()
         assert not feed.following
         app.add_masking_hits(hits(30, 5))
         await pilot.pause()
         assert feed.unseen == 5
-        assert feed.table.scroll_y == 0
+        assert feed.log_view.scroll_y == 0
         assert "+5 new" in _plain(feed.query_one("#masking-new"))
-        feed.table.focus()
+        feed.log_view.focus()
         await pilot.press("end")
         await until(pilot, lambda: feed.at_end, what="following again")
         assert feed.unseen == 0 and feed.following

@@ -8,12 +8,14 @@ Speed comes from a *probe* that can only answer "nothing here" or "maybe": Pytho
 regex engine costs tens of nanoseconds per candidate position, far too much per DataRow,
 so the probe maps the bytes to a *shape* with one ``bytes.translate`` (digits and
 capitals become ``0``; space, ``-``, ``.``, ``(`` and ``)`` become ``-``) and runs one
-regex whose literal prefix ``000`` lets the engine skip ahead at C speed; it covers the
-shapes of SSNs, cards, IBANs (``GB82 WEST ...`` is ``0000-0000-...``) and North American
-phone numbers. ``@`` (email) and ``+`` (international phone) are single-byte tests. A
-probe has no anchors or lookaround, so a match inside a field is also a match in a whole
-payload (length headers included); headers can only cause extra "maybe" answers, never
-a missed value.
+regex whose literal prefix ``0000`` lets the engine skip ahead at C speed: every SSN,
+card, IBAN (``GB82 WEST ...`` is ``0000-0000-...``) and North American phone number
+has a run of four, and ordinary data (ids, dates, amounts) has few, so few positions are
+tried. Shapes whose run of four comes last (``000-00-0000``) are matched by fixed-width
+lookbehind from it. ``@`` (email) and ``+`` (international phone) are single-byte tests.
+A probe has no anchors, boundaries or lookaround beyond the characters of the value
+itself, so a match inside a field is also a match in a whole payload (length headers
+included); headers can only cause extra "maybe" answers, never a missed value.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class Detector:
     """A named pattern, an optional validator of each match, and the strategy for hits.
 
     The probe fields say where a match can possibly be: ``needs_at`` (an ``@``),
-    ``needs_plus`` (a ``+``), ``shape_tails`` (regex alternatives following ``000`` in the
-    shape) or ``prefilter`` (a raw bytes regex, for custom detectors). A detector with
-    none of them is scanned on every value.
+    ``needs_plus`` (a ``+``), ``shape_tails`` (regex alternatives following a ``0000`` in
+    the shape) or ``prefilter`` (a raw bytes regex, for custom detectors). A detector
+    with none of them is scanned on every value.
     """
 
     name: str
@@ -159,7 +161,7 @@ _SSN = Detector(
     "ssn",
     re.compile(rb"(?<![0-9])[0-9]{3}([- ])[0-9]{2}\1[0-9]{4}(?![0-9])"),
     validate=_ssn_ok,
-    shape_tails=(rb"-00-0000",),
+    shape_tails=(rb"(?<=000-00-0000)",),
 )
 _CARD = Detector(
     "credit_card",
@@ -167,7 +169,7 @@ _CARD = Detector(
     re.compile(rb"(?<![0-9])(?:[0-9]{13,19}|[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}"
                rb"(?:\1[0-9]{1,3})?|[0-9]{4}([ -])[0-9]{6}\2[0-9]{4,5})(?![0-9])"),
     validate=_card_ok,
-    shape_tails=(rb"0000000", rb"0-0000-0000-0", rb"0-000000-0000"),
+    shape_tails=(rb"000000000", rb"-0000-0000-0", rb"-000000-0000"),
 )
 _EMAIL = Detector(
     "email",
@@ -182,7 +184,7 @@ _IBAN = Detector(
     re.compile(rb"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}"
                rb"(?: [A-Z0-9]{1,4})?)(?![a-z0-9])"),
     # 15+ letters and digits: either one run, or 0000-0000-0000-0 in the shape.
-    shape_tails=(rb"0000000", rb"0-0000-0000-0"),
+    shape_tails=(rb"00000000000", rb"-0000-0000-0"),
     trim=_iban_trim,
 )
 _PHONE = Detector(
@@ -191,7 +193,10 @@ _PHONE = Detector(
         rb"(?<![0-9+])(?:\+?1[-. ]?)?(?:\([2-9][0-9]{2}\)|[2-9][0-9]{2})[-. ]?[2-9][0-9]{2}"
         rb"[-. ]?[0-9]{4}(?![0-9])"
         rb"|(?<![0-9+])\+[1-9](?:[ .-]?[0-9]){6,14}(?![0-9])"),
-    shape_tails=(rb"-{0,2}000-?0000",),
+    # The run of four is the line number: look back over exchange and area code, with
+    # up to two separators after the area code ("(555) ") and one after the exchange.
+    shape_tails=(rb"000000", *(b"(?<=000" + a + b"000" + b + b"0000)"
+                              for a in (b"", b"-", b"--") for b in (b"", b"-"))),
     needs_plus=True,
 )
 
@@ -235,7 +240,7 @@ class DetectorSet:
         self._needs_at = any(d.needs_at for d in self.detectors)
         self._needs_plus = any(d.needs_plus for d in self.detectors)
         tails = list(dict.fromkeys(t for d in self.detectors for t in d.shape_tails))
-        self._shape_rx = re.compile(b"000" + _alternation(tails)).search if tails else None
+        self._shape_rx = re.compile(b"0000" + _alternation(tails)).search if tails else None
         self._raw = tuple(re.compile(d.prefilter).search for d in self.detectors
                           if d.prefilter is not None)
         self._quick = [_quick_check(d) for d in self.detectors]
@@ -313,7 +318,7 @@ _LITERAL = re.compile(rb"[0-9A-Za-z -]+")
 def _alternation(tails: list[bytes]) -> bytes:
     """A regex group matching any of ``tails``, literal ones factored into a trie.
 
-    The engine tries the group at every ``000`` in the shape, and digits are common;
+    The engine tries the group at every ``0000`` in the shape, and digits are common;
     with shared prefixes factored out, a failing attempt costs a character or two
     instead of one comparison per alternative.
     """
@@ -344,7 +349,7 @@ def _quick_check(detector: Detector) -> Callable[[bytes, bytes], bool] | None:
     """The probe of one detector, given a value and its shape."""
     if not detector.probed:
         return None
-    tails = (re.compile(b"000" + _alternation(list(detector.shape_tails))).search
+    tails = (re.compile(b"0000" + _alternation(list(detector.shape_tails))).search
              if detector.shape_tails else None)
     raw = re.compile(detector.prefilter).search if detector.prefilter is not None else None
     needs_at = detector.needs_at

@@ -123,9 +123,9 @@ class ResultPlan:
         return self._row(payload)
 
     def rewrite_data_rows(self, messages: bytes) -> bytes:
-        """A run of complete DataRow *messages* ('D', length, payload, ...) → the run to
-        send. The fast form for a relay holding many rows in its read buffer: one call
-        per buffer instead of one per row; rows that need no change are copied as is."""
+        """One or more complete DataRow *messages* ('D', length, payload, ...) → the
+        messages to send. The fast form for a relay holding many rows in its read buffer:
+        one call and one join per buffer instead of per row."""
         if not self._passthrough:
             return self._row.rewrite_messages(messages)
         pos = 0
@@ -187,6 +187,8 @@ class ResultPlan:
                 add(f"detector:{name}", labels.get(name, "redact"), count)
             for name, count in self._value_detector.nulled.items():
                 add(f"detector:{name}", "null", count)
+            for name, count in self._value_detector.whole.items():
+                add(f"detector:{name}", "redact", count)
         return totals
 
     def actions(self) -> list[MaskingAction]:

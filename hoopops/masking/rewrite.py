@@ -91,15 +91,14 @@ def _json_string(value: bytes) -> bytes:
     return json.dumps(value.decode("utf-8", "replace")).encode()
 
 
-FieldMask = tuple[str, object]  # ("const", field bytes) | ("text", f) | ("encode", f)
+FieldMask = tuple[str, object]  # ("const", field bytes) | ("field", f) | ("check", f)
 
 
 def field_mask(strategy: Strategy, klass: int) -> FieldMask:
     """How the row rewriter writes one masked column.
 
-    ``const``: the same field bytes for every value (redact, null); ``text``: a function
-    from value to masked bytes, length-prefixed by the caller; ``encode``: a function from
-    value to a whole length-prefixed field (JSON wrapping).
+    ``const``: the same field bytes for every value (redact, null); ``field``: a function
+    from the value to the whole length-prefixed field that replaces it.
     """
     if strategy.kind == "null" or klass == M_NULL:
         return ("const", NULL_FIELD)
@@ -107,10 +106,10 @@ def field_mask(strategy: Strategy, klass: int) -> FieldMask:
         token = {M_RAW: REDACTED, M_JSON: _json_string(REDACTED),
                  M_JSONB_BIN: b"\x01" + _json_string(REDACTED)}[klass]
         return ("const", I32.pack(len(token)) + token)
-    text = strategy.text_function()
-    if klass == M_RAW and text is not None:
-        return ("text", text)
-    return ("encode", field_encoder(strategy, klass))
+    field = strategy.field_function()
+    if klass == M_RAW and field is not None:
+        return ("field", field)
+    return ("field", field_encoder(strategy, klass))
 
 
 def field_encoder(strategy: Strategy, klass: int) -> Callable[[bytes], bytes]:
@@ -157,6 +156,7 @@ class ValueDetector:
         self.detectors = detectors
         self.replaced: dict[str, int] = {}  # detector → spans replaced in place
         self.nulled: dict[str, int] = {}  # detector → values nulled (not rewritable)
+        self.whole: dict[str, int] = {}  # detector → JSON documents replaced by a token
 
     def value(self, klass: int, value: bytes) -> bytes | None:
         """The value to send: ``value`` itself when untouched, new bytes, or None (NULL)."""
@@ -164,11 +164,13 @@ class ValueDetector:
         if klass == D_TEXT:
             return ds.scan(value, self.replaced)
         if klass == D_JSON:
-            return self._json(value, b"")
+            return self._json(value)
         if klass == D_JSONB_BIN:
-            if value[:1] != b"\x01":
+            if value[:1] != b"\x01":  # jsonb's binary format: a version byte, then text
                 return self._null_if_hit(value)
-            return self._json(value[1:], b"\x01")
+            body = value[1:]
+            new = self._json(body)
+            return value if new is body else b"\x01" + new
         if klass == D_NUMBER_TEXT:
             return self._null_if_hit(value)
         if klass == D_INT_BIN:
@@ -197,22 +199,22 @@ class ValueDetector:
         self.nulled[name] = self.nulled.get(name, 0) + 1
         return None
 
-    def _json(self, text: bytes, prefix: bytes) -> bytes | None:
+    def _json(self, text: bytes) -> bytes:
         counts: dict[str, int] = {}
         out = self.detectors.scan(text, counts)
         if out is text:
-            return prefix + text if prefix else text
+            return text
         try:
             json.loads(out)
         except ValueError:
             # The hit was not inside a JSON string (a card number as a JSON number, say);
             # the document cannot be patched, so the whole value becomes a token.
             for name in counts:
-                self.nulled[name] = self.nulled.get(name, 0) + 1
-            return prefix + _json_string(REDACTED)
+                self.whole[name] = self.whole.get(name, 0) + 1
+            return _json_string(REDACTED)
         for name, count in counts.items():
             self.replaced[name] = self.replaced.get(name, 0) + count
-        return prefix + out
+        return out
 
 
 _CARD_MIN = 10 ** 12  # a binary number below this has too few digits for a card number
@@ -244,62 +246,57 @@ class _Short(Exception):
 
 
 def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, first: str,
-          last: str, pad: str) -> tuple[list[str], list[str], list[int], list[str]]:
+          last: str, pad: str) -> tuple[list[str], list[str], list[str], list[str]]:
     """Unrolled field walk over one DataRow in ``buf[first:last]``, fields from ``p``.
 
-    Returns the source lines, the piece expressions (unmasked byte ranges alternating
-    with masked fields, so their concatenation is the new payload), the indexes of the
-    pieces that are unmasked ranges holding fields, and the per-field length changes.
+    Returns the source lines, the piece names (unmasked byte ranges ``r*`` alternating
+    with masked fields ``f*``, so their concatenation is the new payload), the names of
+    the ranges that hold fields, and the per-field length changes.
     """
     lines: list[str] = []
     pieces: list[str] = []
-    regions: list[int] = []
+    regions: list[str] = []
     deltas: list[str] = []
     col = 0
     for k, target in enumerate(targets):
         for _ in range(target - col):
             lines += [f"{pad}n = _u({buf}, p)[0]", f"{pad}p += 4 + n if n > 0 else 4"]
-        if k == 0:
-            pieces.append(f"{buf}[{first}:s0]")
-            if target > 0:
-                regions.append(len(pieces) - 1)
-        elif target > col:
-            pieces.append(f"{buf}[e{k - 1}:s{k}]")
-            regions.append(len(pieces) - 1)
+        if k == 0 or target > col:
+            start = first if k == 0 else f"e{k - 1}"
+            lines.append(f"{pad}r{k} = {buf}[{start}:p]")
+            pieces.append(f"r{k}")
+            if target > col:
+                regions.append(f"r{k}")
         value_of = f"{buf}[s{k} + 4:p]"
-        kind = kinds[k]
-        if kind == "const":
-            value = [f"{pad}    f{k} = _m{k}", f"{pad}    _c[{k}] += 1"]
-        elif kind == "text":
-            value = [f"{pad}    v = _m{k}({value_of})", f"{pad}    f{k} = _pk(len(v)) + v",
-                     f"{pad}    _c[{k}] += 1"]
-        elif kind == "check":
+        if kinds[k] == "const":
+            value = [f"{pad}    f{k} = _m{k}"]
+        elif kinds[k] == "check":
             value = [f"{pad}    v = _m{k}({value_of})",
                      f"{pad}    f{k} = {buf}[s{k}:p] if v is None else v"]
         else:
-            value = [f"{pad}    f{k} = _m{k}({value_of})", f"{pad}    _c[{k}] += 1"]
+            value = [f"{pad}    f{k} = _m{k}({value_of})"]
+        # NULLs are counted, not masked values (masked = rows - NULLs): NULL is rare.
         lines += [f"{pad}s{k} = p", f"{pad}n = _u({buf}, p)[0]", f"{pad}if n >= 0:",
                   f"{pad}    p += 4 + n", *value, f"{pad}else:", f"{pad}    p += 4",
-                  f"{pad}    f{k} = _NULL", f"{pad}e{k} = p"]
+                  f"{pad}    f{k} = _NULL", f"{pad}    _z[{k}] += 1", f"{pad}e{k} = p"]
         pieces.append(f"f{k}")
         deltas.append(f"len(f{k}) - (e{k} - s{k})")
         col = target + 1
-    pieces.append(f"{buf}[e{len(targets) - 1}:{last}]")
+    tail = f"t = {buf}[e{len(targets) - 1}:{last}]"
+    pieces.append("t")
     if col < ncols:
-        regions.append(len(pieces) - 1)
-    return lines, pieces, regions, deltas
+        regions.append("t")
+    return [*lines, pad + tail], pieces, regions, deltas
 
 
-_DEFAULTS = ("_u=_u, _c=_c, _rows=_rows, _NULL=_NULL, _pk=_pk, _hd=_hd, _COUNT=_COUNT, "
+_DEFAULTS = ("_u=_u, _z=_z, _rows=_rows, _NULL=_NULL, _hd=_hd, _COUNT=_COUNT, "
              "_probe=_probe, _slow=_slow, _bad=_bad, _error=_error, _Truncated=_Truncated")
 
 
-def _probe_expr(pieces: str, regions: Sequence[int]) -> str:
-    if len(regions) == 1:
-        return f"{pieces}[{regions[0]}]"
-    if len(regions) == 2:
-        return f"{pieces}[{regions[0]}] + {pieces}[{regions[1]}]"
-    return "b''.join((" + ", ".join(f"{pieces}[{i}]" for i in regions) + ",))"
+def _probe_expr(regions: Sequence[str]) -> str:
+    if len(regions) <= 2:
+        return " + ".join(regions)
+    return "b''.join((" + ", ".join(regions) + ",))"
 
 
 def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
@@ -316,22 +313,22 @@ def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
     None (unchanged) or the replacement field.
 
     ``rewrite_run`` does the same over a buffer of whole framed DataRow messages in one
-    loop: no call, no payload copy and one join per buffer instead of per row. (Probing
-    the whole buffer at once was tried: the regex scan, not the calls, dominates, so it
-    gained nothing.)
+    loop: no call, no payload copy and one join per buffer instead of per row. Every row
+    adds the same number of items to ``out``, which gives the row count at the end.
+    (Probing the whole buffer at once was tried: the regex scan, not the calls,
+    dominates, so it gained nothing.)
     """
     defaults = _DEFAULTS + "".join(f", _m{k}=_m{k}" for k in range(len(targets)))
     row = [f"def rewrite(payload, {defaults}):",
            "    if payload[:2] != _COUNT:", "        _bad(payload)", "    _rows[0] += 1"]
     run = [f"def rewrite_run(data, {defaults}):",
            "    out = []", "    extend = out.extend", "    pos = 0", "    size = len(data)",
-           "    rows = 0", "    try:", "        while pos < size:",
+           "    try:", "        while pos < size:",
            "            if data[pos] != 68:", "                _bad(b'')",
            "            end = pos + 1 + _u(data, pos + 1)[0]",
            "            if end > size:", "                raise _Truncated('incomplete DataRow')",
            "            if data[pos + 5:pos + 7] != _COUNT:",
-           "                _bad(data[pos + 5:end])",
-           "            rows += 1"]
+           "                _bad(data[pos + 5:end])"]
     if not targets:
         row += ["    if _probe(payload):", "        return _slow(payload, (payload,))",
                 "    return payload"]
@@ -339,34 +336,37 @@ def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
                 "            if _probe(payload):",
                 "                new = _slow(payload, (payload,))",
                 "                extend((_hd(b'D', len(new) + 4), new))",
-                "            else:", "                extend((data[pos:end],))",
+                "            else:", "                extend((data[pos:end], b''))",
                 "            pos = end", "    except _error:",
                 "        raise _Truncated('truncated DataRow') from None",
-                "    _rows[0] += rows", "    return b''.join(out)"]
+                "    _rows[0] += len(out) // 2", "    return b''.join(out)"]
         return "\n".join(row) + "\n\n\n" + "\n".join(run)
     lines, pieces, regions, _ = _walk(kinds, targets, ncols, "payload", "", "", "        ")
+    joined = ", ".join(pieces)
     row += ["    try:", "        p = 2", *lines,
             "    except _error:", "        raise _Truncated('truncated DataRow') from None",
-            "    if p > len(payload):", "        raise _Truncated('truncated DataRow')",
-            f"    pieces = ({', '.join(pieces)},)"]
+            "    if p > len(payload):", "        raise _Truncated('truncated DataRow')"]
     if detecting and regions:
-        row += [f"    if _probe({_probe_expr('pieces', regions)}):",
-                "        return _slow(payload, pieces)"]
-    row.append("    return b''.join(pieces)")
+        row += [f"    if _probe({_probe_expr(regions)}):",
+                f"        return _slow(payload, ({joined},))"]
+    row.append(f"    return b''.join(({joined},))")
     lines, pieces, regions, deltas = _walk(kinds, targets, ncols, "data", "pos + 5", "end",
                                            "            ")
+    width = len(pieces) + 1
+    # A slow-path row is a header and one payload, padded to ``width`` items.
+    run[0] = f"_PAD = (b'',) * {width - 2}\n\n\n" + run[0].replace("):", ", _PAD=_PAD):")
     run += ["            p = pos + 7", *lines,
-            "            if p > end:", "                raise _Truncated('truncated DataRow')",
-            f"            pieces = ({', '.join(pieces)},)"]
+            "            if p > end:", "                raise _Truncated('truncated DataRow')"]
     if detecting and regions:
-        run += [f"            if _probe({_probe_expr('pieces', regions)}):",
-                "                new = _slow(data[pos + 5:end], pieces)",
-                "                extend((_hd(b'D', len(new) + 4), new))",
+        run += [f"            if _probe({_probe_expr(regions)}):",
+                f"                new = _slow(data[pos + 5:end], ({', '.join(pieces)},))",
+                "                extend((_hd(b'D', len(new) + 4), new) + _PAD)",
                 "                pos = end", "                continue"]
-    run += [f"            extend((_hd(b'D', end - pos - 1 + {' + '.join(deltas)}),) + pieces)",
+    run += [f"            extend((_hd(b'D', end - pos - 1 + {' + '.join(deltas)}), "
+            f"{', '.join(pieces)}))",
             "            pos = end", "    except _error:",
             "        raise _Truncated('truncated DataRow') from None",
-            "    _rows[0] += rows", "    return b''.join(out)"]
+            f"    _rows[0] += len(out) // {width}", "    return b''.join(out)"]
     return "\n".join(row) + "\n\n\n" + "\n".join(run)
 
 
@@ -432,11 +432,11 @@ class RowRewriter:
                     masks[col] = ("check", _number_checker(klass, detector))
         targets = sorted(masks)
         self.target_index = targets
-        self.mask_counts = [0] * len(targets)
+        self._nulls = [0] * len(targets)
         self._regions = _regions(targets, ncols)
         namespace: dict[str, object] = {
-            "_u": _unpack_i32, "_c": self.mask_counts, "_rows": self._rows,
-            "_NULL": NULL_FIELD, "_pk": _pack_i32, "_COUNT": self.count_bytes,
+            "_u": _unpack_i32, "_z": self._nulls, "_rows": self._rows,
+            "_NULL": NULL_FIELD, "_COUNT": self.count_bytes,
             "_probe": detector.detectors.may_match if detector is not None else None,
             "_slow": self._slow, "_bad": self._bad, "_error": struct.error,
             "_hd": _HEADER.pack,
@@ -452,6 +452,11 @@ class RowRewriter:
     @property
     def rows(self) -> int:
         return self._rows[0]
+
+    @property
+    def mask_counts(self) -> list[int]:
+        """Non-NULL values seen per target column (masked, or checked for "check")."""
+        return [self._rows[0] - nulls for nulls in self._nulls]
 
     def count_rows(self, count: int) -> None:
         """Count rows forwarded without rewriting (exempt identities)."""

@@ -49,6 +49,7 @@ from hoopops.masking.codec import (
 from hoopops.masking.plan import ColumnDecision, MaskingAction, ResultPlan
 from hoopops.masking.rewrite import MaskingError, MaskingRefused, rewrite_fields
 from hoopops.masking.sources import (
+    CopyOptions,
     OutputSources,
     RelationLookup,
     SourceColumn,
@@ -344,7 +345,7 @@ class MaskingRules:
         return ColumnDecision(index, name, label, strategy, reason, exempt)
 
     def _make_plan(self, identity: Identity | None, columns: Sequence[ColumnInfo],
-                   decisions: list[ColumnDecision], copy: Any = None,
+                   decisions: list[ColumnDecision], copy: CopyOptions | None = None,
                    copy_binary: bool = False) -> ResultPlan | None:
         detectors_exempt = self.exempt_group(identity) if self.detectors else None
         if detectors_exempt is not None or not self.detectors:

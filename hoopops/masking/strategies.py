@@ -74,17 +74,19 @@ class Strategy:
         """
         return REDACT if self.partial else self
 
-    def text_function(self) -> Callable[[bytes], bytes] | None:
-        """``f(value) -> masked`` for strategies that always give bytes (None for null)."""
+    def field_function(self) -> Callable[[bytes], bytes] | None:
+        """``f(value) -> Int32 length + masked value``: the strategy as it writes a
+        DataRow field in one step (None for null, which has no value)."""
         kind = self.kind
         if kind == "redact":
-            return lambda value: REDACTED
+            field = len(REDACTED).to_bytes(4, "big") + REDACTED
+            return lambda value: field
         if kind == "keep_last":
-            return keep_last_function(self.keep)
+            return keep_last_function(self.keep, prefixed=True)
         if kind == "email_domain":
-            return email_domain
+            return _email_domain_field
         if kind == "hash":
-            return partial(hmac_token, self.key)
+            return partial(_hmac_field, self.key)
         return None
 
     def apply(self, value: bytes) -> bytes | None:
@@ -111,17 +113,19 @@ def keep_last(value: bytes, keep: int) -> bytes:
     return keep_last_function(keep)(value)
 
 
-_keepers: dict[int, Callable[[bytes], bytes]] = {}
+_keepers: dict[tuple[int, bool], Callable[[bytes], bytes]] = {}
 
 
-def keep_last_function(keep: int) -> Callable[[bytes], bytes]:
+def keep_last_function(keep: int, prefixed: bool = False) -> Callable[[bytes], bytes]:
     """``keep_last`` for one ``keep``, specialised because it runs once per masked value.
 
     Values of one layout (SSNs, cards, phone numbers) share a *shape*; the masked prefix
     and the cut depend on the shape alone, so each layout is worked out once and later
-    values cost a translate, a dict lookup and a concatenation.
+    values cost a translate, a dict lookup and a concatenation. ``prefixed`` returns the
+    result with its Int32 length prefix, as a DataRow field (the length also depends on
+    the shape alone, so it is cached with the prefix).
     """
-    known = _keepers.get(keep)
+    known = _keepers.get((keep, prefixed))
     if known is not None:
         return known
     shapes: dict[bytes, tuple[int, bytes]] = {}
@@ -132,14 +136,18 @@ def keep_last_function(keep: int) -> Callable[[bytes], bytes]:
         shape = value.translate(table)
         found = lookup(shape)
         if found is None:
-            found = _cut(shape, keep)
+            cut, head = _cut(shape, keep)
+            if prefixed:
+                size = len(head) if cut < 0 else len(shape)
+                head = size.to_bytes(4, "big") + head
+            found = (cut, head)
             if len(shapes) >= _SHAPE_CACHE:
                 shapes.clear()
             shapes[shape] = found
         cut, head = found
         return head if cut < 0 else head + value[cut:]
 
-    _keepers[keep] = keeper
+    _keepers[(keep, prefixed)] = keeper
     return keeper
 
 
@@ -161,6 +169,22 @@ def email_domain(value: bytes) -> bytes:
     if at < 1 or at == len(value) - 1:
         return REDACTED
     return b"***" + value[at:]
+
+
+_REDACTED_FIELD = len(REDACTED).to_bytes(4, "big") + REDACTED
+_HASH_FIELD_PREFIX = (5 + _HASH_HEX_CHARS).to_bytes(4, "big") + b"hmac:"
+
+
+def _email_domain_field(value: bytes) -> bytes:
+    at = value.rfind(64)
+    if at < 1 or at == len(value) - 1:
+        return _REDACTED_FIELD
+    return (len(value) - at + 3).to_bytes(4, "big") + b"***" + value[at:]
+
+
+def _hmac_field(key: bytes, value: bytes) -> bytes:
+    return _HASH_FIELD_PREFIX + hmac.digest(key, value, hashlib.sha256).hex()[
+        :_HASH_HEX_CHARS].encode()
 
 
 def hmac_token(key: bytes, value: bytes) -> bytes:

@@ -296,6 +296,8 @@ class Enforcer(StatementGate):
         identity = session.info.identity
         if mtype == p.PARAMETER_STATUS:
             name, value = p.decode_parameter_status(payload)
+            # Keep the server's view current: masking resolves names by search_path.
+            session.upstream.parameters[name] = value
             if not _lexing_safe({name: value}):
                 # Something the analysis could not see changed how the server reads text.
                 session.kill(f"closed: the server reported {name}={value}, which would make "

@@ -45,7 +45,7 @@ class DashboardScreen(Screen[None]):
                 show=False),
         Binding("2", "focus_panel('approvals')", "Approvals", id="dashboard.focus_approvals",
                 show=False),
-        Binding("3", "focus_panel('masking-table')", "Masking", id="dashboard.focus_masking",
+        Binding("3", "focus_panel('masking-log')", "Masking", id="dashboard.focus_masking",
                 show=False),
     ]
 

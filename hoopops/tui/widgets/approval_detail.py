@@ -40,6 +40,7 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
         self.approval: ApprovalView | None = None
         self.facts: dict[str, Any] | None = None
         self.target: str | None = None
+        self._shown: object = ()
         self._body = Static(Text("No statement is waiting for approval.", style="dim"),
                             id="approval-body")
 
@@ -51,6 +52,12 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
         same = (approval is not None and self.approval is not None
                 and approval.id == self.approval.id)
         self.approval, self.facts, self.target = approval, facts, target
+        # Redraw only when what is shown changes (the countdown ticks once a second).
+        key = None if approval is None else (approval.id, int(approval.expires_at - now),
+                                             target, id(facts))
+        if key == self._shown and approval is not None:
+            return
+        self._shown = key
         if approval is None:
             self._body.update(Text("No statement is waiting for approval.", style="dim"))
             return

@@ -15,12 +15,12 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
-from textual.widgets import DataTable, Static
+from textual.widgets import Log, Static
 
 from hoopops.tui.format import clock, plain
 
 # The feed is a window on recent activity, not the record (that is the audit store).
-MAX_ROWS = 1000
+MAX_LINES = 2000
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,21 @@ class MaskingHit:
     count: int
 
 
-class FeedTable(DataTable[Any]):
-    """The feed's rows; scrolling (not a cursor) is how the analyst reads back."""
+def _cell(value: object, width: int) -> str:
+    # plain(): control characters made visible, long values cut with an ellipsis.
+    return plain(value, width).plain.ljust(width)
+
+
+def hit_line(hit: MaskingHit) -> str:
+    """One fixed-width line. A Log, not a DataTable: it draws plain strings (never markup)
+    and costs next to nothing per line, which matters when a busy gateway masks hundreds
+    of values a second and shares its event loop with this widget."""
+    return " ".join((clock(hit.at), _cell(hit.session_id[:8], 8), _cell(hit.subject, 14),
+                     _cell(hit.column, 30), _cell(hit.strategy, 8), f"{hit.count:>6}"))
+
+
+class FeedLog(Log):
+    """The feed's lines; scrolling up is how the analyst reads back."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("end,G", "follow", "Follow", id="feed.follow", show=False,
@@ -53,73 +66,53 @@ class MaskingFeed(Vertical):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.table = FeedTable(cursor_type="none", show_header=False, id="masking-table")
+        self.log_view = FeedLog(max_lines=MAX_LINES, auto_scroll=True, id="masking-log")
         self.unseen = 0
         self.total = 0
         #: Following the tail; false from the moment the analyst scrolls up.
         self.following = True
-        self._seen_keys: set[str] = set()
-        self._order: list[str] = []
+        self._seen_keys: dict[str, None] = {}
         self._indicator = Static("", id="masking-new")
 
     def compose(self) -> ComposeResult:
-        yield self.table
+        yield self.log_view
         yield self._indicator
 
     def on_mount(self) -> None:
-        self._ensure_columns()
         self._indicator.display = False
-        self.watch(self.table, "scroll_y", self._on_scroll, init=False)
-
-    def _ensure_columns(self) -> None:
-        # Hits may arrive before this widget's Mount event.
-        if not self.table.columns:
-            for key, label, width in (("at", "time", 8), ("session", "session", 8),
-                                      ("identity", "identity", 14),
-                                      ("column", "column / detector", 22),
-                                      ("strategy", "strategy", 8), ("count", "n", 5)):
-                self.table.add_column(label, key=key, width=width)
+        self.watch(self.log_view, "scroll_y", self._on_scroll, init=False)
 
     @property
     def at_end(self) -> bool:
-        return self.table.scroll_y >= self.table.max_scroll_y
+        return self.log_view.scroll_y >= self.log_view.max_scroll_y
 
     def _on_scroll(self, _old: float, _new: float) -> None:
-        # Only a scroll changes this: adding rows grows max_scroll_y, not scroll_y.
+        # Only a scroll changes this: adding lines grows max_scroll_y, not scroll_y.
         self.following = self.at_end
+        self.log_view.auto_scroll = self.following
         if self.following and self.unseen:
             self.unseen = 0
             self._show_indicator()
 
     def follow(self) -> None:
         self.following = True
+        self.log_view.auto_scroll = True
         self.unseen = 0
         self._show_indicator()
-        self.table.scroll_end(animate=False, immediate=True)
+        self.log_view.scroll_end(animate=False, immediate=True)
 
     def add(self, hits: Iterable[MaskingHit]) -> int:
         """Append hits not seen before; returns how many were new."""
         fresh = [h for h in hits if h.key not in self._seen_keys]
         if not fresh:
             return 0
-        self._ensure_columns()
-        with self.app.batch_update():
-            for hit in fresh:
-                self._seen_keys.add(hit.key)
-                self._order.append(hit.key)
-                self.table.add_row(
-                    Text(clock(hit.at)), plain(hit.session_id[:8]), plain(hit.subject, 40),
-                    plain(hit.column, 80), plain(hit.strategy), Text(str(hit.count)),
-                    key=hit.key)
-            while len(self._order) > MAX_ROWS:
-                oldest = self._order.pop(0)
-                self._seen_keys.discard(oldest)
-                self.table.remove_row(oldest)
+        for hit in fresh:
+            self._seen_keys[hit.key] = None
+        while len(self._seen_keys) > MAX_LINES * 2:
+            del self._seen_keys[next(iter(self._seen_keys))]
+        self.log_view.write_lines([hit_line(h) for h in fresh], scroll_end=self.following)
         self.total += len(fresh)
-        if self.following:
-            # After layout, when max_scroll_y knows about the new rows.
-            self.call_after_refresh(self.table.scroll_end, animate=False, immediate=True)
-        else:
+        if not self.following:
             self.unseen += len(fresh)
             self._show_indicator()
         return len(fresh)

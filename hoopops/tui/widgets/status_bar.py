@@ -33,6 +33,8 @@ _HEALTH = {"ok": ("✓", "green"), "up": ("✓", "green"), "down": ("✗", "bold
 class StatusBar(Static):
     """Listen address, targets and health, policy, rates, pending approvals, paused."""
 
+    _last: Text | None = None
+
     def show(self, status: Status, c: Counters) -> None:
         text = Text(no_wrap=False, overflow="ellipsis")
         if status.mode == "attached":
@@ -73,4 +75,7 @@ class StatusBar(Static):
         if c.gateway_error:
             text.append(" ")
             text.append(f" {c.gateway_error} ", style="bold reverse red")
-        self.update(text)
+        # Static.update re-lays out the screen; skip it when nothing changed.
+        if text != self._last:
+            self._last = text
+            self.update(text)
