@@ -22,6 +22,14 @@ from hoopops.identity import mint_token
 log = logging.getLogger("hoopops.demo")
 
 DEMO_SECRET = "hoopops-demo-only-secret-do-not-use-in-production"
+DEMO_POLICY = """# Demo-only additions to the shipped policy (tried first: file-name order).
+rules:
+  - id: no-destructive-ddl
+    description: Agents never drop or truncate tables
+    when: {statement_types: [DropStmt, TruncateStmt]}
+    action: block
+"""
+
 AGENTS = {
     "claude-code": ("agents",),
     "cursor-agent": ("agents",),
@@ -57,6 +65,9 @@ class DemoEnvironment:
             await conn.close()
         policies = self.root / "policies"
         shutil.copytree(shipped_policies(), policies)
+        # Sorted before default.yaml, so it is tried first: the demo shows a block for
+        # destructive DDL where the shipped policy would only ask for review.
+        (policies / "00-demo.yaml").write_text(DEMO_POLICY, encoding="utf-8")
         self.config_path = self.root / "hoopops.yaml"
         self.config_path.write_text(
             f"""# hoopops demo configuration (temporary; removed on exit)
