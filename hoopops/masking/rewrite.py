@@ -12,10 +12,12 @@ masked value is never sent raw, whatever format the client asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
 from collections.abc import Callable, Sequence
+from types import CodeType
 
 from hoopops.masking.codec import I16, I32, NULL_FIELD
 from hoopops.masking.detectors import DetectorSet
@@ -407,6 +409,13 @@ def _number_checker(klass: int, detector: ValueDetector) -> Callable[[bytes], by
     return check_int8 if klass == D_INT_BIN else check_numeric
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(source: str, name: str) -> CodeType:
+    # Results of the same shape recur on every execution of a statement; compiling the
+    # generated rewriter costs far more than a whole small result, so compile it once.
+    return compile(source, name, "exec")
+
+
 class RowRewriter:
     """Masks the listed columns of every DataRow and runs detectors over the others.
 
@@ -444,7 +453,7 @@ class RowRewriter:
             **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)}}
         source = _rewriter_source([masks[t][0] for t in targets], targets, ncols,
                                   self.detecting)
-        exec(compile(source, f"<masking rewriter {targets} of {ncols}>", "exec"), namespace)
+        exec(_compiled(source, f"<masking rewriter {targets} of {ncols}>"), namespace)
         self.rewrite: Callable[[bytes], bytes] = namespace["rewrite"]  # type: ignore[assignment]
         self.rewrite_messages: Callable[[bytes], bytes] = namespace[  # type: ignore[assignment]
             "rewrite_run"]

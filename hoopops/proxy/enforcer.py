@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hoopops import events
@@ -30,7 +31,7 @@ from hoopops.masking import (
 from hoopops.policy import PolicyEngine
 from hoopops.proxy import protocol as p
 from hoopops.proxy.gate import ALLOW, StatementGate, Verdict
-from hoopops.sql import analyze
+from hoopops.sql import analyze, default_analyzer
 from hoopops.sql.session import SessionSqlState
 
 if TYPE_CHECKING:
@@ -45,10 +46,26 @@ AUDIT_FAILED = ("hoopops could not record this statement in the audit trail, so 
                 "not run (fail closed); retry, and tell the operator if it persists")
 
 
-def _param_text(params: tuple[bytes | None, ...] | None) -> list[str | None] | None:
+def _param_text(params: tuple[bytes | None, ...] | None) -> list[str | bytes | None] | None:
+    """Parameter values for the trail and the approval binding: text-format values as text,
+    binary-format ones as the exact bytes (the store keeps them as ``{"hex": ...}``)."""
     if params is None:
         return None
-    return [None if v is None else v.decode("utf-8", "backslashreplace") for v in params]
+    binary = getattr(params, "binary", ())
+    return [None if v is None else v if i in binary else v.decode("utf-8", "backslashreplace")
+            for i, v in enumerate(params)]
+
+
+@dataclass
+class _Held:
+    """A reviewed statement's ``statement.received`` record, written before its approval was
+    requested; its outcome (refusal or result) completes that same record."""
+
+    statement_id: int
+    sql: str
+    params: list[str | bytes | None] | None
+    approval_id: int | None = None
+    approved: bool = False
 
 
 def _fingerprint(decision: Any) -> str:
@@ -71,8 +88,26 @@ class Enforcer(StatementGate):
         self.audit_on = not isinstance(store, NullAuditStore)
         self.sample_limits = (config.audit.result_rows, config.audit.result_bytes)
         self._background: set[asyncio.Task[Any]] = set()
+        # session id -> the reviewed statement it holds (or was approved and not yet run)
+        self._held: dict[str, _Held] = {}
         self.column_catalogs = column_catalogs or {}
+        self._hints_cache: dict[tuple[str, str | None, str], Any] = {}
         self.masking = self._masking_rules()
+        self.audits = self.audit_on
+
+    @property
+    def masking(self) -> MaskingRules:
+        return self._masking
+
+    @masking.setter
+    def masking(self, rules: MaskingRules) -> None:
+        self._masking = rules
+        self.masks = rules.active
+        self._hints_cache.clear()
+
+    @property
+    def observes_results(self) -> bool:
+        return self.audit_on or self.bus.has_listeners
 
     def _masking_rules(self) -> MaskingRules:
         if self.engine is None:
@@ -128,9 +163,7 @@ class Enforcer(StatementGate):
                              rule=decision.rule_id, elapsed_us=decision.elapsed_us)
         hints = None
         if self.masking.active and action != "block":
-            hints = await self.masking.analyze(
-                sql, self.column_catalogs.get(session.target.name),
-                session.upstream.parameters.get("search_path"), session.target.upstream.user)
+            hints = await self._masking_hints(session, sql)
         if action == "allow":
             return Verdict("allow", rule_id=decision.rule_id, decision=decision,
                            approval_id=approval_id, masking_hints=hints)
@@ -140,6 +173,11 @@ class Enforcer(StatementGate):
                    "statement is needed"
         return Verdict(action, "42501", decision.message, hint, decision.rule_id, decision,
                        masking_hints=hints)
+
+    def outdated(self, session: Session, verdict: Verdict) -> bool:
+        decision = verdict.decision
+        return (self.engine is not None and decision is not None
+                and decision.policy_version != self.engine.version)
 
     def session_allows(self, session: Session, verdict: Verdict) -> bool:
         if self.broker is None:
@@ -155,16 +193,37 @@ class Enforcer(StatementGate):
         identity = session.info.identity
         decision = verdict.decision
         text_params = _param_text(params)
+        statement_id = None
+        if self.audit_on:
+            # The statement is recorded first (decision "review") and the approval names it,
+            # so the trail holds one statement record per held statement whatever happens
+            # next: its result, its refusal, or the client going away.
+            await self._finish_held(session, "the client sent another statement first")
+            # A simple Query was counted on arrival; an extended one is counted at Execute.
+            seq = session.info.stats.statements + (0 if params is None else 1)
+            try:
+                statement_id = await self.store.statement_received(self._record(
+                    session, sql, params, verdict, time.time(), "review", seq=seq))
+            except AuditError as exc:
+                log.error("audit write failed, statement refused: %s", exc)
+                return Verdict("block", "58030", AUDIT_FAILED)
+            self._held[session.id] = _Held(statement_id, sql, text_params)
         try:
             pending = await self.broker.create(
                 session.id, identity, sql, text_params, _fingerprint(decision),
-                verdict.rule_id, decision.rule_description if decision else None)
+                verdict.rule_id, decision.rule_description if decision else None,
+                statement_id=statement_id)
         except (AuditError, ApprovalError) as exc:
             log.error("cannot create approval: %s", exc)
             return Verdict("block", "58030", f"{AUDIT_FAILED} ({exc})")
+        held = self._held.get(session.id)
+        if held is not None and held.statement_id == statement_id:
+            held.approval_id = pending.id
         session.notify_client(f"hoopops: {pending.notice}")
         outcome = await pending.wait()
         if outcome.approved and outcome.authorises(session.id, identity, sql, text_params):
+            if held is not None and held.statement_id == statement_id:
+                held.approved = True
             return Verdict("allow", rule_id=verdict.rule_id, decision=decision,
                            approval_id=outcome.approval_id, masking_hints=verdict.masking_hints)
         return Verdict("block", outcome.sqlstate or "42501", f"hoopops: {outcome.message}",
@@ -172,19 +231,50 @@ class Enforcer(StatementGate):
                        approval_id=outcome.approval_id)
 
     def withdrawn_verdict(self, session: Session) -> Verdict:
+        held = self._held.get(session.id)
         return Verdict("block", "57014", "canceling statement due to user request; the "
-                       "pending approval was withdrawn")
+                       "pending approval was withdrawn",
+                       approval_id=held.approval_id if held is not None else None)
+
+    def _take_held(self, session: Session, sql: str,
+                   params: tuple[bytes | None, ...] | None) -> _Held | None:
+        """The held record of exactly this statement (text and values), if any."""
+        held = self._held.get(session.id)
+        if held is None or held.sql != sql or held.params != _param_text(params):
+            return None
+        del self._held[session.id]
+        return held
+
+    async def _finish_held(self, session: Session, reason: str) -> None:
+        """Complete a held record that will never run: the client went away while it waited,
+        or never executed what was approved."""
+        held = self._held.pop(session.id, None)
+        if held is None:
+            return
+        if held.approved:
+            sqlstate, why = None, f"approved but never executed ({reason})"
+        else:
+            sqlstate, why = "57014", f"not run: the pending approval was withdrawn ({reason})"
+        try:
+            await self.store.statement_finished(held.statement_id, StatementResult(
+                started_at=None, finished_at=time.time(), rows=None, command_tag=None,
+                sqlstate=sqlstate, error_message=why), wait=False)
+        except AuditError as exc:
+            log.error("could not record a held statement's end: %s", exc)
 
     # -- audit ------------------------------------------------------------------------------
 
     def _record(self, session: Session, sql: str, params: tuple[bytes | None, ...] | None,
-                verdict: Verdict, received_at: float, action: str) -> StatementRecord:
+                verdict: Verdict, received_at: float, action: str, *,
+                seq: int | None = None, approval_id: int | None = None) -> StatementRecord:
         decision = verdict.decision
         facts = decision.to_dict() if decision is not None else {}
         return StatementRecord(
-            session_id=session.id, seq=session.info.stats.statements, received_at=received_at,
-            sql=sql, params=_param_text(params), facts=facts, decision=action,
-            rule_id=verdict.rule_id, approval_id=verdict.approval_id)
+            session_id=session.id,
+            seq=session.info.stats.statements if seq is None else seq,
+            received_at=received_at, sql=sql, params=_param_text(params), facts=facts,
+            decision=action, rule_id=verdict.rule_id,
+            approval_id=verdict.approval_id if approval_id is None else approval_id)
 
     async def record_refusal(self, session: Session, sql: str,
                              params: tuple[bytes | None, ...] | None, verdict: Verdict,
@@ -193,8 +283,12 @@ class Enforcer(StatementGate):
             return
         action = verdict.decision.action if verdict.decision is not None else "block"
         try:
-            statement_id = await self.store.statement_received(
-                self._record(session, sql, params, verdict, received_at, action))
+            held = self._take_held(session, sql, params)
+            if held is not None:
+                statement_id = held.statement_id  # recorded when it was held
+            else:
+                statement_id = await self.store.statement_received(
+                    self._record(session, sql, params, verdict, received_at, action))
             await self.store.statement_finished(statement_id, StatementResult(
                 started_at=None, finished_at=time.time(), rows=None, command_tag=None,
                 sqlstate=verdict.sqlstate, error_message=verdict.message), wait=False)
@@ -202,14 +296,24 @@ class Enforcer(StatementGate):
             log.error("could not record a refused statement: %s", exc)
 
     async def before_forward(self, session: Session, run: Run) -> Verdict | None:
-        run.started_at = time.time()
         if not self.audit_on:
             return None
         verdict = run.decision if isinstance(run.decision, Verdict) else ALLOW
         action = verdict.decision.action if verdict.decision is not None else "allow"
+        held = self._take_held(session, run.sql, run.params) \
+            if verdict.approval_id is not None else None
+        approval_id = None
+        if verdict.action == "review" and self.broker is not None:
+            # Let through by a session-scope approval granted after it was parsed.
+            approval_id = self.broker.session_approval(session.id,
+                                                       _fingerprint(verdict.decision))
         try:
-            run.audit_id = await self.store.statement_received(
-                self._record(session, run.sql, run.params, verdict, run.received_at, action))
+            if held is not None:
+                run.audit_id = held.statement_id  # recorded, durably, before it was held
+            else:
+                run.audit_id = await self.store.statement_received(self._record(
+                    session, run.sql, run.params, verdict, run.received_at, action,
+                    approval_id=approval_id))
         except AuditError as exc:
             log.error("audit write failed, statement refused: %s", exc)
             return Verdict("block", "58030", AUDIT_FAILED)
@@ -218,6 +322,23 @@ class Enforcer(StatementGate):
         return None
 
     # -- masking ----------------------------------------------------------------------------
+
+    async def _masking_hints(self, session: Session, sql: str) -> Any:
+        """Where each output column comes from, cached by text (or by shape, since
+        literals never change where a column comes from) until the catalog changes."""
+        search_path = session.upstream.parameters.get("search_path")
+        user = session.target.upstream.user
+        key = (session.target.name, search_path, default_analyzer().shape_key(sql) or sql)
+        hints = self._hints_cache.get(key)
+        if hints is None:
+            hints = await self.masking.analyze(
+                sql, self.column_catalogs.get(session.target.name), search_path, user)
+            if any(getattr(h, "error", None) for h in hints):
+                return hints  # not cached: a failed analysis may be transient (catalog)
+            if len(self._hints_cache) >= 4096:
+                self._hints_cache.clear()
+            self._hints_cache[key] = hints
+        return hints
 
     def needs_row_description(self, session: Session, run: Run) -> bool:
         return self.masking.active
@@ -315,8 +436,8 @@ class Enforcer(StatementGate):
 
     async def on_statement_complete(self, session: Session, run: Run) -> None:
         catalog = self.column_catalogs.get(session.target.name)
-        if catalog is not None and run.tag:
-            catalog.note_command(run.tag)
+        if catalog is not None and run.tag and catalog.note_command(run.tag):
+            self._hints_cache.clear()
         plan = run.plan
         if plan is not None:
             finish = getattr(plan, "finish_copy", None)
@@ -400,6 +521,7 @@ class Enforcer(StatementGate):
                 await self.broker.session_closed(session.id, session.end_reason)
         if not self.audit_on:
             return
+        await self._finish_held(session, session.end_reason)
         stats = session.info.stats
         await self.drain()
         try:

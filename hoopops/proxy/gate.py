@@ -35,6 +35,14 @@ class StatementGate:
     """Pass-through gate: allows everything, records nothing, masks nothing."""
 
     sample_limits: tuple[int, int] = (0, 0)
+    # What the relay must call the gate for; False lets the hot path skip the calls.
+    audits: bool = False  # before_forward records statements
+    masks: bool = False  # results need row descriptions and rewriting
+
+    @property
+    def observes_results(self) -> bool:
+        """Whether after_result wants to hear about finished statements."""
+        return False
 
     def new_session_state(self, server_parameters: dict[str, str]) -> Any:
         return None
@@ -44,6 +52,10 @@ class StatementGate:
 
     def session_allows(self, session: Session, verdict: Verdict) -> bool:
         return True
+
+    def outdated(self, session: Session, verdict: Verdict) -> bool:
+        """True when the policy changed since ``verdict`` was made (kept from Parse)."""
+        return False
 
     async def request_approval(self, session: Session, verdict: Verdict, sql: str,
                                params: tuple[bytes | None, ...] | None) -> Verdict:

@@ -124,6 +124,33 @@ class MessageBuffer:
         finally:
             del buf[:pos]
 
+    def frames(self) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(type, whole message)`` for each complete message, consuming them.
+
+        The relay forwards most client messages unchanged, so it takes them whole (one
+        copy) and slices the payload only when it must decode one.
+        """
+        buf = self._buf
+        pos = 0
+        limit = self._max
+        try:
+            while len(buf) - pos >= 5:
+                mtype, length = _HEADER_UNPACK(buf, pos)
+                if length < 4:
+                    raise ProtocolError(f"invalid message length {length}")
+                if length > limit:
+                    raise ProtocolError(
+                        f"message of {length} bytes exceeds the gateway limit of {limit} "
+                        "bytes (limits.max_message_size)", "54000")
+                nxt = pos + 1 + length
+                if len(buf) < nxt:
+                    break
+                raw = bytes(buf[pos:nxt])
+                pos = nxt
+                yield mtype, raw
+        finally:
+            del buf[:pos]
+
     def peek_header(self) -> tuple[int, int] | None:
         if len(self._buf) < 5:
             return None
@@ -393,6 +420,37 @@ def decode_bind(payload: bytes) -> BindMsg:
     if pos != len(payload):
         raise ProtocolError("trailing bytes in Bind message")
     return BindMsg(portal, statement, tuple(fmts), tuple(params), tuple(results))
+
+
+def scan_bind(payload: bytes) -> tuple[str, str, tuple[int, ...]]:
+    """Portal, statement and result formats of a Bind, stepping over parameter values
+    without copying them (the hot path needs only the names)."""
+    try:
+        portal, pos = read_cstr(payload, 0)
+        statement, pos = read_cstr(payload, pos)
+        (nfmt,) = _INT16.unpack_from(payload, pos)
+        pos += 2 + 2 * nfmt
+        (nparams,) = _INT16.unpack_from(payload, pos)
+        pos += 2
+        if nfmt < 0 or nparams < 0:
+            raise ProtocolError("malformed Bind message")
+        unpack = _INT32.unpack_from
+        for _ in range(nparams):
+            (size,) = unpack(payload, pos)
+            pos += 4 + (size if size > 0 else 0)
+            if size < -1:
+                raise ProtocolError("malformed Bind parameter")
+        (nres,) = _INT16.unpack_from(payload, pos)
+        pos += 2
+        if nres < 0:
+            raise ProtocolError("malformed Bind message")
+        results = struct.unpack_from(f"!{nres}h", payload, pos) if nres else ()
+        pos += 2 * nres
+    except struct.error:
+        raise ProtocolError("truncated Bind message") from None
+    if pos != len(payload):
+        raise ProtocolError("trailing bytes in Bind message")
+    return portal, statement, tuple(results)
 
 
 def decode_describe_or_close(payload: bytes) -> tuple[str, str]:

@@ -44,6 +44,8 @@ _HDR = struct.Struct("!BI").unpack_from
 K_QUERY, K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC = range(7)
 _EXTENDED = frozenset((K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE))
 
+_TX_STATES = {b"I": "idle", b"T": "in transaction", b"E": "failed transaction"}
+
 # Fields of a server error that only describe the gateway's injected DO block.
 _INJECTION_NOISE = frozenset("WFLRsqP")
 
@@ -72,6 +74,22 @@ class Run:
     statement_index: int = 0  # which statement of a simple Query is answering
 
 
+class BoundParams(tuple):  # type: ignore[type-arg]
+    """A Bind's parameter values (bytes or None) that remember which were sent in binary
+    format, so the audit trail can keep those exactly instead of reading them as text."""
+
+    binary: frozenset[int]
+
+    @classmethod
+    def of(cls, msg: p.BindMsg) -> BoundParams:
+        params = cls(msg.params)
+        formats = msg.param_formats
+        if len(formats) == 1:
+            formats = formats * len(params)
+        params.binary = frozenset(i for i, f in enumerate(formats) if f == 1)
+        return params
+
+
 @dataclass(slots=True)
 class Pending:
     kind: int
@@ -80,6 +98,11 @@ class Pending:
     swallow: bool = False  # drop every reply (gateway-injected request)
     injected_error: bool = False  # pass the error but strip the DO block's context
     copy_in: bool = False  # an Execute that put the server in COPY FROM STDIN mode
+
+    @property
+    def plain(self) -> bool:
+        """No gateway-injected request and no run: its replies need no inspection."""
+        return not (self.swallow or self.injected_error or self.copy_in)
 
 
 @dataclass
@@ -275,13 +298,13 @@ class Session:
             buffer.feed(data)
             out: list[bytes] = []
             try:
-                for mtype, payload in buffer.messages():
+                for mtype, raw in buffer.frames():
                     if mtype == p.TERMINATE:
                         if out:
                             upstream.write(b"".join(out))
                         self.end_reason = "client terminated the session"
                         raise ClientGone
-                    await self._on_client_message(mtype, payload, out)
+                    await self._on_client_message(mtype, raw, out)
             except p.ProtocolError as exc:
                 if out:
                     upstream.write(b"".join(out))
@@ -292,23 +315,29 @@ class Session:
                 upstream.write(b"".join(out))
                 await upstream.drain()
 
-    async def _on_client_message(self, mtype: int, payload: bytes, out: list[bytes]) -> None:
+    async def _on_client_message(self, mtype: int, raw: bytes, out: list[bytes]) -> None:
+        """Handle one whole client message; ``raw`` is forwarded unchanged when allowed."""
         if self.skip_until_sync and mtype != p.SYNC:
             # The server would discard these after an error; so does the gateway.
             return
-        if mtype == p.QUERY:
-            await self._on_query(payload, out)
-        elif mtype == p.PARSE:
-            await self._on_parse(payload, out)
-        elif mtype == p.BIND:
-            await self._on_bind(payload, out)
+        if mtype == p.BIND:
+            await self._on_bind(raw, out)
         elif mtype == p.EXECUTE:
-            await self._on_execute(payload, out)
+            await self._on_execute(raw, out)
+        elif mtype == p.SYNC:
+            self.skip_until_sync = False
+            self.pending.append(Pending(K_SYNC))
+            out.append(raw)
+        elif mtype == p.QUERY:
+            await self._on_query(raw, out)
+        elif mtype == p.PARSE:
+            await self._on_parse(raw, out)
         elif mtype == p.DESCRIBE:
-            kind, name = p.decode_describe_or_close(payload)
+            kind, name = p.decode_describe_or_close(raw[5:])
             self.pending.append(Pending(K_DESCRIBE, name=kind + name))
-            out.append(p.frame(mtype, payload))
+            out.append(raw)
         elif mtype == p.CLOSE:
+            payload = raw[5:]
             kind, name = p.decode_describe_or_close(payload)
             if kind == "S":
                 self.statements.pop(name, None)
@@ -317,17 +346,13 @@ class Session:
             else:
                 self.portals.pop(name, None)
             self.pending.append(Pending(K_CLOSE))
-            out.append(p.frame(mtype, payload))
-        elif mtype == p.SYNC:
-            self.skip_until_sync = False
-            self.pending.append(Pending(K_SYNC))
-            out.append(p.SYNC_MESSAGE)
+            out.append(raw)
         elif mtype == p.FLUSH:
-            out.append(p.FLUSH_MESSAGE)
+            out.append(raw)
         elif mtype in (p.COPY_DATA, p.COPY_DONE, p.COPY_FAIL):
             if mtype != p.COPY_DATA:
                 self._drop_syncs_ignored_in_copy()
-            out.append(p.frame(mtype, payload))
+            out.append(raw)
         elif mtype == p.FUNCTION_CALL:
             self._flush(out)
             self._refuse_simple("0A000", "the fastpath function-call protocol is not allowed "
@@ -353,10 +378,10 @@ class Session:
             self.upstream.writer.write(b"".join(out))
             out.clear()
 
-    async def _on_query(self, payload: bytes, out: list[bytes]) -> None:
+    async def _on_query(self, raw: bytes, out: list[bytes]) -> None:
         received = time.time()
         try:
-            sql = p.decode_query(payload)
+            sql = p.decode_query(raw[5:])
         except p.SqlTextError as exc:
             self._flush(out)
             self._refuse_simple(exc.sqlstate, f"hoopops refused the statement: {exc} "
@@ -374,19 +399,20 @@ class Session:
             self.info.stats.blocked += 1
             self._refuse_simple(verdict.sqlstate, verdict.message, verdict.hint)
             return
-        run = Run(sql, verdict, None, received_at=received)
-        refusal = await self.gate.before_forward(self, run)
-        if refusal is not None:
-            self._flush(out)
-            self._refuse_simple(refusal.sqlstate, refusal.message, refusal.hint)
-            return
+        run = Run(sql, verdict, None, received_at=received, started_at=received)
+        if self.gate.audits:
+            refusal = await self.gate.before_forward(self, run)
+            if refusal is not None:
+                self._flush(out)
+                self._refuse_simple(refusal.sqlstate, refusal.message, refusal.hint)
+                return
         self.pending.append(Pending(K_QUERY, run))
-        out.append(p.frame(p.QUERY, payload))
+        out.append(raw)
 
-    async def _on_parse(self, payload: bytes, out: list[bytes]) -> None:
+    async def _on_parse(self, raw: bytes, out: list[bytes]) -> None:
         received = time.time()
         try:
-            msg = p.decode_parse(payload)
+            msg = p.decode_parse(raw[5:])
         except p.SqlTextError as exc:
             self._flush(out)
             self._refuse_extended(exc.sqlstate, f"hoopops refused the statement: {exc}",
@@ -404,56 +430,77 @@ class Session:
         # "review" is held at Bind, when the parameters it would run with are known.
         self.statements[msg.name] = PreparedInfo(msg.sql, verdict)
         self.pending.append(Pending(K_PARSE, name=msg.name))
-        out.append(p.frame(p.PARSE, payload))
+        out.append(raw)
 
-    async def _on_bind(self, payload: bytes, out: list[bytes]) -> None:
-        msg = p.decode_bind(payload)
-        stmt = self.statements.get(msg.statement)
+    async def _on_bind(self, raw: bytes, out: list[bytes]) -> None:
+        payload = raw[5:]
+        portal_name, statement_name, result_formats = p.scan_bind(payload)
+        stmt = self.statements.get(statement_name)
         if stmt is None:
             # Unknown to the gateway means unknown to the server: let it say so.
             self.pending.append(Pending(K_BIND))
-            out.append(p.frame(p.BIND, payload))
+            out.append(raw)
             return
         verdict = stmt.decision
+        if verdict is not None and self.gate.outdated(self, verdict):
+            # The policy was reloaded since Parse: judge the statement again under it.
+            verdict = stmt.decision = await self.gate.decide(self, stmt.sql, statement_name)
+        if verdict is not None and verdict.action == "block":
+            self.info.stats.statements += 1
+            self.info.stats.blocked += 1
+            await self.gate.record_refusal(self, stmt.sql, None, verdict, time.time())
+            self._refuse_extended(verdict.sqlstate, verdict.message, verdict.hint, out)
+            return
+        params: BoundParams | None = None
         if verdict is not None and verdict.action == "review" and not (
                 self.gate.session_allows(self, verdict)):
+            params = BoundParams.of(p.decode_bind(payload))
             self._flush(out)
-            verdict = await self._hold(verdict, stmt.sql, msg.params)
+            verdict = await self._hold(verdict, stmt.sql, params)
             if verdict.action != "allow":
+                self.info.stats.statements += 1
                 self.info.stats.blocked += 1
-                await self.gate.record_refusal(self, stmt.sql, msg.params, verdict, time.time())
+                await self.gate.record_refusal(self, stmt.sql, params, verdict, time.time())
                 self._refuse_extended(verdict.sqlstate, verdict.message, verdict.hint, out)
                 return
-        approved = PreparedInfo(stmt.sql, verdict, stmt.fields)
-        self.portals[msg.portal] = PortalInfo(approved, msg.params, msg.result_formats)
-        self.pending.append(Pending(K_BIND, name=msg.portal))
-        out.append(p.frame(p.BIND, payload))
+            stmt = PreparedInfo(stmt.sql, verdict, stmt.fields)
+        elif self.gate.audits:
+            # Parameter values are decoded only when the audit trail records them.
+            params = BoundParams.of(p.decode_bind(payload))
+        self.portals[portal_name] = PortalInfo(stmt, params, result_formats)
+        self.pending.append(Pending(K_BIND, name=portal_name))
+        out.append(raw)
 
-    async def _on_execute(self, payload: bytes, out: list[bytes]) -> None:
-        name, _ = p.decode_execute(payload)
+    async def _on_execute(self, raw: bytes, out: list[bytes]) -> None:
+        name, _ = p.decode_execute(raw[5:])
         portal = self.portals.get(name)
         if portal is None:
             self.pending.append(Pending(K_EXECUTE))
-            out.append(p.frame(p.EXECUTE, payload))
+            out.append(raw)
             return
         self.info.stats.statements += 1
-        self.info.last_sql = portal.statement.sql
-        run = Run(portal.statement.sql, portal.statement.decision, portal.params,
-                  received_at=time.time(), fields=portal.fields or portal.statement.fields,
+        statement = portal.statement
+        self.info.last_sql = statement.sql
+        now = time.time()
+        run = Run(statement.sql, statement.decision, portal.params, received_at=now,
+                  started_at=now, fields=portal.fields or statement.fields,
                   result_formats=portal.result_formats)
-        refusal = await self.gate.before_forward(self, run)
-        if refusal is not None:
-            self._refuse_extended(refusal.sqlstate, refusal.message, refusal.hint, out)
-            return
-        if run.fields is None and self.gate.needs_row_description(self, run):
-            # The client executes without describing; masking needs to know the columns,
-            # so ask the server ourselves and keep the reply from the client.
-            out.append(p.frame(p.DESCRIBE, b"P" + p.cstr(name)))
-            self.pending.append(Pending(K_DESCRIBE, run, name="P" + name, swallow=True))
-        elif run.fields is not None:
-            await self.gate.on_row_description(self, run)
+        gate = self.gate
+        if gate.audits:
+            refusal = await gate.before_forward(self, run)
+            if refusal is not None:
+                self._refuse_extended(refusal.sqlstate, refusal.message, refusal.hint, out)
+                return
+        if gate.masks:
+            if run.fields is None:
+                # The client executes without describing; masking needs to know the
+                # columns, so ask the server ourselves and keep the reply from the client.
+                out.append(p.frame(p.DESCRIBE, b"P" + p.cstr(name)))
+                self.pending.append(Pending(K_DESCRIBE, run, name="P" + name, swallow=True))
+            else:
+                await gate.on_row_description(self, run)
         self.pending.append(Pending(K_EXECUTE, run, name=name))
-        out.append(p.frame(p.EXECUTE, payload))
+        out.append(raw)
 
     async def _hold(self, verdict: Any, sql: str, params: tuple[bytes | None, ...] | None
                     ) -> Any:
@@ -555,12 +602,34 @@ class Session:
                 nxt = pos + 1 + length
                 if nxt > end:
                     break
-                if mtype == 68 and run is not None and run.plan is None:  # DataRow, fast path
-                    run.rows += 1
-                    if run.sample is not None:
-                        self._sample(run, buf, pos, nxt)
+                if run is not None and run.plan is None and (mtype == 68 or mtype == 100):
+                    # DataRow / CopyData needing no rewrite: relayed as bytes (fast path).
+                    if mtype == 68:
+                        run.rows += 1
+                        if run.sample is not None:
+                            self._sample(run, buf, pos, nxt)
                     pos = nxt
                     continue
+                if head is not None and head.run is None and head.plain:
+                    # Replies that only move the expectation queue on, handled inline.
+                    kind = head.kind
+                    if (mtype == 49 and kind == K_PARSE) or (mtype == 50 and kind == K_BIND) \
+                            or (mtype == 51 and kind == K_CLOSE) or (
+                            mtype == 67 and kind == K_EXECUTE):
+                        pending.popleft()
+                        pos = seg = nxt
+                        head = pending[0] if pending else None
+                        run = head.run if head is not None else None
+                        continue
+                    if mtype == 90 and kind == K_SYNC:
+                        self.tx_status = bytes(buf[pos + 5:pos + 6])
+                        pending.popleft()
+                        if not pending:
+                            self._set_state(_TX_STATES.get(self.tx_status, "idle"))
+                        pos = seg = nxt
+                        head = pending[0] if pending else None
+                        run = head.run if head is not None else None
+                        continue
                 # Any other message: settle the hash of the rows relayed unchanged so far.
                 if run is not None and run.hasher is not None and seg < pos:
                     run.hasher.update(memoryview(buf)[seg:pos])
@@ -608,9 +677,8 @@ class Session:
         if mtype == p.READY_FOR_QUERY:
             self.tx_status = bytes(buf[pos + 5:pos + 6])
             pending.popleft()
-            self._set_state({b"I": "idle", b"T": "in transaction",
-                             b"E": "failed transaction"}.get(self.tx_status, "idle")
-                            if not pending else "active")
+            self._set_state(_TX_STATES.get(self.tx_status, "idle") if not pending
+                            else "active")
             if head.run is not None and not head.run.finished:
                 await self._finish(head.run)
             return None
@@ -636,6 +704,11 @@ class Session:
                 while pending and pending[0].kind != K_SYNC:
                     dropped = pending.popleft()
                     if dropped.run is not None and not dropped.run.finished:
+                        # It never ran (an error at Bind, say, or earlier in the pipeline):
+                        # the trail must not record it as a success.
+                        if dropped.run.sqlstate is None:
+                            dropped.run.sqlstate = fields.get("C")
+                            dropped.run.error = fields.get("M")
                         await self._finish(dropped.run)
             elif fields.get("S") in ("FATAL", "PANIC"):
                 return replacement
@@ -649,7 +722,7 @@ class Session:
         if mtype == p.PARAMETER_DESCRIPTION:
             return replacement
         if mtype == p.ROW_DESCRIPTION or mtype == p.NO_DATA:
-            fields_ = p.decode_row_description(bytes(buf[pos + 5:nxt])) if (
+            fields_ = _row_description(bytes(buf[pos + 5:nxt])) if (
                 mtype == p.ROW_DESCRIPTION) else []
             name = head.name
             if name.startswith("S") and name[1:] in self.statements:
@@ -697,7 +770,7 @@ class Session:
         if run is None:
             return None
         if mtype == p.ROW_DESCRIPTION:
-            run.fields = p.decode_row_description(bytes(buf[pos + 5:nxt]))
+            run.fields = _row_description(bytes(buf[pos + 5:nxt]))
             await self.gate.on_row_description(self, run)
             return None
         if mtype == p.DATA_ROW:
@@ -721,7 +794,8 @@ class Session:
 
     async def _finish(self, run: Run) -> None:
         run.finished = True
-        await self.gate.after_result(self, run)
+        if self.gate.observes_results:
+            await self.gate.after_result(self, run)
 
 
 def new_session_id() -> str:
@@ -730,3 +804,17 @@ def new_session_id() -> str:
 
 def result_hasher() -> Any:
     return hashlib.sha256()
+
+
+_ROW_DESCRIPTIONS: dict[bytes, list[p.Field]] = {}
+
+
+def _row_description(payload: bytes) -> list[p.Field]:
+    """Decoded RowDescription, cached by its bytes: clients describe the same statements
+    over and over, and the decoded fields are never modified."""
+    fields = _ROW_DESCRIPTIONS.get(payload)
+    if fields is None:
+        if len(_ROW_DESCRIPTIONS) >= 4096:
+            _ROW_DESCRIPTIONS.clear()
+        fields = _ROW_DESCRIPTIONS[payload] = p.decode_row_description(payload)
+    return fields

@@ -95,6 +95,10 @@ class Analyzer:
     # utility statements) and texts with comments or several statements are never cached
     # this way.
 
+    def shape_key(self, text: str) -> str | None:
+        """The normalised text (literals as $n) when facts cannot depend on literals."""
+        return self._shape_key(text)
+
     def _shape_key(self, text: str) -> str | None:
         if len(text) > SHAPE_MAX_CHARS or "--" in text or "/*" in text or "\x00" in text:
             return None
