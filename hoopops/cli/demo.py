@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from hoopops import events
+from hoopops import eventloop, events
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     env = DemoEnvironment(listen_port=args.port, approval_timeout=args.approval_timeout)
     try:
         if args.headless:
-            return asyncio.run(_headless(env, args))
+            return eventloop.run(_headless(env, args))
         return _console(env, args)
     except KeyboardInterrupt:
         return 130

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import sys
 
+from hoopops import eventloop
 from hoopops.cli.common import add_config_argument, load_config_or_exit
 
 
@@ -43,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(main())
+        return eventloop.run(main())
     return 130
