@@ -46,6 +46,10 @@ def register(subparsers: Any) -> None:
     lint.add_argument("--json", action="store_true", help="print JSON")
     lint.set_defaults(func=run_lint)
 
+    from hoopops.cli.replay import register_policy_diff  # `policy diff` lives with replay
+
+    register_policy_diff(commands)
+
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
