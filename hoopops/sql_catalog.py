@@ -198,6 +198,14 @@ class SqlCatalog:
     credential). It is called once and the result kept (called again after a failure);
     lookups are serialised, so one Connection is enough. Cached entries live ``ttl``
     seconds; call :meth:`invalidate` after DDL ran.
+
+    Judging what is not cached yet runs one statement at a time (``_judging``): an object
+    whose effect is still being worked out is never taken as the finished answer by
+    another session, and an invalidation that arrives meanwhile takes effect when the
+    judgement in progress ends, so no judgement runs on half-cleared caches. Cycles
+    (recursive functions, views that call functions reading them) are followed once; an
+    effect worked out while an enclosing object was still open is used but not cached,
+    because it may lack what that object does.
     """
 
     def __init__(self, connect: Connector, *, ttl: float = 30.0, timeout: float = 5.0,
@@ -220,9 +228,23 @@ class SqlCatalog:
         self._rel_effects: dict[tuple[int, str], Effect] = {}
         self._statement_effects: dict[tuple[Any, ...], Effect] = {}
         self.lookups = 0  # round trips made (for tests and the console)
+        self._judging = asyncio.Lock()
+        self._invalidate_later = False
+        # Objects whose effect is being worked out, and per open object, which enclosing
+        # open objects it reached through a cycle (its effect then lacks theirs).
+        self._open: set[tuple[Any, ...]] = set()
+        self._cycles: list[set[tuple[Any, ...]]] = []
 
     def invalidate(self) -> None:
         """Forget everything (after DDL, or when objects may have changed)."""
+        if self._judging.locked():
+            # A judgement is under way on what it loaded: clear when it ends.
+            self._invalidate_later = True
+            return
+        self._clear()
+
+    def _clear(self) -> None:
+        self._invalidate_later = False
         for cache in (self._funcs_by_name, self._funcs_by_oid, self._rels_by_name,
                       self._ops, self._types, self._rel_uses, self._func_effects,
                       self._rel_effects, self._statement_effects):
@@ -259,12 +281,21 @@ class SqlCatalog:
             if len(self._statement_effects) > 50_000:
                 self._statement_effects.clear()
             try:
-                async with asyncio.timeout(self.timeout):
-                    await self._load_statement_names(missing)
-                    for facts in missing:
-                        effect = await self._statement_effect(facts, path)
-                        self._statement_effects[_effect_key(facts, path_key)] = effect
-                        effects[id(facts)] = effect
+                async with asyncio.timeout(self.timeout), self._judging:
+                    try:
+                        await self._load_statement_names(missing)
+                        for facts in missing:
+                            key = _effect_key(facts, path_key)
+                            effect = self._statement_effects.get(key)
+                            if effect is None:
+                                effect = await self._statement_effect(facts, path)
+                                self._statement_effects[key] = effect
+                            effects[id(facts)] = effect
+                    finally:
+                        self._open.clear()
+                        self._cycles.clear()
+                        if self._invalidate_later:
+                            self._clear()
             except Exception as exc:
                 self._conn = None
                 reason = (f"the catalog could not be consulted ({type(exc).__name__}: "
@@ -314,8 +345,40 @@ class SqlCatalog:
         known = self._func_effects.get(func.oid)
         if known is not None:
             return known
-        # Recursive functions meet themselves: their own body is being judged already.
-        self._func_effects[func.oid] = NO_EFFECT
+        key = ("f", func.oid)
+        if self._reached_open(key):
+            return NO_EFFECT
+        self._enter(key)
+        try:
+            effect = await self._function_effect_uncached(func, depth)
+        finally:
+            complete = self._leave(key)
+        if complete:
+            self._func_effects[func.oid] = effect
+        return effect
+
+    def _reached_open(self, key: tuple[Any, ...]) -> bool:
+        """True when ``key`` is being worked out further up (a cycle): what it does is
+        added there, and whatever is being worked out now lacks it until then."""
+        if key not in self._open:
+            return False
+        self._cycles[-1].add(key)
+        return True
+
+    def _enter(self, key: tuple[Any, ...]) -> None:
+        self._open.add(key)
+        self._cycles.append(set())
+
+    def _leave(self, key: tuple[Any, ...]) -> bool:
+        """Close ``key``; True when its effect is complete (safe to cache)."""
+        self._open.discard(key)
+        reached = self._cycles.pop() if self._cycles else set()
+        reached.discard(key)
+        if self._cycles:
+            self._cycles[-1] |= reached
+        return not reached
+
+    async def _function_effect_uncached(self, func: _Func, depth: int) -> Effect:
         name = func.qualified
         effects = self.analyzer.effects
         effect = Effect(functions=frozenset({name}))
@@ -342,7 +405,6 @@ class SqlCatalog:
             if func.source is not None:
                 parts = parts_from_body(self.analyzer, func, parts)
             effect = effect | await self._uses_effect(parts, "read", depth + 1, owner=name)
-        self._func_effects[func.oid] = effect
         return effect
 
     def _builtin_effect(self, func: _Func) -> Effect:
@@ -361,7 +423,19 @@ class SqlCatalog:
         known = self._rel_effects.get(key)
         if known is not None:
             return known
-        self._rel_effects[key] = NO_EFFECT
+        open_key = ("r", rel.oid, mode)
+        if self._reached_open(open_key):
+            return NO_EFFECT
+        self._enter(open_key)
+        try:
+            effect = await self._relation_effect_uncached(rel, mode, depth)
+        finally:
+            complete = self._leave(open_key)
+        if complete:
+            self._rel_effects[key] = effect
+        return effect
+
+    async def _relation_effect_uncached(self, rel: _Rel, mode: str, depth: int) -> Effect:
         name = rel.qualified
         notes: list[str] = []
         if rel.relkind == "f":
@@ -385,7 +459,6 @@ class SqlCatalog:
                         else "read"
                     effect = effect | await self._uses_effect(uses, inner_mode, depth + 1,
                                                               owner=name)
-        self._rel_effects[key] = effect
         return effect
 
     async def _uses_effect(self, uses: _Uses, mode: str, depth: int,
