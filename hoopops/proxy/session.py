@@ -120,6 +120,7 @@ class PortalInfo:
     params: tuple[bytes | None, ...]
     result_formats: tuple[int, ...]
     fields: list[p.Field] | None = None
+    suspended: Run | None = None  # the run an Execute with a row limit left unfinished
 
 
 @dataclass
@@ -478,6 +479,14 @@ class Session:
             self.pending.append(Pending(K_EXECUTE))
             out.append(raw)
             return
+        if portal.suspended is not None:
+            # More rows of a portal the server suspended: the same statement, recorded and
+            # counted once; its result (rows, hash, sample) goes on accumulating.
+            run, portal.suspended = portal.suspended, None
+            run.finished = False
+            self.pending.append(Pending(K_EXECUTE, run, name=name))
+            out.append(raw)
+            return
         self.info.stats.statements += 1
         statement = portal.statement
         self.info.last_sql = statement.sql
@@ -747,6 +756,12 @@ class Session:
                 if run is not None:
                     if mtype == p.COMMAND_COMPLETE:
                         run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+                    elif mtype == p.PORTAL_SUSPENDED:
+                        portal = self.portals.get(head.name)
+                        # (unless the client has bound that name anew meanwhile)
+                        if portal is not None and portal.params is run.params \
+                                and portal.statement.sql == run.sql:
+                            portal.suspended = run
                     await self.gate.on_statement_complete(self, run)
                     await self._finish(run)
                 return replacement
