@@ -219,6 +219,8 @@ def make_app(source: FixedSource | None = None, **kwargs: Any) -> ConsoleApp:
 
 async def _settle(pilot: Any) -> None:
     await pilot.pause()
+    while not pilot.app.approvals:  # make_app's fill() has not run yet
+        await pilot.pause(0.01)
     await pilot.app.workers.wait_for_complete()
     # Toasts (the new-approval alert) are transient; they would make the frame depend
     # on timing. test_tui_console checks they are raised.

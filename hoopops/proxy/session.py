@@ -200,6 +200,12 @@ class Session:
     def id(self) -> str:
         return self.info.id
 
+    @property
+    def _inspects(self) -> bool:
+        # Read every time: a policy reload can turn masking on mid-session.
+        gate = self.gate
+        return gate.audits or gate.masks or gate.observes_results
+
     def startup_messages(self) -> bytes:
         """ParameterStatus from the server, then our own cancel key, then ReadyForQuery."""
         parts = [p.AUTH_OK]
@@ -305,6 +311,17 @@ class Session:
                             upstream.write(b"".join(out))
                         self.end_reason = "client terminated the session"
                         raise ClientGone
+                    # The extended protocol's steady state (Bind/Execute/Sync of an allowed
+                    # statement) is handled without creating coroutines.
+                    if not self.skip_until_sync:
+                        if mtype == p.SYNC:
+                            self.pending.append(Pending(K_SYNC))
+                            out.append(raw)
+                            continue
+                        if mtype == p.BIND and self._bind_fast(raw, out):
+                            continue
+                        if mtype == p.EXECUTE and self._execute_fast(raw, out):
+                            continue
                     await self._on_client_message(mtype, raw, out)
             except p.ProtocolError as exc:
                 if out:
@@ -432,6 +449,43 @@ class Session:
         self.statements[msg.name] = PreparedInfo(msg.sql, verdict)
         self.pending.append(Pending(K_PARSE, name=msg.name))
         out.append(raw)
+
+    def _bind_fast(self, raw: bytes, out: list[bytes]) -> bool:
+        """Bind of a statement already allowed, with nothing to record or hold."""
+        if self.gate.audits:
+            return False
+        portal_name, statement_name, result_formats = p.scan_bind(raw[5:])
+        stmt = self.statements.get(statement_name)
+        if stmt is None:
+            return False
+        verdict = stmt.decision
+        if verdict is not None and (verdict.action != "allow"
+                                    or self.gate.outdated(self, verdict)):
+            return False
+        self.portals[portal_name] = PortalInfo(stmt, None, result_formats)
+        self.pending.append(Pending(K_BIND, name=portal_name))
+        out.append(raw)
+        return True
+
+    def _execute_fast(self, raw: bytes, out: list[bytes]) -> bool:
+        """Execute of a known portal when results need no recording or masking."""
+        gate = self.gate
+        if gate.audits or gate.masks:
+            return False
+        name, _ = p.decode_execute(raw[5:])
+        portal = self.portals.get(name)
+        if portal is None or portal.suspended is not None:
+            return False
+        self.info.stats.statements += 1
+        statement = portal.statement
+        self.info.last_sql = statement.sql
+        now = time.time()
+        run = Run(statement.sql, statement.decision, None, received_at=now, started_at=now,
+                  fields=portal.fields or statement.fields,
+                  result_formats=portal.result_formats)
+        self.pending.append(Pending(K_EXECUTE, run, name=name))
+        out.append(raw)
+        return True
 
     async def _on_bind(self, raw: bytes, out: list[bytes]) -> None:
         payload = raw[5:]
@@ -619,6 +673,16 @@ class Session:
                             self._sample(run, buf, pos, nxt)
                     pos = nxt
                     continue
+                if mtype == 67 and run is not None and head is not None and head.kind == K_EXECUTE \
+                        and head.plain and not self._inspects:
+                    # CommandComplete of an Execute nobody records or masks.
+                    run.tag = None
+                    run.finished = True
+                    pending.popleft()
+                    pos = seg = nxt
+                    head = pending[0] if pending else None
+                    run = head.run if head is not None else None
+                    continue
                 if head is not None and head.run is None and head.plain:
                     # Replies that only move the expectation queue on, handled inline.
                     kind = head.kind
@@ -630,7 +694,7 @@ class Session:
                         head = pending[0] if pending else None
                         run = head.run if head is not None else None
                         continue
-                    if mtype == 90 and kind == K_SYNC:
+                    if mtype == 90 and kind == K_SYNC:  # ReadyForQuery
                         self.tx_status = bytes(buf[pos + 5:pos + 6])
                         pending.popleft()
                         if not pending:

@@ -2,8 +2,10 @@
 
 It runs in the gateway's own event loop (``hoopops console``), so it must never make that
 loop wait: store reads and writes happen in workers (aiosqlite does the I/O in its own
-thread), the refresh is a self-rescheduling timer so fetches never overlap, and bus events
-are drained in batches at most ten times a second however busy the gateway is.
+thread), the refresh is a self-rescheduling timer so fetches never overlap, bus events
+are drained in batches at most ten times a second however busy the gateway is, and the
+screen is repainted about once a second (a repaint of a big terminal costs tens of
+milliseconds of the loop the gateway relays on; see ``_queue_hits``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +34,7 @@ from hoopops.tui.format import one_line
 from hoopops.tui.screens.confirm import Confirm
 from hoopops.tui.screens.connect import ConnectScreen
 from hoopops.tui.screens.dashboard import DashboardScreen
+from hoopops.tui.screens.deny_prompt import DenyPrompt
 from hoopops.tui.screens.help import HelpScreen
 from hoopops.tui.source import ConsoleSource, LiveSession, SourceError, default_decider
 from hoopops.tui.widgets.masking_feed import MaskingHit, hits_from_event, hits_from_views
@@ -49,7 +53,9 @@ WATCHED = (
 
 
 # Seconds between masking feed updates (see ConsoleApp._queue_hits).
-HIT_FLUSH_INTERVAL = 0.5
+HIT_FLUSH_INTERVAL = 1.0
+# Masking hits kept while paused (the feed shows at most this many lines anyway).
+MAX_BUFFERED_HITS = 2000
 
 
 class ConsoleApp(App[None]):
@@ -105,12 +111,13 @@ class ConsoleApp(App[None]):
         self._refreshing = False
         self._refresh_again = False
         self._refresh_error: str | None = None
+        self._refreshed_at = 0.0
         self._unknown_keymap = self._apply_keymap(keymap or {})
         self.dashboard = DashboardScreen()
         #: Approvals decided from this console (their rows going away is expected).
         self.decided_here: set[int] = set()
-        #: Everything the console did, for tests and for the log ("decided #4 ...").
-        self.actions: list[str] = []
+        #: What the console did lately ("denied #4", "killed ..."), for tests and the log.
+        self.actions: deque[str] = deque(maxlen=500)
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -181,6 +188,7 @@ class ConsoleApp(App[None]):
 
     async def refresh_once(self) -> None:
         """One fetch of everything the dashboard shows, then one render."""
+        self._refreshed_at = time.monotonic()
         self.status_info = self.source.status()
         sessions = await self.source.live_sessions()
         approvals = await self.source.pending_approvals()
@@ -207,11 +215,11 @@ class ConsoleApp(App[None]):
         self.counters.buffered = len(self._buffered_hits)
         if not self.dashboard.ready:
             return
-        if isinstance(self.screen, ModalScreen) and self.screen_stack[-2:-1] == [
+        if isinstance(self.screen, DenyPrompt | Confirm) and self.screen_stack[-2:-1] == [
                 self.dashboard]:
-            # A prompt is open over the dashboard (the Dolphie rule: keep still behind
-            # it). The data is fetched and new approvals still ring; the tables catch up
-            # when the prompt closes (DashboardScreen.on_screen_resume).
+            # A decision prompt is open over the dashboard (the Dolphie rule: keep still
+            # behind it). The data is fetched and new approvals still ring; the tables
+            # catch up when the prompt closes (DashboardScreen.on_screen_resume).
             return
         self.dashboard.render_state(self.clock(), live=not self.paused)
 
@@ -267,7 +275,7 @@ class ConsoleApp(App[None]):
             subscription.close()
 
     def handle_events(self, batch: list[events.Event]) -> None:
-        refresh = False
+        refresh = urgent = False
         hits: list[MaskingHit] = []
         for event in batch:
             kind, data = event.kind, event.data
@@ -278,9 +286,10 @@ class ConsoleApp(App[None]):
                 facts = data.get("facts")
                 if isinstance(facts, dict) and "approval_id" in data:
                     self._event_facts[int(data["approval_id"])] = facts
-                refresh = True
-            elif kind in (events.SESSION_STARTED, events.SESSION_ENDED,
-                          events.APPROVAL_DECIDED):
+                refresh = urgent = True
+            elif kind == events.APPROVAL_DECIDED:
+                refresh = urgent = True
+            elif kind in (events.SESSION_STARTED, events.SESSION_ENDED):
                 refresh = True
             elif kind == events.POLICY_RELOADED:
                 error = data.get("error")
@@ -297,15 +306,17 @@ class ConsoleApp(App[None]):
                 self.counters.gateway_error = "gateway stopped"
         if hits:
             self._queue_hits(hits)
-        if refresh:
+        # An approval cannot wait for the next tick; sessions coming and going can (a
+        # client that connects per statement must not make the console repaint 10x/s).
+        if urgent or (refresh and time.monotonic() - self._refreshed_at > 0.5):
             self.request_refresh()
 
     def _queue_hits(self, hits: list[MaskingHit]) -> None:
-        """Feed updates at most twice a second: each one re-lays out the screen, and the
+        """Feed updates at most once a second: each one re-lays out the screen, and the
         screen shares the gateway's loop. Hits in between are merged (``coalesce``)."""
         self._hit_buffer += hits
         if self._hit_timer is None:
-            wait = max(0.0, HIT_FLUSH_INTERVAL - (time.monotonic() - self._hit_flushed_at))
+            wait = max(0.01, HIT_FLUSH_INTERVAL - (time.monotonic() - self._hit_flushed_at))
             self._hit_timer = self.set_timer(wait, self._flush_hits, name="masking-flush")
 
     def _flush_hits(self) -> None:
@@ -324,7 +335,8 @@ class ConsoleApp(App[None]):
         if not hits:
             return
         if self.paused:
-            self._buffered_hits += hits
+            # Bounded: a long pause on a busy gateway keeps the newest window only.
+            self._buffered_hits = (self._buffered_hits + hits)[-MAX_BUFFERED_HITS:]
             return
         self.dashboard.masking.add(hits)
 
@@ -488,6 +500,10 @@ class ConsoleApp(App[None]):
         for name, help_text, action in getattr(screen, "PALETTE", ()):
             yield SystemCommand(name, help_text,
                                 lambda action=action: screen.run_action(action))
+        reload_policy = getattr(self.source, "reload_policy", None)
+        if reload_policy is not None:
+            yield SystemCommand("Reload policy", "Re-read the policy folder (a broken new "
+                                "version leaves the current one in force)", reload_policy)
         if self.connect_line:
             yield SystemCommand("Connect line", "Show the psql line to act as an agent",
                                 self.action_connect_info)

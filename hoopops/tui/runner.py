@@ -70,16 +70,18 @@ def _console_logging(app: ConsoleApp, log_file: Path | None, level: int = loggin
             file_handler.close()
 
 
-def _install_signals(app: ConsoleApp, gateway: Any | None) -> list[signal.Signals]:
-    """SIGTERM quits cleanly (the gateway drains); SIGHUP reloads the policy."""
+def _install_signals(app: ConsoleApp) -> list[signal.Signals]:
+    """SIGTERM quits cleanly (the gateway drains its sessions).
+
+    SIGHUP keeps its default (the process ends): for a console it means the terminal is
+    gone, and a gateway left running behind a dead terminal would block on its output.
+    Reload the policy from the command palette instead.
+    """
     loop = asyncio.get_running_loop()
     installed = []
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, app.exit)
         installed.append(signal.SIGTERM)
-        if gateway is not None:
-            loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-            installed.append(signal.SIGHUP)
     return installed
 
 
@@ -89,8 +91,8 @@ def _remove_signals(installed: list[signal.Signals]) -> None:
         loop.remove_signal_handler(sig)
 
 
-async def _run_app(app: ConsoleApp, gateway: Any | None, log_file: Path | None) -> None:
-    installed = _install_signals(app, gateway)
+async def _run_app(app: ConsoleApp, log_file: Path | None) -> None:
+    installed = _install_signals(app)
     try:
         with _console_logging(app, log_file):
             await app.run_async()
@@ -101,15 +103,24 @@ async def _run_app(app: ConsoleApp, gateway: Any | None, log_file: Path | None) 
 async def run_gateway_console(config: Config, *, log_file: Path | None = None,
                               export_dir: Path | None = None) -> int:
     """``hoopops console``: start the gateway, run the dashboard, stop the gateway."""
-    from hoopops.gateway import build_gateway
+    from hoopops.gateway import GatewayConfigError, build_gateway
 
     bus = events.EventBus()
-    gateway = await build_gateway(config, bus)
-    await gateway.start()
+    try:
+        gateway = await build_gateway(config, bus)
+    except GatewayConfigError as exc:
+        print(f"hoopops: {exc}", file=sys.stderr)
+        return 2
+    try:
+        await gateway.start()
+    except OSError as exc:
+        print(f"hoopops: cannot listen on {config.listen}: {exc.strerror}", file=sys.stderr)
+        await gateway.stop(grace=0)
+        return 1
     source = GatewaySource(gateway)
     app = ConsoleApp(source, keymap=config.keymap, export_dir=export_dir)
     try:
-        await _run_app(app, gateway, log_file)
+        await _run_app(app, log_file)
     finally:
         await gateway.stop()
         await source.close()
@@ -135,7 +146,7 @@ async def run_attached_console(config: Config, *, log_file: Path | None = None,
     app = ConsoleApp(source, keymap=config.keymap, export_dir=export_dir,
                      refresh_interval=min(1.0, max(0.25, config.approvals.poll_interval)))
     try:
-        await _run_app(app, None, log_file)
+        await _run_app(app, log_file)
     finally:
         await source.close()
     return 0
@@ -143,9 +154,13 @@ async def run_attached_console(config: Config, *, log_file: Path | None = None,
 
 def run_console(config: Config, *, attach: bool = False, log_file: Path | None = None,
                 export_dir: Path | None = None) -> int:
+    from hoopops import eventloop
+
     runner = run_attached_console if attach else run_gateway_console
     try:
-        return asyncio.run(runner(config, log_file=log_file, export_dir=export_dir))
+        # The same loop as ``hoopops serve`` (uvloop when installed): the console must not
+        # make the gateway slower than running it alone.
+        return eventloop.run(runner(config, log_file=log_file, export_dir=export_dir))
     except KeyboardInterrupt:
         return 130
 
@@ -172,7 +187,7 @@ def run_console_demo(env: Any, args: argparse.Namespace, start: StartFn) -> int:
         app = ConsoleApp(source, keymap=config.keymap, connect_line=line, connect_note=note,
                          export_dir=Path.cwd())
         try:
-            await _run_app(app, gateway, None)
+            await _run_app(app, None)
         finally:
             stop.set()
             if agents is not None:
@@ -182,7 +197,9 @@ def run_console_demo(env: Any, args: argparse.Namespace, start: StartFn) -> int:
             await source.close()
         return 0
 
+    from hoopops import eventloop
+
     try:
-        return asyncio.run(main())
+        return eventloop.run(main())
     except KeyboardInterrupt:
         return 130

@@ -248,6 +248,10 @@ class GatewaySource(ConsoleSource):
     def kill_session(self, session_id: str) -> bool:
         return self.gateway.kill_session(session_id)
 
+    def reload_policy(self) -> None:
+        """What SIGHUP does for ``hoopops serve`` (a bad new policy leaves the old one)."""
+        self.gateway.reload()
+
 
 class AttachedSource(ConsoleSource):
     """``hoopops console --attach``: only the audit store, shared with a running gateway."""

@@ -101,12 +101,10 @@ class DashboardScreen(Screen[None]):
         self.status_bar.show(app.status_info, app.counters)
         if live:
             self.sessions.show(app.sessions, now)
-            self.query_one("#sessions-panel").border_title = (
-                f"Live sessions ({len(app.sessions)})")
+            self._title("#sessions-panel", f"Live sessions ({len(app.sessions)})")
         had_focus_target = self.approvals.row_count
         self.approvals.show(app.approvals, now, app.decided_here)
-        self.query_one("#approvals-panel").border_title = (
-            f"Pending approvals ({len(app.approvals)})")
+        self._title("#approvals-panel", f"Pending approvals ({len(app.approvals)})")
         if not had_focus_target and self.approvals.row_count and self.focused is None:
             self.approvals.focus()
         self._show_detail(now)
@@ -115,6 +113,11 @@ class DashboardScreen(Screen[None]):
         if enabled != self._enabled:
             self._enabled = enabled
             self.refresh_bindings()
+
+    def _title(self, panel: str, title: str) -> None:
+        widget = self.query_one(panel)
+        if widget.border_title != title:  # setting it repaints the panel
+            widget.border_title = title
 
     def _show_detail(self, now: float) -> None:
         approval = self.approvals.selected

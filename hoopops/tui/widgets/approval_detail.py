@@ -40,7 +40,7 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
         self.approval: ApprovalView | None = None
         self.facts: dict[str, Any] | None = None
         self.target: str | None = None
-        self._shown: object = ()
+        self._shown: object = "initial"
         self._body = Static(Text("No statement is waiting for approval.", style="dim"),
                             id="approval-body")
 
@@ -55,7 +55,7 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
         # Redraw only when what is shown changes (the countdown ticks once a second).
         key = None if approval is None else (approval.id, int(approval.expires_at - now),
                                              target, id(facts))
-        if key == self._shown and approval is not None:
+        if key == self._shown:
             return
         self._shown = key
         if approval is None:

@@ -43,8 +43,8 @@ def hit_line(hit: MaskingHit) -> str:
     """One fixed-width line. A Log, not a DataTable: it draws plain strings (never markup)
     and costs next to nothing per line, which matters when a busy gateway masks hundreds
     of values a second and shares its event loop with this widget."""
-    return " ".join((clock(hit.at), _cell(hit.session_id[:8], 8), _cell(hit.subject, 14),
-                     _cell(hit.column, 30), _cell(hit.strategy, 8), f"{hit.count:>6}"))
+    return " ".join((clock(hit.at), _cell(hit.session_id[:8], 8), _cell(hit.subject, 12),
+                     _cell(hit.column, 26), _cell(hit.strategy, 8), f"{hit.count:>6}"))
 
 
 class FeedLog(Log):
@@ -73,6 +73,9 @@ class MaskingFeed(Vertical):
         self.following = True
         self._seen_keys: dict[str, None] = {}
         self._indicator = Static("", id="masking-new")
+        # Lines that arrived before the Log was mounted (it cannot take writes until then:
+        # it measures them in a worker, which needs the running app).
+        self._early: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield self.log_view
@@ -81,14 +84,29 @@ class MaskingFeed(Vertical):
     def on_mount(self) -> None:
         self._indicator.display = False
         self.watch(self.log_view, "scroll_y", self._on_scroll, init=False)
+        self.call_after_refresh(self._write_early)
+
+    def _write_early(self) -> None:
+        if self._early:
+            lines, self._early = self._early, []
+            self.log_view.write_lines(lines, scroll_end=True)
+            self.call_after_refresh(self._settle_at_end)
+
+    def _settle_at_end(self) -> None:
+        if self.following:
+            self.log_view.scroll_end(animate=False, immediate=True)
 
     @property
     def at_end(self) -> bool:
         return self.log_view.scroll_y >= self.log_view.max_scroll_y
 
-    def _on_scroll(self, _old: float, _new: float) -> None:
-        # Only a scroll changes this: adding lines grows max_scroll_y, not scroll_y.
-        self.following = self.at_end
+    def _on_scroll(self, old: float, new: float) -> None:
+        # Scrolling *up* is the analyst reading back; following the tail only ever moves
+        # down (sometimes short of the end, before the layout knows the new height).
+        if new < old and not self.at_end:
+            self.following = False
+        elif self.at_end:
+            self.following = True
         self.log_view.auto_scroll = self.following
         if self.following and self.unseen:
             self.unseen = 0
@@ -110,7 +128,14 @@ class MaskingFeed(Vertical):
             self._seen_keys[hit.key] = None
         while len(self._seen_keys) > MAX_LINES * 2:
             del self._seen_keys[next(iter(self._seen_keys))]
-        self.log_view.write_lines([hit_line(h) for h in fresh], scroll_end=self.following)
+        lines = [hit_line(h) for h in fresh]
+        if not self.log_view.is_mounted or self._early:
+            self._early += lines
+        else:
+            self.log_view.write_lines(lines, scroll_end=self.following)
+            if self.following:
+                # Once the layout knows the new height, land exactly on the end.
+                self.call_after_refresh(self._settle_at_end)
         self.total += len(fresh)
         if not self.following:
             self.unseen += len(fresh)

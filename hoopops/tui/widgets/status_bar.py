@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rich.text import Text
-from textual.widgets import Static
+from textual.widget import Widget
 
 from hoopops.tui.source import Status
 
@@ -30,13 +30,33 @@ _HEALTH = {"ok": ("✓", "green"), "up": ("✓", "green"), "down": ("✗", "bold
            "error": ("✗", "bold red"), "unknown": ("?", "yellow")}
 
 
-class StatusBar(Static):
-    """Listen address, targets and health, policy, rates, pending approvals, paused."""
+class StatusBar(Widget):
+    """Listen address, targets and health, policy, rates, pending approvals, paused.
 
-    _last: Text | None = None
+    A plain Widget with a fixed height of one line, not a Static: ``Static.update``
+    re-lays out the whole screen, and this line changes every second on a busy gateway
+    whose event loop the console shares. ``refresh()`` here repaints one line only.
+    """
+
+    DEFAULT_CSS = """
+    StatusBar {
+        height: 1;
+    }
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._text = Text()
+
+    def render(self) -> Text:
+        return self._text
+
+    @property
+    def text(self) -> Text:
+        return self._text
 
     def show(self, status: Status, c: Counters) -> None:
-        text = Text(no_wrap=False, overflow="ellipsis")
+        text = Text(no_wrap=True, overflow="ellipsis")
         if status.mode == "attached":
             text.append(" ATTACHED ", style="bold reverse yellow")
             text.append(f" {status.audit} ", style="bold")
@@ -55,7 +75,8 @@ class StatusBar(Static):
         if c.policy_error:
             text.append("ERROR", style="bold red")
         else:
-            text.append(version or "—")
+            # Versions may be content hashes; twelve characters identify one.
+            text.append((version or "—")[:12])
         text.append(" │ ", style="dim")
         text.append(f"{c.sessions}", style="bold")
         text.append(" sess ")
@@ -75,7 +96,6 @@ class StatusBar(Static):
         if c.gateway_error:
             text.append(" ")
             text.append(f" {c.gateway_error} ", style="bold reverse red")
-        # Static.update re-lays out the screen; skip it when nothing changed.
-        if text != self._last:
-            self._last = text
-            self.update(text)
+        if text != self._text:
+            self._text = text
+            self.refresh()
