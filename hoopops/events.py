@@ -83,6 +83,10 @@ class EventBus:
     def has_listeners(self) -> bool:
         return bool(self._subscriptions)
 
+    def wants(self, kind: str) -> bool:
+        """Whether anyone listens for ``kind`` (so building the event can be skipped)."""
+        return any(sub.kinds is None or kind in sub.kinds for sub in self._subscriptions)
+
     def subscribe(self, kinds: Iterable[str] | None = None, maxsize: int = 10_000) -> Subscription:
         sub = Subscription(self, frozenset(kinds) if kinds is not None else None, maxsize)
         self._subscriptions.append(sub)

@@ -91,6 +91,11 @@ class Gateway:
         self.bus.publish(events.GATEWAY_STOPPED)
         self._stopped.set()
 
+    def target_health(self) -> dict[str, str]:
+        """Each target's state as last seen by a session's connect ("unknown" before)."""
+        seen = self.server.target_health
+        return {name: seen.get(name, "unknown") for name in self.config.targets}
+
     def kill_session(self, session_id: str, reason: str = "terminated by an analyst") -> bool:
         session = self.server.registry.sessions.get(session_id)
         if session is None:

@@ -107,7 +107,7 @@ class Enforcer(StatementGate):
 
     @property
     def observes_results(self) -> bool:
-        return self.audit_on or self.bus.has_listeners
+        return self.audit_on or self.bus.wants(events.STATEMENT_FINISHED)
 
     def _masking_rules(self) -> MaskingRules:
         if self.engine is None:
@@ -157,7 +157,7 @@ class Enforcer(StatementGate):
                 state.on_parse(statement_name, analysis)
             if catalog is not None and any(st.changes_schema for st in analysis.statements):
                 catalog.invalidate()
-        if self.bus.has_listeners:
+        if self.bus.wants(events.STATEMENT_DECIDED):
             self.bus.publish(events.STATEMENT_DECIDED, session_id=session.id,
                              subject=session.info.identity.subject, sql=sql, action=action,
                              rule=decision.rule_id, elapsed_us=decision.elapsed_us)
@@ -463,7 +463,7 @@ class Enforcer(StatementGate):
     # -- results -----------------------------------------------------------------------------
 
     async def after_result(self, session: Session, run: Run) -> None:
-        if self.bus.has_listeners:
+        if self.bus.wants(events.STATEMENT_FINISHED):
             self.bus.publish(events.STATEMENT_FINISHED, session_id=session.id,
                              rows=run.rows, tag=run.tag, sqlstate=run.sqlstate,
                              duration_ms=(time.time() - run.started_at) * 1000)
@@ -536,6 +536,15 @@ def _sample(run: Run) -> dict[str, Any] | None:
         return None
     fields = run.fields or []
     columns = [f.name for f in fields]
+    # A statement's RowDescription always says text; the formats that apply are the ones
+    # the client asked for in Bind (none: text; one: all columns; else one per column).
+    formats = run.result_formats
+    if not formats:
+        binary = [f.format_code == 1 for f in fields]
+    elif len(formats) == 1:
+        binary = [formats[0] == 1] * len(fields)
+    else:
+        binary = [f == 1 for f in formats]
     rows = []
     for payload in run.sample:
         values = p.decode_data_row(payload)
@@ -543,8 +552,9 @@ def _sample(run: Run) -> dict[str, Any] | None:
         for index, value in enumerate(values):
             if value is None:
                 row.append(None)
-            elif index < len(fields) and fields[index].format_code == 1:
-                row.append("\\x" + value.hex())
+            elif index < len(binary) and binary[index]:
+                type_oid = fields[index].type_oid if index < len(fields) else 0
+                row.append(_binary_text(type_oid, value))
             else:
                 row.append(value.decode("utf-8", "replace"))
         rows.append(row)
@@ -581,3 +591,18 @@ def _lexing_safe(parameters: dict[str, str]) -> bool:
     scs = parameters.get("standard_conforming_strings", "on").lower()
     encoding = parameters.get("client_encoding", "UTF8").upper().replace("-", "")
     return scs == "on" and encoding in ("UTF8", "SQL_ASCII")
+
+
+_TEXT_LIKE = frozenset({25, 1043, 1042, 19, 114, 18, 142})  # text, varchar, bpchar, name, json
+_INTEGERS = frozenset({20, 21, 23, 26})  # int8, int2, int4, oid
+
+
+def _binary_text(type_oid: int, value: bytes) -> str:
+    """A binary-format value as the text a person reads (hex when its type is opaque)."""
+    if type_oid in _TEXT_LIKE:
+        return value.decode("utf-8", "replace")
+    if type_oid in _INTEGERS:
+        return str(int.from_bytes(value, "big", signed=type_oid != 26))
+    if type_oid == 16 and len(value) == 1:
+        return "t" if value[0] else "f"
+    return "\\x" + value.hex()

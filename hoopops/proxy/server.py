@@ -121,6 +121,8 @@ class GatewayServer:
         self._unauthenticated: dict[asyncio.Task[None], None] = {}
         self._ssl = self._server_ssl_context()
         self.accepting = True
+        # Last outcome of connecting to each target ("ok" / "down"), for the console.
+        self.target_health: dict[str, str] = {}
 
     def _server_ssl_context(self) -> ssl.SSLContext | None:
         tls = self.config.tls
@@ -342,7 +344,10 @@ class GatewayServer:
                 # target did not answer.
                 budget = deadline - asyncio.get_running_loop().time() - 0.2
                 upstream = await up.connect(target.upstream, target.name, forward, budget)
+                self.target_health[target.name] = "ok"
             except up.UpstreamError as exc:
+                if not exc.sqlstate.startswith("53"):
+                    self.target_health[target.name] = "down"
                 # The target's own verdict (53300 too many clients, 57P03 starting up...)
                 # tells the client whether to retry; a refused *service* login (28xxx) is
                 # not about the agent's token, so it is reported as a connection failure.
