@@ -2,7 +2,11 @@
 
 Detectors are the backstop behind column rules (arithmetic or string tricks defeat any
 pattern), so they favour cheap, well-validated matches: card numbers must pass Luhn and
-IBANs the ISO 7064 mod-97 check. Everything runs on raw bytes in the client encoding.
+IBANs the ISO 7064 mod-97 check. Numbers count only as whole tokens, not inside a run of
+letters and digits nor as the fraction of a decimal number, so hashes, UUIDs, hex or
+base64 tokens (``98f1370821...``) and ``2488.4200000000000000`` are not taken for phone or
+card numbers, which would change results that hold no sensitive data. Everything runs on
+raw bytes in the client encoding.
 
 Speed comes from a *probe* that can only answer "nothing here" or "maybe": Python's
 regex engine costs tens of nanoseconds per candidate position, far too much per DataRow,
@@ -159,15 +163,16 @@ def _iban_trim(match: bytes) -> int:
 
 _SSN = Detector(
     "ssn",
-    re.compile(rb"(?<![0-9])[0-9]{3}([- ])[0-9]{2}\1[0-9]{4}(?![0-9])"),
+    re.compile(rb"(?<![0-9A-Za-z])(?<![0-9]\.)[0-9]{3}([- ])[0-9]{2}\1[0-9]{4}(?![0-9A-Za-z])"),
     validate=_ssn_ok,
     shape_tails=(rb"(?<=000-00-0000)",),
 )
 _CARD = Detector(
     "credit_card",
     # Contiguous, 4-4-4-4(-3) or 4-6-5/4-6-4 groups with one consistent separator.
-    re.compile(rb"(?<![0-9])(?:[0-9]{13,19}|[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,4}"
-               rb"(?:\1[0-9]{1,3})?|[0-9]{4}([ -])[0-9]{6}\2[0-9]{4,5})(?![0-9])"),
+    re.compile(rb"(?<![0-9A-Za-z])(?<![0-9]\.)(?:[0-9]{13,19}|[0-9]{4}([ -])[0-9]{4}\1[0-9]{4}\1"
+               rb"[0-9]{1,4}(?:\1[0-9]{1,3})?|[0-9]{4}([ -])[0-9]{6}\2[0-9]{4,5})"
+               rb"(?![0-9A-Za-z])"),
     validate=_card_ok,
     shape_tails=(rb"000000000", rb"-0000-0000-0", rb"-000000-0000"),
 )
@@ -190,9 +195,9 @@ _IBAN = Detector(
 _PHONE = Detector(
     "phone",
     re.compile(
-        rb"(?<![0-9+])(?:\+?1[-. ]?)?(?:\([2-9][0-9]{2}\)|[2-9][0-9]{2})[-. ]?[2-9][0-9]{2}"
-        rb"[-. ]?[0-9]{4}(?![0-9])"
-        rb"|(?<![0-9+])\+[1-9](?:[ .-]?[0-9]){6,14}(?![0-9])"),
+        rb"(?<![0-9A-Za-z+])(?<![0-9]\.)(?:\+?1[-. ]?)?(?:\([2-9][0-9]{2}\)|[2-9][0-9]{2})[-. ]?"
+        rb"[2-9][0-9]{2}[-. ]?[0-9]{4}(?![0-9A-Za-z])"
+        rb"|(?<![0-9A-Za-z+])(?<![0-9]\.)\+[1-9](?:[ .-]?[0-9]){6,14}(?![0-9A-Za-z])"),
     # The run of four is the line number: look back over exchange and area code, with
     # up to two separators after the area code ("(555) ") and one after the exchange.
     shape_tails=(rb"000000", *(b"(?<=000" + a + b"000" + b + b"0000)"

@@ -91,6 +91,22 @@ class ResultPlan:
         self._row = RowRewriter(len(self.columns), masks,
                                 detect if any(k != D_SKIP for k in detect) else None,
                                 self._value_detector)
+        # What the audit trail may keep of rows an exempt identity sees raw: the rows as
+        # an identity without exemptions would get them.
+        self._sample_row: RowRewriter | None = None
+        if detectors_exempt is not None or any(d.exempt is not None for d in self.decisions):
+            sample_masks = {d.index: field_mask(d.strategy, mask_class(c.wire_type,
+                                                                       c.format_code))
+                            for d, c in zip(self.decisions, self.columns, strict=True)
+                            if d.strategy is not None}
+            sample_detect = [detect_class(c.wire_type, c.format_code) if d.strategy is None
+                             else D_SKIP for d, c in zip(self.decisions, self.columns,
+                                                         strict=True)]
+            sampler = ValueDetector(detectors) if detectors else None
+            self._sample_row = RowRewriter(
+                len(self.columns), sample_masks,
+                sample_detect if sampler is not None and any(
+                    k != D_SKIP for k in sample_detect) else None, sampler)
         self._copy: CopyRewriter | None = None
         self._taken: dict[tuple[str, str], int] = {}
         # Nothing to rewrite (only exemptions to count): count rows, forward the bytes.
@@ -121,6 +137,14 @@ class ResultPlan:
             self._row.count_rows(1)
             return payload
         return self._row(payload)
+
+    def sample_row(self, payload: bytes) -> bytes:
+        """A DataRow payload as the audit trail may keep it: masked as for an identity
+        without exemptions (so break-glass results never put raw values in the trail).
+        Counts nothing; raises :class:`MaskingError` like :meth:`rewrite_data_row`."""
+        if self._sample_row is None:
+            return payload
+        return self._sample_row(payload)
 
     def rewrite_data_rows(self, messages: bytes) -> bytes:
         """One or more complete DataRow *messages* ('D', length, payload, ...) → the

@@ -864,19 +864,32 @@ class CopyRewriter:
 _STRUCTURAL_FIELDS = frozenset(b"SVCPpFLR")
 # Fields that quote values when a statement fails on them (detail, context, hint, ...).
 _VALUE_FIELDS = frozenset(b"MDWHq")
+# Schema, table, column, data type and constraint names (sent as they are).
+_NAME_FIELDS = frozenset(b"stcdn")
 _QUOTED = re.compile(rb"\"(?:[^\"]|\"\")*\"|'(?:[^']|'')*'")
 _KEY_VALUES = re.compile(rb"(=\(|row contains \().*?(\)(?:\s|\.|$))", re.S)
+# Input echoed after a position: JSON's "JSON data, line 1: <input>..." context and
+# libxml's "line 1: <message>\n<input>\n^" detail quote the value unquoted.
+_ECHO = re.compile(rb"(line \d+: ).*", re.S)
+WITHHELD = (b"hoopops withheld this message's text: the statement passes values to code "
+            b"the gateway cannot see through (a function or prepared statement it could "
+            b"not trace), which could put a sensitive value in it")
 
 
-def redact_quoted(text: bytes) -> tuple[bytes, int]:
+def redact_quoted(text: bytes, names: frozenset[bytes] = frozenset()) -> tuple[bytes, int]:
     """Quoted literals and ``Key (...)=(...)``/``Failing row contains (...)`` value lists
-    replaced by ``****``: how error texts carry the values they failed on."""
+    replaced by ``****``: how error texts carry the values they failed on. ``names`` are
+    quoted strings to keep: the object names the same message carries in its own schema,
+    table, column, type and constraint fields (``relation "leak_sink"``)."""
     count = 0
 
     def quoted(match: re.Match[bytes]) -> bytes:
         nonlocal count
+        whole = match.group(0)
+        mark = whole[:1]
+        if names and whole[1:-1].replace(mark + mark, mark) in names:
+            return whole
         count += 1
-        mark = match.group(0)[:1]
         return mark + REDACTED + mark
 
     def values(match: re.Match[bytes]) -> bytes:
@@ -884,21 +897,60 @@ def redact_quoted(text: bytes) -> tuple[bytes, int]:
         count += 1
         return match.group(1) + REDACTED + match.group(2)
 
+    def echo(match: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        return match.group(1) + REDACTED
+
     out = _KEY_VALUES.sub(values, text)
     out = _QUOTED.sub(quoted, out)
+    out = _ECHO.sub(echo, out)
     return out, count
 
 
+_IN_FUNCTION = re.compile(rb"(?:^|\n)(?:PL/[A-Za-z0-9]+|SQL) function ")
+
+
+def raised_in_function(fields: list[tuple[int, bytes]]) -> bool:
+    """Whether an ErrorResponse/NoticeResponse was raised while a function ran (its
+    context, ``W``, names a PL/pgSQL, SQL or other PL function), so user code may have
+    written its text."""
+    return any(code == 87 and _IN_FUNCTION.search(value) is not None for code, value in fields)
+
+
 def rewrite_fields(fields: list[tuple[int, bytes]], detectors: DetectorSet | None,
-                   counts: dict[str, int], strict: bool) -> bool:
-    """Mask the text fields of an ErrorResponse/NoticeResponse in place; True if changed."""
+                   counts: dict[str, int], strict: bool, withhold: bool = False,
+                   keep: frozenset[bytes] = frozenset()) -> bool:
+    """Mask the text fields of an ErrorResponse/NoticeResponse in place; True if changed.
+
+    ``withhold``: the message may carry any value in any form (user code raised it), so
+    its texts go entirely: the message becomes :data:`WITHHELD`, the detail, hint,
+    context and internal query are dropped; severity, SQLSTATE and positions stay.
+    ``keep``: quoted strings that strict mode leaves (names the statement spelled).
+    """
+    if withhold:
+        kept: list[tuple[int, bytes]] = []
+        dropped = 0
+        for code, value in fields:
+            if code == ord("M"):
+                kept.append((code, WITHHELD))
+                dropped += 1
+            elif code in _VALUE_FIELDS:
+                dropped += 1
+            else:
+                kept.append((code, value))
+        if dropped:
+            counts["error_text"] = counts.get("error_text", 0) + dropped
+            fields[:] = kept
+        return bool(dropped)
     changed = False
+    names = keep | {value for code, value in fields if code in _NAME_FIELDS and value}
     for index, (code, value) in enumerate(fields):
         if code in _STRUCTURAL_FIELDS:
             continue
         new = value
         if strict and code in _VALUE_FIELDS:
-            new, hits = redact_quoted(new)
+            new, hits = redact_quoted(new, names)
             if hits:
                 counts["error_text"] = counts.get("error_text", 0) + hits
         if detectors and detectors.may_match(new):
@@ -910,7 +962,18 @@ def rewrite_fields(fields: list[tuple[int, bytes]], detectors: DetectorSet | Non
 
 
 __all__ = [
-    "CopyRewriter", "FieldMask", "MaskingError", "MaskingRefused", "RowRewriter",
-    "ValueDetector", "detect_class", "field_encoder", "field_mask", "mask_class",
-    "numeric_text", "redact_quoted", "rewrite_fields",
+    "WITHHELD",
+    "CopyRewriter",
+    "FieldMask",
+    "MaskingError",
+    "MaskingRefused",
+    "RowRewriter",
+    "ValueDetector",
+    "detect_class",
+    "field_encoder",
+    "field_mask",
+    "mask_class",
+    "numeric_text",
+    "redact_quoted",
+    "rewrite_fields",
 ]

@@ -19,6 +19,10 @@ Shape of a section (every key optional; sections of several files are merged)::
       trusted_functions: [public.normalize_phone]  # user functions that only transform args
       on_unknown: redact                # or refuse: what to do with untraceable columns
 
+Strategies: ``redact``, ``null``, ``lastN`` / ``keep_last``, ``email_domain``, ``hash``, and
+``detect`` for free-text columns (``"*.customers.note": detect``): read as they are, their
+values go through the detectors; any value derived from them is redacted whole.
+
 When several rules cover a column, an exact ``schema.table.column`` rule wins; otherwise
 the strictest strategy wins, so a broad rule cannot be weakened by a narrower one.
 Names and globs match case-insensitively, which can only mask more.
@@ -47,8 +51,14 @@ from hoopops.masking.codec import (
     parse_parameter_status,
 )
 from hoopops.masking.plan import ColumnDecision, MaskingAction, ResultPlan
-from hoopops.masking.rewrite import MaskingError, MaskingRefused, rewrite_fields
+from hoopops.masking.rewrite import (
+    MaskingError,
+    MaskingRefused,
+    raised_in_function,
+    rewrite_fields,
+)
 from hoopops.masking.sources import (
+    UNKNOWN_FUNCTION,
     CopyOptions,
     OutputSources,
     RelationLookup,
@@ -262,6 +272,21 @@ class MaskingRules:
             return True
         return any(self.match(s) is not None for s in hints.referenced)
 
+    def untraceable(self, hints: StatementSources | None) -> bool:
+        """Whether the statement runs code the analysis cannot see through (a user
+        function, a procedure, a prepared statement or cursor it did not see defined,
+        SQL it could not parse): then its errors and notices may carry any value in any
+        form, and :meth:`rewrite_error` should withhold their texts."""
+        if not self.active:
+            return False
+        if hints is None or hints.error:
+            return True
+        # A function the catalog does not know runs nothing: the server refuses the
+        # statement ("function ... does not exist"), and that message should get through.
+        if any(not reason.startswith(UNKNOWN_FUNCTION) for reason in hints.opaque):
+            return True
+        return hints.outputs is None and hints.kind in ("execute", "fetch", "call")
+
     def facts(self, hints: StatementSources) -> MaskingFacts:
         def sensitive(columns: Iterable[SourceColumn]) -> tuple[str, ...]:
             return tuple(sorted({c.qualified for c in columns if self.match(c) is not None}))
@@ -269,8 +294,28 @@ class MaskingRules:
         if not self.active:
             return MaskingFacts(opaque=tuple(sorted(hints.opaque)))
         return MaskingFacts(sensitive(hints.referenced), sensitive(hints.predicates),
-                            sensitive(hints.written), sensitive(hints.targets),
-                            tuple(sorted(hints.opaque)))
+                            sensitive(hints.written | hints.exported),
+                            sensitive(hints.targets), tuple(sorted(hints.opaque)))
+
+    def refusal(self, identity: Identity | None,
+                hints: Sequence[StatementSources] | None) -> str | None:
+        """Why the statements must not run at all, or None.
+
+        A sensitive value passed to a side-channel function (``pg_notify``,
+        ``set_config``, ``setval``, advisory locks: ``StatementSources.exported``) leaves
+        where no result masking reaches it (a notification goes to whichever session
+        listens), so the statement is refused unless the identity is exempt."""
+        if not self.active or not hints or self.exempt_group(identity) is not None:
+            return None
+        for index, item in enumerate(hints):
+            names = sorted({s.qualified for s in item.exported if self.match(s) is not None})
+            if names:
+                where = f"statement {index + 1} of {len(hints)}: " if len(hints) > 1 else ""
+                return (f"hoopops refused this statement: {where}it passes sensitive values "
+                        f"({', '.join(names)}) to a function whose effects leave the result "
+                        "(a notification, a setting, a sequence or a lock), where they cannot "
+                        "be masked; pass the values themselves in a SELECT instead")
+        return None
 
     # -- plans ----------------------------------------------------------------------------------
 
@@ -287,11 +332,18 @@ class MaskingRules:
         if not self.active:
             return None
         hints = source_hints.outputs_for(len(columns)) if source_hints is not None else None
+        # A column with a table OID is that table column's value, except where the
+        # statement wrote it (INSERT/UPDATE/MERGE ... RETURNING report the new values under
+        # the target's OID): when the analysis lines up with the result, its sources for
+        # the column are added, which can only mask more.
+        overlay = source_hints is not None and source_hints.aligned(len(columns))
         decisions = []
         for index, column in enumerate(columns):
             if column.table_oid:
                 out = column.origin if column.origin is not None else OutputSources.unknown(
                     f"origin of table {column.table_oid} column {column.attnum} not resolved")
+                if overlay and hints is not None:
+                    out = out.merge(hints[index])
             elif hints is not None:
                 out = hints[index]
             else:
@@ -340,6 +392,13 @@ class MaskingRules:
         strategy = combine([r.strategy for _, r in matched], out.direct)
         label = names if out.direct else f"derived({names})"
         reason = "; ".join(sorted({f"{r.key} ({r.where})" for _, r in matched}))
+        if strategy.kind == "detect":
+            if not self.detectors:  # nothing to look through it with: fail closed
+                strategy = REDACT
+            else:
+                # Free text read as it is: only the detectors (the value is not derived,
+                # so they see it exactly as stored).
+                return ColumnDecision(index, name, label, None, reason, detect=True)
         groups = [self.exempt_group(identity, r.unmasked_groups) for _, r in matched]
         exempt = groups[0] if all(g is not None for g in groups) else None
         return ColumnDecision(index, name, label, strategy, reason, exempt)
@@ -379,14 +438,22 @@ class MaskingRules:
         return (text if out is data else out.decode("utf-8", "surrogateescape")), actions
 
     def rewrite_error(self, payload: bytes, identity: Identity | None = None,
-                      strict: bool = False) -> tuple[bytes, list[MaskingAction]]:
+                      strict: bool = False, withhold: bool = False,
+                      keep: Collection[str] = ()) -> tuple[bytes, list[MaskingAction]]:
         """An ErrorResponse or NoticeResponse payload with values masked in its texts.
 
         Detectors run over every field but severity, SQLSTATE, positions and source
         location. ``strict`` (use :meth:`touches_sensitive`) also redacts quoted values and
         ``Key (...)=(...)`` / ``Failing row contains (...)`` lists in the message, detail,
         context, hint and internal-query fields, which is how errors quote the value they
-        failed on; that catches values no detector recognises.
+        failed on; that catches values no detector recognises. ``withhold`` (use
+        :meth:`untraceable`) replaces those texts entirely: code the analysis cannot see
+        (``RAISE NOTICE '%', reverse(card)`` in a user function) can word a value any way.
+        In strict mode a message whose context says it was raised in a function (PL/pgSQL,
+        SQL or another language: triggers, check constraints, defaults, row security) is
+        withheld the same way, whatever the statement. ``keep``: quoted names not to
+        redact (``StatementSources.identifiers``: ``relation "x" does not exist`` quotes
+        what the statement itself spelled).
         """
         if not self.active or self.exempt_group(identity) is not None:
             return payload, []
@@ -395,7 +462,11 @@ class MaskingRules:
         except CodecError as exc:
             raise MaskingError(str(exc)) from None
         counts: dict[str, int] = {}
-        if not rewrite_fields(fields, self.detectors or None, counts, strict):
+        # Raised in (or through) user code: a trigger, a check or default function, row
+        # security... whatever statement ran, its text may word a value any way.
+        withhold = withhold or (strict and raised_in_function(fields))
+        names = frozenset(n.encode("utf-8", "surrogateescape") for n in keep)
+        if not rewrite_fields(fields, self.detectors or None, counts, strict, withhold, names):
             return payload, []
         redacted = counts.pop("error_text", 0)
         actions = self._detector_actions(counts)

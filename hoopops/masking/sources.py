@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pglast.parser import ParseError, parse_sql_json
@@ -48,6 +48,20 @@ OPAQUE_SYSTEM_FUNCTIONS = frozenset({
     "pg_logical_slot_get_binary_changes", "pg_logical_slot_peek_binary_changes",
     "pg_mcv_list_items", "pg_get_statisticsobjdef_expressions",
 })
+# System functions whose arguments leave by another way than the result, where masking
+# cannot reach them: a notification (to any listening session), a setting (read back with
+# current_setting() or SHOW), a sequence value, an advisory lock key (visible in pg_locks),
+# a WAL message. Sensitive values passed to them are ``exported``.
+SIDE_CHANNEL_FUNCTIONS = frozenset({
+    "pg_notify", "set_config", "setval", "pg_logical_emit_message",
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+})
+# How ``opaque`` names a function the catalog does not know (the server will refuse the
+# statement unless it is created meanwhile).
+UNKNOWN_FUNCTION = "unknown function "
 # System functions whose result says nothing about the argument values.
 VALUE_FREE_FUNCTIONS = frozenset({"count", "pg_typeof", "num_nulls", "num_nonnulls"})
 # Set-returning system functions and how many columns they return.
@@ -173,7 +187,12 @@ class StatementSources:
     ``referenced`` holds every source column read anywhere, ``predicates`` those read in
     WHERE, JOIN, GROUP BY, HAVING, ORDER BY, DISTINCT ON, window or aggregate ordering
     (they can leak values by inference), ``written`` the sources whose values flow into
-    INSERT/UPDATE/MERGE/SELECT INTO/CREATE TABLE AS, and ``targets`` the columns written.
+    INSERT/UPDATE/MERGE/SELECT INTO/CREATE TABLE AS, ``targets`` the columns written, and
+    ``exported`` the sources passed to side-channel functions (``pg_notify``,
+    ``set_config``, ... see :data:`SIDE_CHANNEL_FUNCTIONS`), which no result masking sees.
+    ``closes`` / ``deallocates`` name the cursor / prepared statement a CLOSE, DEALLOCATE
+    or DISCARD ALL forgets (``"*"``: all of them). ``identifiers`` are the names the
+    statement spells (see :func:`identifiers`).
     """
 
     kind: str
@@ -189,10 +208,23 @@ class StatementSources:
     prepare: str | None = None
     execute: str | None = None
     error: str | None = None
+    exported: frozenset[SourceColumn] = frozenset()
+    closes: str | None = None
+    deallocates: str | None = None
+    identifiers: frozenset[str] = frozenset()
 
     @staticmethod
     def unknown(reason: str, kind: str = "unknown") -> StatementSources:
         return StatementSources(kind, None, opaque=frozenset((reason,)), error=reason)
+
+    def aligned(self, width: int) -> bool:
+        """Whether the analysis accounts for a ``width``-column result column by column
+        (so its outputs can be laid over RowDescription's columns)."""
+        if self.outputs is None:
+            return False
+        spreads = sum(1 for o in self.outputs if isinstance(o, Spread))
+        fixed = len(self.outputs) - spreads
+        return fixed == width if not spreads else fixed <= width
 
     def outputs_for(self, width: int) -> list[OutputSources]:
         """One :class:`OutputSources` per result column of a ``width``-column result.
@@ -319,7 +351,8 @@ async def analyze(sql: str, lookup: RelationLookup | None,
     results = []
     for stmt in stmts:
         analyzer.search_path = path
-        results.append(analyzer.statement(stmt))
+        found = analyzer.statement(stmt)
+        results.append(replace(found, identifiers=identifiers(stmt)))
         path = _path_after(stmt, path, user)
     return results
 
@@ -383,6 +416,35 @@ def _view_column(own: OutputSources, upstream: OutputSources) -> OutputSources:
     # the value its definition computes.
     direct = (upstream.direct or not upstream.sources) and not upstream.opaque
     return OutputSources(own.sources | upstream.sources, direct, upstream.opaque)
+
+
+_NAME_KEYS = ("relname", "schemaname", "aliasname", "colname", "name", "portalname",
+              "ctename", "conname", "idxname", "catalogname", "defname")
+
+
+def identifiers(node: Node) -> frozenset[str]:
+    """Every name the statement itself spells (relations, columns, functions, types,
+    aliases, cursors, prepared statements, option names), not its literals: error texts
+    may quote these back without revealing anything the agent did not write."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "A_Const" in item:
+                continue  # literals are values
+            text = item.get("String", {}).get("sval") if isinstance(
+                item.get("String"), dict) else None
+            if isinstance(text, str):
+                found.add(text)
+            for key in _NAME_KEYS:
+                value = item.get(key)
+                if isinstance(value, str):
+                    found.add(value)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return frozenset(found)
 
 
 def _collect(node: Node, relations: set[RelationName], functions: set[str]) -> None:
@@ -613,6 +675,7 @@ class _Analyzer:
         self.written: set[SourceColumn] = set()
         self.targets: set[SourceColumn] = set()
         self.opaque: set[str] = set()
+        self.exported: set[SourceColumn] = set()
         self._in_view = 0
 
     # -- statements -----------------------------------------------------------------------
@@ -662,6 +725,17 @@ class _Analyzer:
         elif kind == "DoStmt":
             self.opaque.add("a DO block runs code the analysis cannot see")
             outputs = []
+        elif kind == "ClosePortalStmt":
+            outputs = []
+            extra["closes"] = body.get("portalname") or "*"
+        elif kind == "DeallocateStmt":
+            outputs = []
+            extra["deallocates"] = "*" if body.get("isall") or not body.get("name") else (
+                body.get("name"))
+        elif kind == "DiscardStmt":
+            outputs = []
+            if body.get("target") == "DISCARD_ALL":
+                extra["closes"] = extra["deallocates"] = "*"
         elif kind == "":
             return StatementSources.unknown("empty statement")
         else:
@@ -669,7 +743,8 @@ class _Analyzer:
         return StatementSources(
             label, tuple(outputs) if outputs is not None else None,
             frozenset(self.referenced), frozenset(self.predicates), frozenset(self.written),
-            frozenset(self.targets), frozenset(self.opaque), **extra)
+            frozenset(self.targets), frozenset(self.opaque),
+            exported=frozenset(self.exported), **extra)
 
     def _query(self, node: Node, parent: _Scope | None,
                ctes: Mapping[str, Columns | None]) -> Columns:
@@ -697,6 +772,7 @@ class _Analyzer:
                 env[name] = self._recursive_cte(name, query, aliases, parent, env)
             else:
                 env[name] = _rename(self._query(query, parent, env), aliases)
+            env[name] = _search_cycle_columns(env[name], cte)
         return env
 
     def _recursive_cte(self, name: str, query: Node, aliases: list[str],
@@ -796,20 +872,30 @@ class _Analyzer:
         target = self._relation_entry(relation, scope)
         scope.items.append(target)
         target_names = [n for n, _ in target.columns or []]
+        # What each target column is set to: RETURNING reports these new values under
+        # the target table's OID, so they must carry what was written, not the table.
+        assigned: dict[str | None, OutputSources] = {}
         if kind == "InsertStmt":
             cols = [_only(c)[1].get("name") for c in body.get("cols", []) or []]
             written = self._query(body["selectStmt"], parent, ctes) if body.get(
                 "selectStmt") else []
             for index, (_, out) in enumerate(written):
-                self._write(out.sources if isinstance(out, Spread) else out)
+                value = out.sources if isinstance(out, Spread) else out
+                self._write(value)
+                if isinstance(out, Spread):  # unknown width: any column may get it
+                    for name in [*target_names, *cols, None]:
+                        _assign(assigned, name, value)
+                    continue
                 name = cols[index] if index < len(cols) else (
                     target_names[index] if index < len(target_names) else None)
                 self._target_column(target, name)
+                _assign(assigned, name, value)
             conflict = body.get("onConflictClause") or {}
             if conflict:
-                excluded = _Entry("excluded", target.columns, target.fallback)
+                excluded = _Entry("excluded", _with_assigned(target.columns, assigned),
+                                  target.fallback)
                 scope.entries.append(excluded)
-                self._assignments(conflict.get("targetList", []), target, scope)
+                self._assignments(conflict.get("targetList", []), target, scope, assigned)
                 self._predicate(conflict.get("whereClause"), scope)
         else:
             extra_from = body.get("fromClause") or body.get("usingClause") or []
@@ -820,25 +906,35 @@ class _Analyzer:
             self._predicate(body.get("whereClause"), scope)
             self._predicate(body.get("joinCondition"), scope)
             if kind == "UpdateStmt":
-                self._assignments(body.get("targetList", []), target, scope)
+                self._assignments(body.get("targetList", []), target, scope, assigned)
             for clause in body.get("mergeWhenClauses", []) or []:
                 _, when = _only(clause)
                 self._predicate(when.get("condition"), scope)
                 if when.get("values"):
                     names = [_only(t)[1].get("name") for t in when.get("targetList", [])]
                     for index, value in enumerate(when["values"]):
-                        self._write(self._expr(value, scope))
+                        out = self._expr(value, scope)
+                        self._write(out)
                         name = names[index] if index < len(names) else (
                             target_names[index] if index < len(target_names) else None)
                         self._target_column(target, name)
+                        _assign(assigned, name, out)
                 else:
-                    self._assignments(when.get("targetList", []), target, scope)
+                    self._assignments(when.get("targetList", []), target, scope, assigned)
         returning = body.get("returningClause") or {}
         exprs = returning.get("exprs", []) if isinstance(returning, dict) else []
         exprs = exprs or body.get("returningList", []) or []
         if not exprs:
             return []
-        # RETURNING may name the old and new row versions (PostgreSQL 18).
+        # RETURNING sees the new values; it may also name the old and new row versions
+        # (PostgreSQL 18).
+        if assigned:
+            updated = _Entry(target.name, _with_assigned(target.columns, assigned),
+                             target.fallback.merge(assigned.get(None, EMPTY)), target.schema,
+                             target.exact)
+            scope.items = [updated if item is target else item for item in scope.items]
+            scope.entries = [updated if e is target else e for e in scope.entries]
+            target = updated
         for alias in ("old", "new"):
             scope.entries.append(_Entry(alias, target.columns, target.fallback))
         columns: Columns = []
@@ -847,11 +943,14 @@ class _Analyzer:
             columns += self._target(res, scope)
         return columns
 
-    def _assignments(self, targets: list[Node], relation: _Entry, scope: _Scope) -> None:
+    def _assignments(self, targets: list[Node], relation: _Entry, scope: _Scope,
+                     assigned: dict[str | None, OutputSources]) -> None:
         for item in targets or []:
             _, res = _only(item)
-            self._write(self._expr(res.get("val"), scope))
+            out = self._expr(res.get("val"), scope)
+            self._write(out)
             self._target_column(relation, res.get("name"))
+            _assign(assigned, res.get("name"), out)
 
     def _target_column(self, relation: _Entry, name: str | None) -> None:
         if name is None:
@@ -1274,13 +1373,15 @@ class _Analyzer:
         if kind in ("user", "unknown"):
             reason = (f"function {'.'.join(names)} is not a system function; list it in "
                       "masking.trusted_functions if its result depends only on its arguments"
-                      if kind == "user" else f"unknown function {'.'.join(names)}")
+                      if kind == "user" else f"{UNKNOWN_FUNCTION}{'.'.join(names)}")
             self.opaque.add(reason)
             return args.merge(OutputSources.unknown(reason)).derived()
         if kind == "system" and name in OPAQUE_SYSTEM_FUNCTIONS:
             reason = f"{name}() reads data the analysis cannot see"
             self.opaque.add(reason)
             return args.merge(OutputSources.unknown(reason)).derived()
+        if kind == "system" and name in SIDE_CHANNEL_FUNCTIONS:
+            self.exported.update(args.sources)
         if body.get("agg_star") or (kind == "system" and name in VALUE_FREE_FUNCTIONS):
             return EMPTY
         return args.derived()
@@ -1311,6 +1412,56 @@ class _Analyzer:
             return first
         test = self._expr(body.get("testexpr"), scope)
         return test.merge(_merge_all(columns)).derived()
+
+
+def _search_cycle_columns(columns: Columns | None, cte: dict[str, Any]) -> Columns | None:
+    """A recursive CTE's extra columns: SEARCH's sequence and CYCLE's path hold (rows of)
+    the listed columns' values; CYCLE's mark is a constant."""
+    search = cte.get("search_clause") or {}
+    cycle = cte.get("cycle_clause") or {}
+    if columns is None or not (search or cycle):
+        return columns
+
+    def of(names: list[Node]) -> OutputSources:
+        wanted = set(_strings(names))
+        found = [out.sources if isinstance(out, Spread) else out for col, out in columns
+                 if col in wanted or isinstance(out, Spread)]
+        return _merge_all(found).derived() if found else OutputSources.unknown(
+            "unknown SEARCH/CYCLE column")
+
+    extra: Columns = []
+    if search:
+        extra.append((search.get("search_seq_column", "?column?"),
+                      of(search.get("search_col_list", []))))
+    if cycle:
+        extra.append((cycle.get("cycle_mark_column", "?column?"), EMPTY))
+        extra.append((cycle.get("cycle_path_column", "?column?"),
+                      of(cycle.get("cycle_col_list", []))))
+    return [*columns, *extra]
+
+
+def _assign(assigned: dict[str | None, OutputSources], name: str | None,
+            value: OutputSources) -> None:
+    """Record that a target column (None: an unknown one) may be set to ``value``."""
+    if value:
+        assigned[name] = assigned.get(name, EMPTY).merge(value)
+
+
+def _with_assigned(columns: Columns | None, assigned: dict[str | None, OutputSources]
+                   ) -> Columns | None:
+    """A target's columns as RETURNING sees them: each may also hold what was written
+    to it (or to a column the analysis could not name)."""
+    if columns is None:
+        return None
+    anywhere = assigned.get(None, EMPTY)
+    out: Columns = []
+    for name, value in columns:
+        extra = assigned.get(name, EMPTY).merge(anywhere)
+        if isinstance(value, Spread):
+            out.append((name, Spread(value.sources.merge(extra))))
+        else:
+            out.append((name, value.merge(extra)))
+    return out
 
 
 def _along_path(infos: list[RelationInfo], path: list[str]) -> list[RelationInfo]:

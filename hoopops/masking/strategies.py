@@ -21,6 +21,7 @@ _RANK_NULL = 0
 _RANK_REDACT = 1
 _RANK_HASH = 2
 _RANK_PARTIAL = 3
+_RANK_DETECT = 4
 
 _ALNUM = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 # ASCII letters and digits plus every byte of a multi-byte character are masked; only
@@ -44,8 +45,12 @@ class StrategyError(ValueError):
 class Strategy:
     """One way to mask a value.
 
-    ``kind`` is one of ``redact``, ``null``, ``keep_last``, ``email_domain``, ``hash``;
-    ``label`` is what the audit trail shows (``last4`` for ``keep_last`` with 4).
+    ``kind`` is one of ``redact``, ``null``, ``keep_last``, ``email_domain``, ``hash``,
+    ``detect``; ``label`` is what the audit trail shows (``last4`` for ``keep_last`` with
+    4). ``detect`` is for free text that may hold sensitive values (notes, comments): the
+    column's own values pass through the detectors, but a value *derived* from it is
+    redacted whole, since a transformation (spacing digits out, reversing, translating)
+    defeats any detector.
     """
 
     kind: str
@@ -59,12 +64,12 @@ class Strategy:
     @property
     def partial(self) -> bool:
         """True when the output reveals part of the input (unsafe on derived values)."""
-        return self.kind in ("keep_last", "email_domain")
+        return self.kind in ("keep_last", "email_domain", "detect")
 
     @property
     def rank(self) -> int:
-        return {"null": _RANK_NULL, "redact": _RANK_REDACT, "hash": _RANK_HASH}.get(
-            self.kind, _RANK_PARTIAL)
+        return {"null": _RANK_NULL, "redact": _RANK_REDACT, "hash": _RANK_HASH,
+                "detect": _RANK_DETECT}.get(self.kind, _RANK_PARTIAL)
 
     def whole(self) -> Strategy:
         """The strategy for a value merely derived from a sensitive one.
@@ -78,7 +83,7 @@ class Strategy:
         """``f(value) -> Int32 length + masked value``: the strategy as it writes a
         DataRow field in one step (None for null, which has no value)."""
         kind = self.kind
-        if kind == "redact":
+        if kind in ("redact", "detect"):  # detect is applied by the plan; never raw here
             field = len(REDACTED).to_bytes(4, "big") + REDACTED
             return lambda value: field
         if kind == "keep_last":
@@ -91,7 +96,7 @@ class Strategy:
 
     def apply(self, value: bytes) -> bytes | None:
         kind = self.kind
-        if kind == "redact":
+        if kind in ("redact", "detect"):
             return REDACTED
         if kind == "null":
             return None
@@ -196,16 +201,17 @@ def hmac_token(key: bytes, value: bytes) -> bytes:
 REDACT = Strategy("redact")
 NULL = Strategy("null")
 
-STRATEGY_NAMES = ("redact", "null", "lastN (e.g. last4)", "keep_last", "email_domain", "hash")
+STRATEGY_NAMES = ("redact", "null", "lastN (e.g. last4)", "keep_last", "email_domain", "hash",
+                  "detect")
 
 
 def parse_strategy(spec: object, hmac_secret: str | bytes | None, keep: object = None) -> Strategy:
     """A strategy from its YAML spelling: ``redact``, ``null``, ``last4``, ``keep_last``
-    (with ``keep``), ``email_domain``, ``hash`` (alias ``hmac``)."""
+    (with ``keep``), ``email_domain``, ``hash`` (alias ``hmac``), ``detect``."""
     if not isinstance(spec, str) or not spec:
         raise StrategyError(f"expected a strategy name, one of: {', '.join(STRATEGY_NAMES)}")
     name = spec.strip().lower()
-    if name in ("redact", "null", "email_domain"):
+    if name in ("redact", "null", "email_domain", "detect"):
         if keep is not None:
             raise StrategyError(f"'keep' only applies to keep_last, not {name}")
         return Strategy(name)

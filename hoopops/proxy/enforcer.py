@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from hoopops import events
@@ -92,6 +92,8 @@ class Enforcer(StatementGate):
         self._held: dict[str, _Held] = {}
         self.column_catalogs = column_catalogs or {}
         self._hints_cache: dict[tuple[str, str | None, str], Any] = {}
+        # Per session: ("p"|"c", name) -> the PREPARE / DECLARE hints (None: ambiguous).
+        self._names: dict[str, dict[tuple[str, str], Any]] = {}
         self.masking = self._masking_rules()
         self.audits = self.audit_on
 
@@ -150,20 +152,31 @@ class Enforcer(StatementGate):
             approval_id = self.broker.session_approval(session.id, _fingerprint(decision))
             if approval_id is not None:
                 action = "allow"
+        hints = None
+        masking_refusal = None
+        if self.masking.active and action != "block":
+            hints = await self._masking_hints(session, sql)
+            # Values passed to pg_notify()/set_config()/... cannot be masked: refuse.
+            masking_refusal = self.masking.refusal(session.info.identity, hints)
+            if masking_refusal is not None:
+                action = "block"
+            else:
+                hints = self._named_hints(session, hints)
         if action != "block":
             if statement_name is None:
                 state.observe(analysis)
             else:
                 state.on_parse(statement_name, analysis)
+                state.observe(analysis)  # a PREPARE / DEALLOCATE sent with Parse
             if catalog is not None and any(st.changes_schema for st in analysis.statements):
                 catalog.invalidate()
         if self.bus.wants(events.STATEMENT_DECIDED):
             self.bus.publish(events.STATEMENT_DECIDED, session_id=session.id,
                              subject=session.info.identity.subject, sql=sql, action=action,
-                             rule=decision.rule_id, elapsed_us=decision.elapsed_us)
-        hints = None
-        if self.masking.active and action != "block":
-            hints = await self._masking_hints(session, sql)
+                             rule=decision.rule_id if masking_refusal is None
+                             else "masking:side-channel", elapsed_us=decision.elapsed_us)
+        if masking_refusal is not None:
+            return Verdict("block", "42501", masking_refusal, None, "masking:side-channel")
         if action == "allow":
             return Verdict("allow", rule_id=decision.rule_id, decision=decision,
                            approval_id=approval_id, masking_hints=hints)
@@ -340,6 +353,53 @@ class Enforcer(StatementGate):
             self._hints_cache[key] = hints
         return hints
 
+    def _named_hints(self, session: Session, hints: list[Any]) -> list[Any]:
+        """``hints`` with EXECUTE / FETCH given what the session's PREPARE / DECLARE
+        said their rows are, and those names remembered (masking contract, step 1).
+
+        A name defined twice is forgotten for good (until CLOSE / DEALLOCATE): the second
+        definition may have failed on the server, and masking by the wrong statement's
+        sources could leak; an unknown name leaves its result untraceable (masked)."""
+        names = self._names.setdefault(session.id, {})
+        out = []
+        for item in hints:
+            if item.deallocates is not None:
+                _forget(names, "p", item.deallocates)
+            if item.closes is not None:
+                _forget(names, "c", item.closes)
+            key = ("p", item.execute) if item.execute is not None else (
+                ("c", item.fetch_cursor) if item.fetch_cursor is not None else None)
+            known = names.get(key) if key is not None and item.outputs is None else None
+            if known is not None:
+                item = replace(known, kind=item.kind, prepare=None, cursor=None,
+                               execute=item.execute, fetch_cursor=item.fetch_cursor)
+            for key, name in (("p", item.prepare), ("c", item.cursor)):
+                if name is not None:
+                    names[(key, name)] = None if (key, name) in names else item
+            out.append(item)
+        return out
+
+    def _error_masking(self, session: Session) -> dict[str, Any]:
+        """How to mask an error or notice of the statement the server is answering: its
+        texts are withheld when it runs code masking cannot see through, and the names
+        it spelled itself may be quoted back."""
+        from hoopops.proxy.session import K_PARSE
+
+        head = session.pending[0] if session.pending else None
+        if head is None:
+            return {}
+        if head.run is not None:
+            hints = self._hints(head.run)
+        elif head.kind == K_PARSE and head.name in session.statements:
+            # An error at Parse (an unknown relation, say): the statement being parsed.
+            verdict = session.statements[head.name].decision
+            found = getattr(verdict, "masking_hints", None)
+            hints = found[0] if found else None
+        else:
+            return {}
+        return {"withhold": self.masking.untraceable(hints),
+                "keep": getattr(hints, "identifiers", ())}
+
     def needs_row_description(self, session: Session, run: Run) -> bool:
         return self.masking.active
 
@@ -390,7 +450,10 @@ class Enforcer(StatementGate):
         if run.sample is not None:
             limit_rows, limit_bytes = self.sample_limits
             if len(run.sample) < limit_rows and run.sample_bytes + len(message) <= limit_bytes:
-                run.sample.append(message[5:])
+                # Rows an exempt (break-glass) identity saw raw are kept masked.
+                sample_row = getattr(run.plan, "sample_row", None)
+                run.sample.append(message[5:] if sample_row is None else
+                                  sample_row(message[5:]))
                 run.sample_bytes += len(message)
         return message
 
@@ -408,7 +471,8 @@ class Enforcer(StatementGate):
                        ) -> bytes | None:
         if not self.masking.active:
             return None
-        new, actions = self.masking.rewrite_error(payload, session.info.identity, strict=True)
+        new, actions = self.masking.rewrite_error(payload, session.info.identity, strict=True,
+                                                  **self._error_masking(session))
         self._report_masking(session, None, actions)
         return None if new is payload else p.frame(p.ERROR_RESPONSE, new)
 
@@ -426,7 +490,8 @@ class Enforcer(StatementGate):
         if not self.masking.active:
             return None
         if mtype == p.NOTICE_RESPONSE:
-            new, actions = self.masking.rewrite_error(payload, identity, strict=True)
+            new, actions = self.masking.rewrite_error(payload, identity, strict=True,
+                                                      **self._error_masking(session))
         elif mtype == p.NOTIFICATION_RESPONSE:
             new, actions = self.masking.rewrite_notification(payload, identity)
         else:
@@ -516,6 +581,7 @@ class Enforcer(StatementGate):
             session.kill("closed: the audit trail is unavailable (fail closed)")
 
     async def session_closed(self, session: Session) -> None:
+        self._names.pop(session.id, None)
         if self.broker is not None:
             with contextlib.suppress(Exception):
                 await self.broker.session_closed(session.id, session.end_reason)
@@ -529,6 +595,11 @@ class Enforcer(StatementGate):
                                            stats.bytes_in, stats.bytes_out, stats.statements)
         except AuditError as exc:
             log.error("cannot record session end: %s", exc)
+
+
+def _forget(names: dict[tuple[str, str], Any], kind: str, name: str) -> None:
+    for key in [k for k in names if k[0] == kind and name in ("*", k[1])]:
+        del names[key]
 
 
 def _sample(run: Run) -> dict[str, Any] | None:

@@ -768,6 +768,10 @@ class Session:
                 replacement = p.frame(p.ERROR_RESPONSE, p.error_fields(kept))
             else:
                 replacement = await self.gate.on_error(self, fields, payload)
+                if replacement:  # masked: only the masked text may reach the audit trail
+                    fields = p.parse_error_fields(replacement[5:])
+                    if run is not None and not run.finished:
+                        run.error = fields.get("M")
             if head.swallow:
                 replacement = b""
             if kind in _EXTENDED:
