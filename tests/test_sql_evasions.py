@@ -142,8 +142,11 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("SELECT pg_advisory_lock(1)", "review", "writes-need-review", WRITE),
     ("SELECT pg_try_advisory_xact_lock(1)", "review", "writes-need-review", WRITE),
     ("SELECT pg_notify('c', 'x')", "review", "writes-need-review", WRITE),
-    ("SELECT set_config('statement_timeout', '5s', false)", "review",
-     "writes-need-review", WRITE),
+    # A session knob set through set_config() is what `SET statement_timeout` does.
+    ("SELECT set_config('statement_timeout', '5s', false)", "allow", "reads", READ),
+    ("SELECT set_config('jit', 'off', false), set_config('search_path', 'x', false)",
+     "review", "writes-need-review", WRITE),
+    ("SELECT set_config(current_user, 'off', false)", "block", "builtin:lexing-risk", None),
     ("SELECT setseed(0.5)", "review", "writes-need-review", WRITE),
     ("SELECT * FROM t WHERE id = nextval('s')", "review", "writes-need-review", WRITE),
     ("SELECT upper(lower(nextval('s')::text))", "review", "writes-need-review", WRITE),

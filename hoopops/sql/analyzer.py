@@ -251,6 +251,10 @@ class Analyzer:
     def _finish(self, b: _Builder, stmt_type: str, text: str, location: int
                 ) -> StatementFacts:
         effects = self.effects
+        if b.set_config_calls and not b.set_config_unsafe:
+            # Only harmless session knobs were set: judged like SET, and not "called" as a
+            # side effect (the catalog would otherwise flag the volatile function).
+            b.called = {n for n in b.called if n.rpartition(".")[2].lower() != "set_config"}
         for name in b.functions:
             effect = effects.lookup(name)
             if effect is None:

@@ -29,6 +29,14 @@ _TRUE_WORDS = frozenset({"on", "t", "tr", "tru", "true", "y", "ye", "yes", "1"})
 _FALSE_WORDS = frozenset({"off", "of", "f", "fa", "fal", "fals", "false", "n", "no", "0"})
 _UTF8_NAMES = frozenset({"utf8", "unicode"})
 _LEXING_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding"})
+# Settings that only tune this session's own planning, time-outs and output formats.
+# Drivers change them through set_config() (asyncpg turns JIT off around its type
+# introspection); doing so is no more a write than the equivalent SET statement.
+_SESSION_KNOBS = frozenset({
+    "jit", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+    "idle_session_timeout", "application_name", "work_mem", "extra_float_digits",
+    "datestyle", "timezone", "intervalstyle", "bytea_output",
+})
 
 # SELECT clauses whose columns decide which rows come back rather than what they show.
 _FILTER_CLAUSES = frozenset({"whereClause", "havingClause", "groupClause", "sortClause",
@@ -123,6 +131,10 @@ class _Builder:
         self.reasons: list[str] = []
         self.lexing: list[str] = []
         self.resets = False
+        # set_config() is a side effect, unless every call sets a harmless session knob
+        # (what `SET name = value` would set, which policies treat as session utility).
+        self.set_config_calls = 0
+        self.set_config_unsafe = False
         self.row_locks = False
         self.unanalysable: str | None = None
         self.wrapped: list[str] = []
@@ -630,6 +642,11 @@ class _Builder:
         args = list(args)
         setting = _constant(args[0]) if args else None
         value = _constant(args[1]) if len(args) > 1 else None
+        self.set_config_calls += 1
+        # Any value of a session knob is harmless (asyncpg restores jit with a parameter);
+        # what must be known is which setting changes.
+        if setting is None or setting.lower() not in _SESSION_KNOBS:
+            self.set_config_unsafe = True
         if setting is None:
             self.danger("set_config() with a setting name the gateway cannot see")
             self.lexing_risk("set_config() with a setting name the gateway cannot see")
