@@ -400,9 +400,6 @@ class Enforcer(StatementGate):
         return {"withhold": self.masking.untraceable(hints),
                 "keep": getattr(hints, "identifiers", ())}
 
-    def needs_row_description(self, session: Session, run: Run) -> bool:
-        return self.masking.active
-
     def _hints(self, run: Run) -> Any:
         verdict = run.decision
         hints = getattr(verdict, "masking_hints", None)

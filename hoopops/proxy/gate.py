@@ -71,9 +71,6 @@ class StatementGate:
         """Called just before a statement goes to the server; a Verdict refuses it."""
         return None
 
-    def needs_row_description(self, session: Session, run: Run) -> bool:
-        return False
-
     def withdrawn_verdict(self, session: Session) -> Verdict:
         return Verdict("block", sqlstate="57014", message="canceling statement due to user "
                        "request; the pending approval was withdrawn")

@@ -385,6 +385,18 @@ class BindMsg:
 
 
 def decode_bind(payload: bytes) -> BindMsg:
+    return _walk_bind(payload, keep_params=True)
+
+
+def scan_bind(payload: bytes) -> tuple[str, str, tuple[int, ...]]:
+    """Portal, statement and result formats of a Bind, stepping over parameter values
+    without copying them (the hot path needs only the names)."""
+    msg = _walk_bind(payload, keep_params=False)
+    return msg.portal, msg.statement, msg.result_formats
+
+
+def _walk_bind(payload: bytes, keep_params: bool) -> BindMsg:
+    """Validate a whole Bind message; parameter values are copied only if asked for."""
     try:
         portal, pos = read_cstr(payload, 0)
         statement, pos = read_cstr(payload, pos)
@@ -399,15 +411,18 @@ def decode_bind(payload: bytes) -> BindMsg:
         if nparams < 0:
             raise ProtocolError("malformed Bind message")
         params: list[bytes | None] = []
+        unpack = _INT32.unpack_from
         for _ in range(nparams):
-            (size,) = _INT32.unpack_from(payload, pos)
+            (size,) = unpack(payload, pos)
             pos += 4
             if size == -1:
-                params.append(None)
+                if keep_params:
+                    params.append(None)
                 continue
             if size < 0 or pos + size > len(payload):
                 raise ProtocolError("malformed Bind parameter")
-            params.append(payload[pos:pos + size])
+            if keep_params:
+                params.append(payload[pos:pos + size])
             pos += size
         (nres,) = _INT16.unpack_from(payload, pos)
         pos += 2
@@ -420,37 +435,6 @@ def decode_bind(payload: bytes) -> BindMsg:
     if pos != len(payload):
         raise ProtocolError("trailing bytes in Bind message")
     return BindMsg(portal, statement, tuple(fmts), tuple(params), tuple(results))
-
-
-def scan_bind(payload: bytes) -> tuple[str, str, tuple[int, ...]]:
-    """Portal, statement and result formats of a Bind, stepping over parameter values
-    without copying them (the hot path needs only the names)."""
-    try:
-        portal, pos = read_cstr(payload, 0)
-        statement, pos = read_cstr(payload, pos)
-        (nfmt,) = _INT16.unpack_from(payload, pos)
-        pos += 2 + 2 * nfmt
-        (nparams,) = _INT16.unpack_from(payload, pos)
-        pos += 2
-        if nfmt < 0 or nparams < 0:
-            raise ProtocolError("malformed Bind message")
-        unpack = _INT32.unpack_from
-        for _ in range(nparams):
-            (size,) = unpack(payload, pos)
-            pos += 4 + (size if size > 0 else 0)
-            if size < -1:
-                raise ProtocolError("malformed Bind parameter")
-        (nres,) = _INT16.unpack_from(payload, pos)
-        pos += 2
-        if nres < 0:
-            raise ProtocolError("malformed Bind message")
-        results = struct.unpack_from(f"!{nres}h", payload, pos) if nres else ()
-        pos += 2 * nres
-    except struct.error:
-        raise ProtocolError("truncated Bind message") from None
-    if pos != len(payload):
-        raise ProtocolError("trailing bytes in Bind message")
-    return portal, statement, tuple(results)
 
 
 def decode_describe_or_close(payload: bytes) -> tuple[str, str]:
