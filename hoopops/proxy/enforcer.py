@@ -444,14 +444,11 @@ class Enforcer(StatementGate):
                 message = run.plan.rewrite_message(message)
         if run.hasher is not None:
             run.hasher.update(message)
-        if run.sample is not None:
-            limit_rows, limit_bytes = self.sample_limits
-            if len(run.sample) < limit_rows and run.sample_bytes + len(message) <= limit_bytes:
-                # Rows an exempt (break-glass) identity saw raw are kept masked.
-                sample_row = getattr(run.plan, "sample_row", None)
-                run.sample.append(message[5:] if sample_row is None else
-                                  sample_row(message[5:]))
-                run.sample_bytes += len(message)
+        if run.sample_fits(len(message), self.sample_limits):
+            # Rows an exempt (break-glass) identity saw raw are kept masked.
+            sample_row = getattr(run.plan, "sample_row", None)
+            run.keep_sample(message[5:] if sample_row is None else sample_row(message[5:]),
+                            len(message))
         return message
 
     async def rewrite_copy(self, session: Session, run: Run, message: bytes) -> bytes:

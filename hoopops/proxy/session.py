@@ -73,6 +73,17 @@ class Run:
     finished: bool = False
     statement_index: int = 0  # which statement of a simple Query is answering
 
+    def sample_fits(self, size: int, limits: tuple[int, int]) -> bool:
+        """Whether a row of ``size`` bytes still fits the audit sample's row/byte caps."""
+        sample = self.sample
+        return sample is not None and len(sample) < limits[0] and \
+            self.sample_bytes + size <= limits[1]
+
+    def keep_sample(self, row: bytes, size: int) -> None:
+        assert self.sample is not None
+        self.sample.append(row)
+        self.sample_bytes += size
+
 
 class BoundParams(tuple):  # type: ignore[type-arg]
     """A Bind's parameter values (bytes or None) that remember which were sent in binary
@@ -728,12 +739,8 @@ class Session:
                 await client.drain()
 
     def _sample(self, run: Run, buf: bytearray, pos: int, nxt: int) -> None:
-        sample = run.sample
-        assert sample is not None
-        limit_rows, limit_bytes = self.gate.sample_limits
-        if len(sample) < limit_rows and run.sample_bytes + (nxt - pos) <= limit_bytes:
-            sample.append(bytes(buf[pos + 5:nxt]))
-            run.sample_bytes += nxt - pos
+        if run.sample_fits(nxt - pos, self.gate.sample_limits):
+            run.keep_sample(bytes(buf[pos + 5:nxt]), nxt - pos)
 
     async def _on_server_message(self, mtype: int, buf: bytearray, pos: int, nxt: int
                                  ) -> bytes | None:
