@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from hoopops.sandbox import target_refusal
 from hoopops.yamlfile import LocatedYaml, YamlFileError, load_located
 
 ConfigError = YamlFileError
@@ -162,6 +163,16 @@ class MaskingConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """Where ``hoopops replay`` and the console's sandbox replay run recorded sessions."""
+
+    # A postgresql:// URL (with its password): never shown, use redact_dsn().
+    sandbox: str | None = field(default=None, repr=False)
+    # The policy folder to judge by; None means the top-level ``policies:``.
+    policies: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     file: Path
     listen_host: str
@@ -175,6 +186,7 @@ class Config:
     approvals: ApprovalsConfig
     masking: MaskingConfig
     keymap: dict[str, str] = field(default_factory=dict)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     @property
     def listen(self) -> str:
@@ -182,7 +194,7 @@ class Config:
 
 
 _TOP_KEYS = {"listen", "targets", "identity", "tls", "limits", "policies", "audit",
-             "approvals", "masking", "console"}
+             "approvals", "masking", "console", "replay"}
 
 
 class _Reader:
@@ -430,6 +442,24 @@ def _audit(reader: _Reader, value: Any) -> AuditConfig:
     )
 
 
+def _replay(reader: _Reader, value: Any, targets: dict[str, Target]) -> ReplayConfig:
+    section = reader.mapping(value, "replay", {"sandbox", "sandbox_env", "policies"})
+    dsn = reader.secret(section, "sandbox", "replay")
+    if dsn is not None:
+        key = "replay.sandbox_env" if "sandbox_env" in section else "replay.sandbox"
+        shown = redact_dsn(dsn)
+        sandbox = parse_upstream(dsn, lambda reason: reader.fail(key, f"{reason} (got {shown})"))
+        # The same refusal as `hoopops replay`: replaying into a target changes production.
+        refusal = target_refusal(targets.values(), sandbox)
+        if refusal is not None:
+            raise reader.fail(key, refusal)
+    policies = reader.path(section["policies"], "replay.policies") if (
+        "policies" in section) else None
+    if policies is not None and not policies.is_dir():
+        raise reader.fail("replay.policies", f"expected a folder of policy files: {policies}")
+    return ReplayConfig(sandbox=dsn, policies=policies)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raises ConfigError naming file, line and key."""
     doc = load_located(path)
@@ -449,11 +479,12 @@ def load_config(path: str | Path) -> Config:
     policies = reader.path(data["policies"], "policies") if "policies" in data else None
     if policies is not None and not policies.is_dir():
         raise reader.fail("policies", f"expected a folder of policy files: {policies}")
+    targets = _targets(reader, data["targets"])
     return Config(
         file=Path(path).resolve(),
         listen_host=host,
         listen_port=port,
-        targets=_targets(reader, data["targets"]),
+        targets=targets,
         identity=_identity(reader, data["identity"]),
         tls=_tls(reader, data.get("tls")),
         limits=_limits(reader, data.get("limits")),
@@ -466,6 +497,7 @@ def load_config(path: str | Path) -> Config:
         ),
         masking=MaskingConfig(hmac_secret=reader.secret(masking, "hmac_secret", "masking")),
         keymap={str(k): str(v) for k, v in keymap.items()},
+        replay=_replay(reader, data.get("replay"), targets),
     )
 
 

@@ -24,14 +24,11 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import ipaddress
-import os
 import secrets
-import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,11 +50,14 @@ from hoopops.config import (
 )
 from hoopops.gateway import Gateway
 from hoopops.identity import Identity, mint_token
+from hoopops.masking.rules import MaskingFacts
 from hoopops.policy import Decision, PolicyEngine
 from hoopops.proxy import protocol as p
 from hoopops.proxy.catalog import Catalog
 from hoopops.proxy.enforcer import Enforcer
+from hoopops.proxy.enforcer import _sample as recorded_sample
 from hoopops.proxy.gate import ALLOW, Verdict
+from hoopops.sandbox import same_database, target_refusal
 from hoopops.sql import Analysis, SessionSqlState, StatementFacts, analyze
 from hoopops.sql.facts import add_effects
 from hoopops.sql_catalog import SqlCatalog
@@ -76,6 +76,13 @@ TRANSACTION_CONTROL = "TransactionStmt"
 
 # A hex digest of nothing: the result hash of a statement that returned no rows.
 EMPTY_SHA256 = hashlib.sha256().hexdigest()
+
+
+# Called before each statement with (statements done, total); an exception raised from it
+# stops the replay (the sandbox connection closes, so its transaction is rolled back).
+Progress = Callable[[int, int], None]
+# Seconds between checks of replay_session_blocking's ``cancelled``.
+CANCEL_POLL = 0.2
 
 
 class ReplayError(Exception):
@@ -286,57 +293,15 @@ def _masking_text(actions: dict[tuple[str, str], int]) -> str:
 # Which database is the sandbox? (never a configured target)
 
 
-def _host_keys(host: str) -> set[str]:
-    """Names under which ``host`` may reach a server, for comparing two DSNs.
-
-    Deliberately generous: a Unix socket folder and every loopback spelling count as "this
-    machine", so ``localhost``, ``127.0.0.1``, ``::1`` and the socket of a local server all
-    compare equal. Refusing a sandbox that is really elsewhere costs a retry; accepting the
-    production database as a sandbox would not be recoverable.
-    """
-    keys: set[str] = set()
-    if host.startswith("/"):
-        keys.add("unix:" + os.path.realpath(host))
-        keys.add("loopback")
-        return keys
-    name = host.strip("[]").rstrip(".").lower()
-    keys.add(name)
-    if name == "localhost":
-        keys.add("loopback")
-    addresses = {name}
-    try:
-        ipaddress.ip_address(name.split("%")[0])
-    except ValueError:
-        with contextlib.suppress(OSError, UnicodeError):
-            addresses |= {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
-    for address in addresses:
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            continue
-        keys.add("loopback" if ip.is_loopback else ip.compressed)
-    return keys
-
-
-def same_database(a: Upstream, b: Upstream) -> bool:
-    """Whether two upstreams name the same database on the same server (normalised)."""
-    return a.port == b.port and a.database == b.database \
-        and bool(_host_keys(a.host) & _host_keys(b.host))
-
-
 def check_sandbox(config: Config, sandbox_dsn: str) -> Upstream:
     """The sandbox's upstream, or ReplayError if it is unusable or a configured target."""
     try:
         sandbox = parse_upstream(sandbox_dsn)
     except ValueError as exc:
-        raise ReplayError(f"--sandbox {redact_dsn(sandbox_dsn)}: {exc}") from None
-    for target in config.targets.values():
-        if same_database(sandbox, target.upstream):
-            raise ReplayError(
-                f"refusing to replay into {sandbox.host}:{sandbox.port}/{sandbox.database}: "
-                f"that is the database of the configured target '{target.name}' "
-                f"({target.upstream.host}:{target.upstream.port}/{target.upstream.database}). "
-                "Replay only into a sandbox copy (another database or server).")
+        raise ReplayError(f"sandbox {redact_dsn(sandbox_dsn)}: {exc}") from None
+    refusal = target_refusal(config.targets.values(), sandbox)
+    if refusal is not None:
+        raise ReplayError(refusal)
     return sandbox
 
 
@@ -501,23 +466,12 @@ class _ReplayGate(Enforcer):
 
 
 def _sample(run: Run) -> dict[str, Any] | None:
-    """The masked rows as sent, in the audit trail's sample form (for the drift view)."""
-    if run.sample is None:
-        return None
-    fields = run.fields or []
-    rows = []
-    for payload in run.sample:
-        row: list[str | None] = []
-        for index, value in enumerate(p.decode_data_row(payload)):
-            if value is None:
-                row.append(None)
-            elif index < len(fields) and fields[index].format_code == 1:
-                row.append("\\x" + value.hex())
-            else:
-                row.append(value.decode("utf-8", "replace"))
-        rows.append(row)
-    return {"columns": [f.name for f in fields], "rows": rows,
-            "truncated": run.rows > len(rows)}
+    """The masked rows as sent, in the audit trail's sample form (for the drift view).
+
+    The enforcer's own function, the one that wrote ``sample_then``: binary-format values
+    read the same way then and now (the RowDescription always says text; the formats that
+    apply are the client's, from Bind)."""
+    return recorded_sample(run)
 
 
 class _Fetcher:
@@ -755,15 +709,20 @@ class _Replayer:
         self.fetchers: list[_Fetcher] = []
         self.wire: _Wire | None = None
 
-    async def run(self, report: ReplayReport) -> None:
+    async def run(self, report: ReplayReport, progress: Progress | None = None) -> None:
+        total = len(self.statements)
+        finished = False
         try:
             await self._start()
             await self._control("BEGIN")
-            for view in self.statements:
+            for done, view in enumerate(self.statements):
+                if progress is not None:
+                    progress(done, total)
                 report.statements.append(await self._statement(view))
             await self._control("ROLLBACK")
+            finished = True
         finally:
-            await self._stop()
+            await self._stop(abandoned=not finished)
 
     async def _start(self) -> None:
         name = self.session.target
@@ -802,7 +761,14 @@ class _Replayer:
         self.wire = await _Wire.connect(self.gateway.port, name, token,
                                         f"hoopops replay {self.session.id[:12]}", self.timeout)
 
-    async def _stop(self) -> None:
+    async def _stop(self, abandoned: bool = False) -> None:
+        if abandoned and self.gateway is not None:
+            # Cancelled, timed out or failed mid-statement: the statement may still run
+            # (or wait on a lock) in the sandbox, and closing our end does not stop a
+            # backend that is not reading. Cancel it there, as the gateway's kill does.
+            await asyncio.gather(*(session.cancel_upstream()
+                                   for session in list(self.gateway.sessions.values())),
+                                 return_exceptions=True)
         if self.wire is not None:
             await self.wire.close()
         if self.gateway is not None:
@@ -968,12 +934,14 @@ def _may_retry(view: StatementView, attempt: _Attempt, outcome: dict[str, Any]) 
 async def replay_session(config: Config, session_id: str, sandbox_dsn: str,
                          policies: Path | str | None = None, *,
                          store: AuditStore | None = None,
-                         statement_timeout: float = 300.0) -> ReplayReport:
+                         statement_timeout: float = 300.0,
+                         progress: Progress | None = None) -> ReplayReport:
     """Replay one recorded session into the sandbox and report drift per statement.
 
     ``policies``: the folder to judge by now (default: the config's ``policies:``).
     ``store``: an open audit store to read from (default: open the config's, read-only).
     ``statement_timeout``: seconds to wait for any one statement.
+    ``progress``: see :data:`Progress` (the console shows "statement 3/12").
     Raises ReplayError (message says why) when the replay cannot be done; the sandbox is
     never a configured target, and its transaction is always rolled back.
     """
@@ -995,7 +963,7 @@ async def replay_session(config: Config, session_id: str, sandbox_dsn: str,
         policy_version=engine.version if engine else None, started_at=time.time())
     try:
         await _Replayer(config, session, statements, sandbox, engine,
-                        statement_timeout).run(report)
+                        statement_timeout).run(report, progress)
     except ReplayError:
         raise
     except (OSError, asyncpg.PostgresError) as exc:
@@ -1006,15 +974,34 @@ async def replay_session(config: Config, session_id: str, sandbox_dsn: str,
 
 def replay_session_blocking(config: Config, session_id: str, sandbox_dsn: str,
                             policies: Path | str | None = None, *,
-                            statement_timeout: float = 300.0) -> ReplayReport:
+                            statement_timeout: float = 300.0,
+                            progress: Progress | None = None,
+                            cancelled: Callable[[], bool] | None = None) -> ReplayReport:
     """:func:`replay_session` on an event loop of its own, for a worker thread.
 
     The console calls this off its UI loop (``@work(thread=True)``); it opens its own
     read-only handle on the audit store and its own gateway, so nothing is shared with the
-    console's loop.
+    console's loop. ``cancelled`` is polled a few times a second: once it says yes, the
+    replay stops mid-statement (ReplayError), so an analyst who leaves or quits never
+    waits for a slow sandbox.
     """
-    return asyncio.run(replay_session(config, session_id, sandbox_dsn, policies,
-                                      statement_timeout=statement_timeout))
+    async def run() -> ReplayReport:
+        task = asyncio.ensure_future(replay_session(
+            config, session_id, sandbox_dsn, policies, statement_timeout=statement_timeout,
+            progress=progress))
+        while cancelled is not None:
+            done, _ = await asyncio.wait({task}, timeout=CANCEL_POLL)
+            if done:
+                break
+            if cancelled():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise ReplayError("the replay was cancelled; the sandbox transaction was "
+                                  "rolled back")
+        return await task
+
+    return asyncio.run(run())
 
 
 async def _find_session(store: AuditStore, session_id: str) -> SessionView:
@@ -1149,6 +1136,10 @@ def with_recorded_effects(analysis: Analysis, recorded: dict[str, Any]) -> Analy
             new = new.replace(lexing_risk=new.lexing_risk + lexing)
         if then.get("unanalysable") and not new.unanalysable:
             new = new.replace(unanalysable=str(then["unanalysable"]))
+        masking = then.get("masking")
+        if isinstance(masking, dict) and new.masking is None:
+            # What the statement did with masked columns needs the catalog too.
+            new = new.replace(masking=MaskingFacts.from_dict(masking))
         out.append(new)
     return analysis.with_statements(out)
 

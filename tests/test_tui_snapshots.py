@@ -311,3 +311,92 @@ def test_help(snap_compare: Any) -> None:
 
     assert snap_compare(make_app(keymap={"approvals.deny": "x"}), terminal_size=(100, 36),
                         run_before=run_before)
+
+
+def _drift_report() -> Any:
+    """A sandbox replay of HISTORY[0] in which the masked read's rows changed."""
+    from hoopops.replay import ReplayReport, StatementReplay
+
+    session = HISTORY[0]
+    statements = _statements(session)
+    ssn = {("public.customers.email", "redact"): 2, ("public.customers.ssn", "last4"): 2}
+    rows = []
+    for s in statements:
+        ran = s.decision != "block"
+        drifted = s.seq == 2
+        rows.append(StatementReplay(
+            statement_id=s.id, seq=s.seq, sql=s.sql, params=None,
+            status="ran" if ran else "not run",
+            note=None if ran else "it did not run when recorded (block by no-ddl, 42501)",
+            decision_then=s.decision, rule_then=s.rule_id, decision_now=s.decision,
+            rule_now=s.rule_id, ran_then=ran, hash_then=s.result_sha256,
+            hash_now=("0be1" * 16) if drifted else s.result_sha256, tag_then=s.command_tag,
+            tag_now=s.command_tag, masking_then=ssn if s.seq == 2 else {},
+            masking_now=(ssn if s.seq == 2 else {}) if ran else None,
+            sample_then=s.result_sample,
+            sample_now={"columns": ["id", "full_name", "email", "ssn"], "rows": [
+                ["1", "Ada King [/foo]", "[REDACTED]", "***-**-6789"],
+                ["2", "Alan Turing", "[REDACTED]", None]], "truncated": False}
+            if drifted else s.result_sample))
+    return ReplayReport(session_id=session.id, subject=session.subject,
+                        groups=session.groups, target=session.target,
+                        sandbox="hoopops_svc@127.0.0.1:5432/app_sandbox",
+                        policies="/etc/hoopops/policies", policy_version="4c58593444a2a446",
+                        started_at=NOW, finished_at=NOW + 1, statements=rows)
+
+
+def test_replay_sandbox_running(snap_compare: Any) -> None:
+    """The position line while a sandbox replay runs in its thread."""
+    async def run_before(pilot: Any) -> None:
+        await _settle(pilot)
+        pilot.app.open_replay(HISTORY[0].id)
+        await _settle(pilot)
+        screen = pilot.app.screen
+        screen.sandbox_progress = (1, 4)
+        screen.show_step()
+        await pilot.pause()
+        assert "sandbox replay running: statement 2/4" in str(
+            screen.query_one("#replay-position").content)
+
+    assert snap_compare(make_app(), terminal_size=(100, 30), run_before=run_before)
+
+
+def test_drift_report(snap_compare: Any) -> None:
+    """One drifted statement (result hash), highlighted and selected, its rows then/now."""
+    from hoopops.tui.screens.drift import DriftScreen
+
+    async def run_before(pilot: Any) -> None:
+        await _settle(pilot)
+        pilot.app.open_replay(HISTORY[0].id)
+        await _settle(pilot)
+        pilot.app.push_screen(DriftScreen(_drift_report()))
+        await _settle(pilot)
+        assert isinstance(pilot.app.screen, DriftScreen)  # mounted, not crashed
+
+    assert snap_compare(make_app(), terminal_size=(120, 40), run_before=run_before)
+
+
+def test_sandbox_prompt_refuses_a_target(snap_compare: Any, tmp_path: Path) -> None:
+    """No replay.sandbox configured: r asks; the password field shows dots; the target's
+    own database is refused in place."""
+    from hoopops.config import load_config
+    from hoopops.tui.screens.sandbox_prompt import SandboxPrompt
+
+    path = tmp_path / "hoopops.yaml"
+    path.write_text("targets:\n  appdb:\n    upstream: postgresql://svc:pw@localhost:5432/app\n"
+                    "identity:\n  hs256_secret: " + "k" * 40 + "\n")
+    config = load_config(path)
+
+    async def run_before(pilot: Any) -> None:
+        await _settle(pilot)
+        pilot.app.open_replay(HISTORY[0].id)
+        await _settle(pilot)
+        prompt = SandboxPrompt(config)
+        pilot.app.push_screen(prompt)
+        await pilot.pause()
+        await pilot.press(*"postgresql://svc@127.0.0.1:5432/app", "tab", *"hunter2", "enter")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "refusing" in str(prompt.query_one("#sandbox-error").content)
+
+    assert snap_compare(make_app(), terminal_size=(100, 30), run_before=run_before)

@@ -8,7 +8,9 @@ test presses ``a`` in the pane, and the row psql prints is the proof.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,3 +111,46 @@ async def test_console_in_tmux_approves_a_psql_statement(tmp_path: Path, pg: Any
             psql.kill()
             await psql.wait()
         _tmux("kill-session", "-t", name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_sighup_reloads_policies_and_a_hangup_still_quits(tmp_path: Path,
+                                                                pg: Any) -> None:
+    """``kill -HUP`` re-reads the policies (as for hoopops serve) and the console stays;
+    the terminal going away (tmux closing the pane) still ends it, gateway and all."""
+    port = free_port()
+    config_path = write_config(tmp_path, pg, policies=POLICIES, audit=True)
+    text = config_path.read_text().replace("listen: 127.0.0.1:0", f"listen: 127.0.0.1:{port}")
+    config_path.write_text(text)
+    name = f"hoopops-hup-{uuid.uuid4().hex[:8]}"
+    command = (f"cd {ROOT} && exec {sys.executable} -m hoopops console --config "
+               f"{config_path} --log-file {tmp_path / 'console.log'}")
+    _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
+    pid: int | None = None
+    try:
+        await _wait_pane(name, "Live sessions")
+        pid = int(_tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip())
+        os.kill(pid, signal.SIGHUP)
+        await _wait_pane(name, "SIGHUP: policy folder re-read")
+        assert _pid_alive(pid)
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="agent",
+                                     password=mint_token(load_config(config_path).identity,
+                                                         "hup-agent", ["agents"], 600),
+                                     database="appdb", ssl=False, timeout=10)
+        try:
+            assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            await conn.close()
+    finally:
+        _tmux("kill-session", "-t", name)
+    deadline = time.monotonic() + 15
+    while pid is not None and _pid_alive(pid):
+        assert time.monotonic() < deadline, "the console outlived its terminal"
+        await asyncio.sleep(0.1)

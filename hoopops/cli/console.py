@@ -13,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "console", help="run the gateway with the analyst's console (or attach to a store)",
         description="Start the gateway and a terminal dashboard in one process: live "
         "sessions, pending approvals (a approve, s approve for the session, d deny), masking "
-        "hits, history and replay from the audit store. With --attach, no gateway is "
+        "hits, history and replay from the audit store (r in the replay viewer re-runs a "
+        "session in the sandbox database). SIGHUP reloads the policies, as for hoopops "
+        "serve; SIGTERM quits. With --attach, no gateway is "
         "started: the console opens the audit store named in the config, and approvals "
         "decided there reach the gateway that holds the statement. Press ? in any view for "
         "its keys; remap them under console.keymap in hoopops.yaml.")

@@ -25,12 +25,13 @@ def register(subparsers: Any) -> None:
         "2 error.")
     parser.add_argument("session", help="session id from the audit trail (a unique prefix "
                         "of at least 6 characters will do)")
-    parser.add_argument("--sandbox", required=True, metavar="DSN",
+    parser.add_argument("--sandbox", default=None, metavar="DSN",
                         help="postgresql:// URL of the sandbox database: a copy with the "
-                        "same schema and data, never a configured target")
+                        "same schema and data, never a configured target (default: "
+                        "replay.sandbox of the config)")
     parser.add_argument("--policies", "-p", default=None, metavar="DIR",
-                        help="policy folder to judge by now (default: policies: of the "
-                        "config)")
+                        help="policy folder to judge by now (default: replay.policies, "
+                        "else policies: of the config)")
     add_config_argument(parser)
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                         help="give up when one statement takes longer (default 300)")
@@ -60,8 +61,13 @@ def register_policy_diff(commands: Any) -> None:
 
 def run_replay(args: argparse.Namespace) -> int:
     config = load_config_or_exit(args.config)
+    sandbox = args.sandbox or config.replay.sandbox
+    if sandbox is None:
+        return fail("replay: no sandbox: give --sandbox DSN or set replay.sandbox in "
+                    f"{config.file}", 2)
+    policies = args.policies or config.replay.policies
     try:
-        report = replay_session_blocking(config, args.session, args.sandbox, args.policies,
+        report = replay_session_blocking(config, args.session, sandbox, policies,
                                          statement_timeout=args.timeout)
     except ReplayError as exc:
         return fail(f"replay: {exc}", 2)

@@ -118,6 +118,9 @@ class ConsoleApp(App[None]):
         self.decided_here: set[int] = set()
         #: What the console did lately ("denied #4", "killed ..."), for tests and the log.
         self.actions: deque[str] = deque(maxlen=500)
+        #: The sandbox DSN typed into the prompt (when hoopops.yaml names none); memory
+        #: only, never shown.
+        self.sandbox_dsn: str | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -213,7 +216,9 @@ class ConsoleApp(App[None]):
     def render_dashboard(self) -> None:
         self.counters.paused = self.paused
         self.counters.buffered = len(self._buffered_hits)
-        if not self.dashboard.ready:
+        if not self.dashboard.ready or not self.screen_stack:
+            # Not drawn yet, or the app is closing (a refresh in flight may land after
+            # the last screen has gone).
             return
         if isinstance(self.screen, DenyPrompt | Confirm) and self.screen_stack[-2:-1] == [
                 self.dashboard]:
@@ -547,9 +552,12 @@ def binding_ids() -> set[str]:
     """Every binding id the console defines (for validating ``console.keymap``)."""
     from hoopops.tui.screens.confirm import Confirm
     from hoopops.tui.screens.deny_prompt import DenyPrompt
+    from hoopops.tui.screens.drift import DriftScreen
     from hoopops.tui.screens.history import FilterInput, HistoryScreen
     from hoopops.tui.screens.replay import ReplayScreen
+    from hoopops.tui.screens.sandbox_prompt import SandboxPrompt
     from hoopops.tui.screens.session import SessionScreen
+    from hoopops.tui.widgets.drift_table import DriftTable
     from hoopops.tui.widgets.history_table import HistoryTable
     from hoopops.tui.widgets.masking_feed import FeedLog
     from hoopops.tui.widgets.sessions_table import SessionsTable
@@ -558,7 +566,8 @@ def binding_ids() -> set[str]:
     ids: set[str] = set()
     for owner in (ConsoleApp, DashboardScreen, HistoryScreen, ReplayScreen, SessionScreen,
                   SessionsTable, HistoryTable, StatementsTable, FeedLog, FilterInput,
-                  Confirm, DenyPrompt, HelpScreen, ConnectScreen):
+                  Confirm, DenyPrompt, HelpScreen, ConnectScreen, DriftScreen, DriftTable,
+                  SandboxPrompt):
         for binding in owner.BINDINGS:
             if isinstance(binding, Binding) and binding.id:
                 ids.add(binding.id)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+import termios
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -70,18 +71,45 @@ def _console_logging(app: ConsoleApp, log_file: Path | None, level: int = loggin
             file_handler.close()
 
 
-def _install_signals(app: ConsoleApp) -> list[signal.Signals]:
-    """SIGTERM quits cleanly (the gateway drains its sessions).
+def terminal_alive() -> bool:
+    """Whether the console's terminal is still there (a hung-up tty fails every ioctl)."""
+    stream = sys.__stdin__ if sys.__stdin__ is not None else sys.__stdout__
+    if stream is None:
+        return False
+    try:
+        termios.tcgetattr(stream.fileno())
+    except (OSError, ValueError, termios.error):
+        return False
+    return True
 
-    SIGHUP keeps its default (the process ends): for a console it means the terminal is
-    gone, and a gateway left running behind a dead terminal would block on its output.
-    Reload the policy from the command palette instead.
-    """
+
+def on_sighup(app: ConsoleApp) -> None:
+    """SIGHUP means two things: ``kill -HUP`` from an operator (reload the policies, as
+    ``hoopops serve`` does) or the terminal hanging up. Behind a dead terminal the console
+    quits cleanly instead (the gateway drains its sessions, as on SIGTERM)."""
+    if not terminal_alive():
+        app.exit()
+        return
+    reload_policy = getattr(app.source, "reload_policy", None)
+    if reload_policy is None:
+        app.notify("SIGHUP ignored: no gateway runs in this console (--attach); send it "
+                   "to hoopops serve", severity="warning", markup=False)
+        return
+    # A refused new version is reported by the gateway (log, toast, status bar).
+    reload_policy()
+    app.actions.append("SIGHUP: policies re-read")
+    app.notify("SIGHUP: policy folder re-read", markup=False)
+
+
+def _install_signals(app: ConsoleApp) -> list[signal.Signals]:
+    """SIGTERM quits cleanly (the gateway drains its sessions); SIGHUP: see on_sighup."""
     loop = asyncio.get_running_loop()
     installed = []
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGTERM, app.exit)
-        installed.append(signal.SIGTERM)
+    for sig, handler in ((signal.SIGTERM, app.exit),
+                         (signal.SIGHUP, lambda: on_sighup(app))):
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
     return installed
 
 

@@ -93,6 +93,8 @@ class ConsoleSource(abc.ABC):
     bus: EventBus | None = None
     #: Whether ``kill_session`` can work (only with the gateway in this process).
     can_kill: bool = False
+    #: The loaded hoopops.yaml (targets, replay.sandbox); None for fixed test data.
+    config: Config | None = None
 
     @property
     @abc.abstractmethod
@@ -207,6 +209,7 @@ class GatewaySource(ConsoleSource):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.bus = gateway.bus
+        self.config = gateway.config
 
     @property
     def store(self) -> AuditStore | None:
