@@ -3,11 +3,12 @@
     python benchmarks/_relay.py {streams|protocol} LISTEN_PORT UPSTREAM_PORT [--uvloop]
 
 * ``streams``: two ``StreamReader.read`` -> ``StreamWriter.write`` pump tasks per
-  connection, bytes untouched: the structure ``hoopops/proxy/session.py`` has today.
+  connection, bytes untouched: the structure ``hoopops/proxy/session.py`` had before its
+  relay moved to protocol callbacks.
 * ``protocol``: ``asyncio.Protocol`` callbacks that frame every message in both directions
   (type byte + length, as a gateway must to attribute replies) and forward each chunk
   unchanged in ``data_received``, with no task switch per read: the floor for a gateway
-  written in Python.
+  written in Python, and the structure the gateway's relay now has.
 
 The client authenticates with PostgreSQL itself through these relays (SCRAM passes through
 untouched), so they need no configuration. Loopback only; they exit on SIGTERM.

@@ -17,15 +17,30 @@ column is throughput relative to "frame only" measured in the same run.
 
     .venv/bin/python benchmarks/bench_masking.py            # 1,000,000 rows
     .venv/bin/python benchmarks/bench_masking.py --rows 200000
+
+``--gateway`` measures the same thing end to end instead: a private PostgreSQL, a table
+of 1,000,000 customer rows (id, name, ssn, email, note), and one run that streams it
+directly, through a gateway without masking, and through a gateway masking ssn (last4)
+and email (email_domain) with the ssn, credit_card, email and iban detectors on, by
+libpq (simple protocol, text), psycopg COPY and an asyncpg cursor (binary). It reports
+rows/s, the ratios to direct, the gateway's CPU per row and its peak RSS (~1-2 minutes):
+
+    .venv/bin/python benchmarks/bench_masking.py --gateway
+    .venv/bin/python benchmarks/bench_masking.py --gateway --methods select --repeat 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import struct
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 from hoopops.identity import Identity
 from hoopops.masking import (
@@ -145,8 +160,18 @@ def measure(run: Callable[[list[bytes]], int], stream: list[bytes], repeat: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per mode; the best counts")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="runs per mode; the best counts (3; 2 with --gateway)")
+    parser.add_argument("--gateway", action="store_true",
+                        help="end to end: direct vs gateway vs gateway+masking")
+    parser.add_argument("--methods", default="select,copy,cursor",
+                        help="with --gateway: select,copy,cursor")
     args = parser.parse_args()
+    if args.gateway:
+        args.repeat = args.repeat or 2
+        gateway_main(args)
+        return
+    args.repeat = args.repeat or 3
     calibration = time.process_time()
     sum(range(10_000_000))
     calibration = time.process_time() - calibration
@@ -182,6 +207,166 @@ def main() -> None:
                               "rows_per_s": round(rate), "us_per_row": round(
                                   elapsed / count * 1e6, 3), "ratio_to_frame_only": round(
                                   ratio, 3)}), flush=True)
+
+
+# -- through the gateway (--gateway) ------------------------------------------------------
+
+GATEWAY_QUERY = "SELECT id, name, ssn, email, note FROM bench_people"
+# 1% of the notes hold a card number, so detectors have real hits to mask.
+GATEWAY_SETUP = """
+DROP TABLE IF EXISTS bench_people;
+CREATE TABLE bench_people AS SELECT g AS id, 'Customer ' || g AS name,
+    lpad((100 + g % 800)::text, 3, '0') || '-' || lpad((10 + g % 89)::text, 2, '0') || '-'
+        || lpad((1000 + g % 9000)::text, 4, '0') AS ssn,
+    'user' || g || '@example.com' AS email,
+    CASE WHEN g % 100 = 0 THEN 'card 4111 1111 1111 1111 on file'
+         ELSE 'regular customer ' || md5(g::text) END AS note
+    FROM generate_series(1, {rows}) g;
+ANALYZE bench_people;
+"""
+GATEWAY_POLICY = """\
+description: the masking benchmark reads its own table
+default: allow
+rules: []
+"""
+GATEWAY_MASKING = """\
+masking:
+  columns:
+    public.bench_people.ssn: last4
+    public.bench_people.email: email_domain
+  detectors: [ssn, credit_card, email, iban]
+"""
+
+
+def _gateway_stream(method: str, endpoint: Any, query: str) -> tuple[int, float, bytes]:
+    """Run ``query`` once through ``endpoint``: (rows, seconds, a sample of the data)."""
+    import asyncio
+
+    import asyncpg
+    import psycopg
+
+    if method == "copy":
+        with psycopg.connect(**endpoint.psycopg_kwargs()) as conn, conn.cursor() as cur:
+            count = 0
+            sample = b""
+            started = time.perf_counter()
+            with cur.copy(f"COPY ({query}) TO STDOUT") as copy:
+                for block in copy:
+                    data = bytes(block)
+                    sample = sample or data[:4000]
+                    count += data.count(b"\n")
+            return count, time.perf_counter() - started, sample
+    if method == "select":
+        with psycopg.connect(**endpoint.psycopg_kwargs()) as conn:
+            started = time.perf_counter()
+            cur = conn.execute(query, prepare=False)
+            elapsed = time.perf_counter() - started
+            result = cur.pgresult
+            count = result.ntuples if result is not None else 0
+            sample = b"|".join(result.get_value(i, c) or b"" for i in range(min(count, 50))
+                               for c in range(result.nfields)) if result is not None else b""
+            return count, elapsed, sample
+
+    async def cursor() -> tuple[int, float, bytes]:
+        conn = await asyncpg.connect(**endpoint.asyncpg_kwargs())
+        try:
+            count = 0
+            sample: list[str] = []
+            started = time.perf_counter()
+            async with conn.transaction():
+                async for record in conn.cursor(query, prefetch=10_000):
+                    if count < 50:
+                        sample.append(repr(tuple(record)))
+                    count += 1
+            return count, time.perf_counter() - started, "|".join(sample).encode()
+        finally:
+            await conn.close()
+
+    return asyncio.run(cursor())
+
+
+GATEWAY_METHODS = {"select": "SELECT, simple protocol, libpq (text)",
+                   "copy": "COPY (…) TO STDOUT, psycopg (text)",
+                   "cursor": "cursor, extended binary, asyncpg"}
+
+
+def gateway_main(args: argparse.Namespace) -> None:
+    """Direct vs gateway (no masking) vs gateway (2 masked columns + detectors), one run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import (
+        GatewaySpec,
+        Stack,
+        log,
+        proc_cpu_seconds,
+        proc_memory_mb,
+    )
+
+    from hoopops.devdb import SERVICE_USER
+
+    root = Path(tempfile.mkdtemp(prefix="hoopops-bench-masking-"))
+    (root / "allow.yaml").write_text(GATEWAY_POLICY)
+    (root / "masking.yaml").write_text(GATEWAY_MASKING)
+    specs = [GatewaySpec("gateway", policies=None),
+             GatewaySpec("gateway+masking", policies=root)]
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        with Stack(1, specs, with_pgbouncer=False) as stack:
+            log(f"creating bench_people with {args.rows:,} rows")
+            stack.pg.psql(GATEWAY_SETUP.format(rows=args.rows), database="app",
+                          user=SERVICE_USER)
+            paths = ["direct", "gateway", "gateway+masking"]
+            best: dict[tuple[str, str], float] = {}
+            cpu: dict[tuple[str, str], float] = {}
+            samples: dict[tuple[str, str], bytes] = {}
+            for method in methods:
+                for attempt in range(args.repeat):
+                    for path in paths:
+                        endpoint = stack.endpoints[path]
+                        before = proc_cpu_seconds(endpoint.pid)
+                        count, elapsed, sample = _gateway_stream(method, endpoint,
+                                                                 GATEWAY_QUERY)
+                        after = proc_cpu_seconds(endpoint.pid)
+                        if count != args.rows:
+                            raise RuntimeError(f"{method} via {path}: {count} rows, "
+                                               f"expected {args.rows}")
+                        rate = count / elapsed
+                        used = None if before is None or after is None else after - before
+                        log(f"{method} #{attempt + 1} {path}: {rate:,.0f} rows/s"
+                            + ("" if used is None else f", proxy CPU {used * 1e6 / count:.2f}"
+                               " us/row"))
+                        if rate > best.get((method, path), 0.0):
+                            best[(method, path)] = rate
+                        if used is not None:
+                            cpu[(method, path)] = min(cpu.get((method, path), used), used)
+                        samples[(method, path)] = sample
+                masked = samples[(method, "gateway+masking")]
+                # The benchmark must not pass by forwarding raw values.
+                if b"@example.com" in masked and b"user1@" in masked:
+                    raise RuntimeError(f"{method}: raw emails came through the masking path")
+            memory = {p: proc_memory_mb(stack.endpoints[p].pid) for p in paths[1:]}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"`{GATEWAY_QUERY}`, {args.rows:,} rows (5 columns; ssn → last4, email → "
+          "email_domain; detectors ssn, credit_card, email, iban; 1% of notes hold a card "
+          f"number), best of {args.repeat}; proxy CPU = user + system CPU of the gateway "
+          "process per row (lowest of the tries).\n")
+    print("| method | direct rows/s | gateway rows/s | gateway+masking rows/s | "
+          "gateway/direct | masking/direct | gateway µs/row | masking µs/row |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for method in methods:
+        direct = best[(method, "direct")]
+        plain = best[(method, "gateway")]
+        masking = best[(method, "gateway+masking")]
+        print(f"| {GATEWAY_METHODS[method]} | {direct:,.0f} | {plain:,.0f} | {masking:,.0f} | "
+              f"{plain / direct:.2f}x | {masking / direct:.2f}x | "
+              f"{cpu.get((method, 'gateway'), 0) * 1e6 / args.rows:.2f} | "
+              f"{cpu.get((method, 'gateway+masking'), 0) * 1e6 / args.rows:.2f} |")
+        print(json.dumps({"method": method, "direct": round(direct), "gateway": round(plain),
+                          "masking": round(masking),
+                          "masking_vs_direct": round(masking / direct, 3)}), file=sys.stderr)
+    print("\n| process | RSS at end (MB) | peak RSS (MB) |\n| --- | ---: | ---: |")
+    for path, values in memory.items():
+        print(f"| {path} | {values.get('rss', 0):.1f} | {values.get('peak', 0):.1f} |")
 
 
 if __name__ == "__main__":

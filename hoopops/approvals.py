@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from hoopops import events
 from hoopops.audit import (
@@ -181,8 +182,13 @@ class ApprovalBroker:
                      params: Sequence[ParamValue] | None, fingerprint: str,
                      rule_id: str | None, reason: str | None, *,
                      statement_id: int | None = None,
-                     expires_in: float | None = None) -> PendingApproval:
+                     expires_in: float | None = None,
+                     facts: dict[str, Any] | None = None) -> PendingApproval:
         """Record a pending approval (durably) and announce it; does not wait.
+
+        ``facts`` (the decision's, as the audit trail records them) go with the
+        announcement, so the console shows what the gateway knew (masking facts need
+        the catalog, which the console does not have).
 
         Raises AuditWriteError if it cannot be recorded: the statement must then be
         refused, as for any audit failure.
@@ -209,7 +215,8 @@ class ApprovalBroker:
                          session_id=session_id, statement_id=statement_id,
                          subject=identity.subject, sql=sql, params=view.params,
                          fingerprint=fingerprint, rule=rule_id, reason=reason,
-                         created=now, expires=view.expires_at)
+                         created=now, expires=view.expires_at,
+                         **({"facts": facts} if facts is not None else {}))
         return pending
 
     async def request(self, session_id: str, identity: Identity, sql: str,

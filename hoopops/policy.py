@@ -61,7 +61,12 @@ NAME_KEYS = {
 BOOL_KEYS = ("dangerous", "unbounded", "parse_error", "changes_data", "changes_schema",
              "changes_server", "row_locks")
 SET_KEYS = ("kinds", "statement_types")
-CONDITION_KEYS = frozenset((*IDENTITY_KEYS, *NAME_KEYS, *BOOL_KEYS, *SET_KEYS, "sql"))
+# What a statement does with columns masking covers (StatementFacts.masking): true / false,
+# or globs over the sensitive schema.table.column names involved.
+MASKING_KEYS = ("sensitive_read", "sensitive_in_predicates", "sensitive_copied",
+                "sensitive_targets", "sensitive_opaque", "sensitive_placeholders")
+CONDITION_KEYS = frozenset((*IDENTITY_KEYS, *NAME_KEYS, *BOOL_KEYS, *SET_KEYS, *MASKING_KEYS,
+                            "sql"))
 _RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 
 
@@ -257,6 +262,16 @@ def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
             else:
                 costly.append(lambda f, m=matcher, a=attrs: any(m.any(getattr(f, x))
                                                                 for x in a))
+        elif name in MASKING_KEYS:
+            if isinstance(value, bool):
+                cheap.append(_masking_any(name, value))
+            else:
+                if isinstance(value, (list, str)) and value:
+                    globs = _glob_list(value, doc, where)
+                else:
+                    raise doc.error(where, "expected true, false, or column globs "
+                                    "(schema.table.column, e.g. [\"*.customers.ssn\"])")
+                costly.append(_masking_names(name, NameMatcher(globs)))
         elif name == "sql":
             if not isinstance(value, str) or not value:
                 raise doc.error(where, "expected a regular expression")
@@ -271,6 +286,17 @@ def compile_condition(raw: Any, doc: LocatedYaml, key: str) -> Condition:
 
 def _bool_predicate(name: str, value: bool) -> Predicate:
     return lambda f: bool(getattr(f, name)) is value
+
+
+def _masking_any(name: str, value: bool) -> Predicate:
+    # ``masking`` is None for every statement that involves no sensitive column.
+    if value:
+        return lambda f: f.masking is not None and bool(getattr(f.masking, name))
+    return lambda f: f.masking is None or not getattr(f.masking, name)
+
+
+def _masking_names(name: str, matcher: NameMatcher) -> Predicate:
+    return lambda f: f.masking is not None and matcher.any(getattr(f.masking, name))
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -317,6 +343,19 @@ class PolicySet:
     effects: EffectTable | None
     _rules_for: dict[tuple[Any, ...], Applicable] = field(default_factory=dict,
                                                                repr=False)
+    # (analyser shape, subject, groups, target) -> the decision on one text of that shape.
+    # Lives and dies with this version of the policy, so a reload starts it empty.
+    _decided: dict[tuple[Any, ...], Decision] = field(default_factory=dict, repr=False)
+    _uses: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    def uses(self, key: str) -> bool:
+        """Whether any rule's ``when`` or ``unless`` names the condition ``key``."""
+        found = self._uses.get(key)
+        if found is None:
+            found = self._uses[key] = any(
+                key in (rule.raw.get(part) or {}) for rule in self.rules
+                for part in ("when", "unless"))
+        return found
 
     def rules_for(self, identity: Identity | None, target: str | None) -> Applicable:
         """The rules whose identity and target conditions hold (cached per identity)."""
@@ -496,14 +535,16 @@ def load_policies(folder: Path) -> PolicySet:
 # -- decisions -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+# Decisions are built per statement on the hot path, where frozen construction costs
+# microseconds: slotted and mutable, but treat them as immutable (they are shared).
+@dataclass(slots=True, eq=False)
 class StatementDecision:
     action: str
     rule_id: str
     rule_description: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class Decision:
     """The verdict on one query string (the strictest of its statements)."""
 
@@ -631,6 +672,33 @@ class PolicyEngine:
                ) -> Decision:
         started = time.perf_counter()
         policies = self._policies
+        statements = analysis.statements
+        # One statement whose facts are its shape's (a new literal, or a text seen before):
+        # the decision follows from the shape, the identity and this policy version alone.
+        key = None
+        if len(statements) == 1:
+            shape = statements[0]._shape
+            if shape is not None:
+                key = (shape, identity.subject, identity.groups, target) if identity \
+                    is not None else (shape, None, None, target)
+                hit = policies._decided.get(key)
+                if hit is not None:
+                    return Decision(hit.action, hit.rule_id, hit.rule_description,
+                                    hit.message, analysis,
+                                    (time.perf_counter() - started) * 1e6, 0,
+                                    hit.statements, hit.policy_version)
+        decision = self._decide(policies, identity, target, analysis, started)
+        if key is not None and decision.analysis is analysis:
+            # Not when the policy's side_effect_functions changed the facts: a hit hands
+            # back the analysis it was given, which would lack those effects.
+            decided = policies._decided
+            if len(decided) >= 50_000:
+                decided.clear()
+            decided[key] = decision
+        return decision
+
+    def _decide(self, policies: PolicySet, identity: Identity | None, target: str | None,
+                analysis: Analysis, started: float) -> Decision:
         if policies.effects is not None:
             analysis = apply_function_effects(analysis, policies.effects)
         statements = analysis.statements

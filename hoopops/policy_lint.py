@@ -15,6 +15,7 @@ from typing import Any
 from hoopops.policy import (
     BOOL_KEYS,
     IDENTITY_KEYS,
+    MASKING_KEYS,
     NAME_KEYS,
     NameMatcher,
     PolicyProblem,
@@ -29,9 +30,10 @@ _NARROWER = {
     "columns": ("columns", "columns_read", "columns_written"),
 }
 _MAX_PARTS = {"tables": 3, "tables_read": 3, "tables_written": 3, "columns": 4,
-              "columns_read": 4, "columns_written": 4, "filter_columns": 4, "functions": 2}
-_FACT_KEYS = frozenset(k for k in (*NAME_KEYS, *BOOL_KEYS, "kinds", "statement_types")
-                       if k != "parse_error")
+              "columns_read": 4, "columns_written": 4, "filter_columns": 4, "functions": 2,
+              **dict.fromkeys(MASKING_KEYS, 3)}
+_FACT_KEYS = frozenset(k for k in (*NAME_KEYS, *BOOL_KEYS, *MASKING_KEYS, "kinds",
+                                   "statement_types") if k != "parse_error")
 
 
 def lint_folder(folder: Path) -> list[PolicyProblem]:
@@ -39,11 +41,31 @@ def lint_folder(folder: Path) -> list[PolicyProblem]:
     if policies is None:
         return problems
     found = list(problems)
+    masking_on = _masking_configured(policies)
     for rule in policies.rules:
         found.extend(_glob_problems(rule))
         found.extend(_never_matches(rule))
+        if not masking_on:
+            found.extend(_without_masking(rule))
     found.extend(_shadowed(policies))
     return found
+
+
+def _masking_configured(policies: PolicySet) -> bool:
+    from hoopops.masking import MaskingRules
+
+    try:
+        # A placeholder secret: only whether any rule exists matters here.
+        return MaskingRules.from_sections(policies.masking_sections, "lint").active
+    except Exception:
+        return True  # loading reports a broken masking section; do not pile on
+
+
+def _without_masking(rule: Rule) -> list[PolicyProblem]:
+    when = rule.raw.get("when") or {}
+    return [_warn(rule, f"when.{key}", f"rule '{rule.id}' can never match: no masking "
+                  "section in the folder marks any column sensitive")
+            for key in when if key in MASKING_KEYS and when[key] is not False]
 
 
 def _warn(rule: Rule, key: str, message: str) -> PolicyProblem:
@@ -74,7 +96,9 @@ def _glob_problems(rule: Rule) -> list[PolicyProblem]:
     for part in ("when", "unless"):
         cond = rule.raw.get(part) or {}
         for key, value in cond.items():
-            if key not in NAME_KEYS and key not in IDENTITY_KEYS:
+            if key not in NAME_KEYS and key not in IDENTITY_KEYS and key not in MASKING_KEYS:
+                continue
+            if isinstance(value, bool):
                 continue
             for pattern in _patterns(value):
                 where = f"{part}.{key}"
@@ -84,7 +108,7 @@ def _glob_problems(rule: Rule) -> list[PolicyProblem]:
                 if any(ch.isspace() for ch in pattern):
                     out.append(_warn(rule, where, f"glob '{pattern}' contains white space; "
                                      "PostgreSQL names in facts never do unless quoted"))
-                if key in NAME_KEYS:
+                if key in NAME_KEYS or key in MASKING_KEYS:
                     parts = pattern.split(".")
                     if any(p == "" for p in parts):
                         out.append(_warn(rule, where, f"'{pattern}' has an empty name part"))
@@ -158,6 +182,9 @@ def _covers(a: Rule, b: Rule) -> bool:
 def _narrower(key: str, a_value: Any, b_value: Any) -> bool:
     if key in BOOL_KEYS:
         return bool(a_value == b_value)
+    if key in MASKING_KEYS and (isinstance(a_value, bool) or isinstance(b_value, bool)):
+        # true covers every list of names; a list covers neither true nor false.
+        return (a_value is True and b_value is not False) or a_value == b_value
     if key == "sql":
         return bool(a_value == b_value)
     a_list, b_list = _patterns(a_value), _patterns(b_value)

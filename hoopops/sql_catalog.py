@@ -227,6 +227,8 @@ class SqlCatalog:
         self._func_effects: dict[int, Effect] = {}
         self._rel_effects: dict[tuple[int, str], Effect] = {}
         self._statement_effects: dict[tuple[Any, ...], Effect] = {}
+        # Analyser shapes (hoopops.sql.analyzer.Shape) known to reach nothing that acts.
+        self._no_effect_shapes: set[Any] = set()
         self.lookups = 0  # round trips made (for tests and the console)
         self._judging = asyncio.Lock()
         self._invalidate_later = False
@@ -247,7 +249,7 @@ class SqlCatalog:
         self._invalidate_later = False
         for cache in (self._funcs_by_name, self._funcs_by_oid, self._rels_by_name,
                       self._ops, self._types, self._rel_uses, self._func_effects,
-                      self._rel_effects, self._statement_effects):
+                      self._rel_effects, self._statement_effects, self._no_effect_shapes):
             cache.clear()
         self._loaded_at = time.monotonic()
 
@@ -259,11 +261,22 @@ class SqlCatalog:
         ``search_path``: the session's effective search path if known; None (the safe
         choice) counts same-named objects in every schema.
         """
-        todo = [st for st in analysis.statements
+        statements = analysis.statements
+        shape = statements[0]._shape if len(statements) == 1 and search_path is None \
+            else None
+        if shape is not None and shape in self._no_effect_shapes and \
+                time.monotonic() - self._loaded_at <= self.ttl:
+            return analysis
+        # What was looked up is only remembered for the shape if no invalidation (DDL,
+        # expiry) came in while this call waited for the catalog.
+        generation = self._loaded_at
+        todo = [st for st in statements
                 if st.parse_error is None and st.unanalysable is None
                 and (st.functions_called or st.operators or st.tables_read
                      or st.tables_written or st.types)]
         if not todo:
+            if shape is not None:
+                self._no_effect_shapes.add(shape)  # nothing to look up, ever
             return analysis
         if time.monotonic() - self._loaded_at > self.ttl:
             self.invalidate()
@@ -310,7 +323,14 @@ class SqlCatalog:
             new = facts if effect is None or effect == NO_EFFECT else _apply(facts, effect)
             changed = changed or new is not facts
             out.append(new)
-        return analysis.with_statements(out) if changed else analysis
+        if changed:
+            return analysis.with_statements(out)
+        if shape is not None and self._loaded_at == generation:
+            # Every text of this shape reaches the same names: a new literal is a lookup.
+            if len(self._no_effect_shapes) >= 50_000:
+                self._no_effect_shapes.clear()
+            self._no_effect_shapes.add(shape)
+        return analysis
 
     # -- judging statements --------------------------------------------------------------
 

@@ -211,8 +211,10 @@ async def test_group_commit_under_50_writers(store: SQLiteAuditStore) -> None:
     assert (await store.verify()).ok
 
 
-async def test_write_failure_is_a_clear_error(tmp_path: Path) -> None:
-    store = await SQLiteAuditStore.open(tmp_path / "audit.db", busy_timeout=0.05)
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+async def test_write_failure_is_a_clear_error(tmp_path: Path, synchronous: str) -> None:
+    store = await SQLiteAuditStore.open(tmp_path / "audit.db", busy_timeout=0.05,
+                                        synchronous=synchronous)
     s = session_record()
     await store.session_started(s)
     blocker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
@@ -366,3 +368,171 @@ async def test_gateway_event_kinds_cannot_impersonate_audit_records(
             await store.gateway_event(kind, {})
     await store.gateway_event("policy.reloaded", {"sha256": "ab", "files": ("a.yaml",)})
     assert (await store.verify()).ok
+
+
+async def test_statement_records_are_canonical_and_match_their_projection(
+        store: SQLiteAuditStore) -> None:
+    """The writer splices statement payloads from parts and fills their rows itself;
+    both must be exactly what the documented definition (canonical JSON, and the
+    projection triggers verify rebuilds with) gives, for awkward values too."""
+    s = session_record()
+    await store.session_started(s)
+    awkward = 'SELECT "é\u2028", E\'\\n\\t\' , \'"}{\' /* \u00e9 \U0001f600 */'
+    first = await store.statement_received(StatementRecord(
+        s.id, 1, time.time(), awkward, ["ü", None, b"\x00\xff", 'q"'],
+        {"z": 1.5, "a": [None, True], "nan": float("nan"), "set": {"b", "a"}},
+        "review", None, approval_id=7))
+    await store.statement_finished(first, StatementResult(
+        time.time(), time.time(), 0, None, "XX000", 'quote " and é',
+        result_sha256="ab" * 32, result_sample={"columns": ["é"], "rows": [[None, "\\x00"]],
+                                                "truncated": True}))
+    second = await store.statement_received(StatementRecord(
+        s.id, 2, time.time(), "SELECT 1", None, {}, "allow", "rule-é"))
+    await store.statement_finished(second, StatementResult(None, time.time(), None, None))
+    report = await store.verify()
+    assert report.ok and report.projections_checked, report.problems
+    db = sqlite3.connect(store.path)
+    try:
+        for kind, payload in db.execute("SELECT kind, payload FROM chain"):
+            assert payload == json.dumps(json.loads(payload), sort_keys=True,
+                                         separators=(",", ":"), ensure_ascii=False), kind
+    finally:
+        db.close()
+    views = await store.session_statements(s.id)
+    assert views[0].sql == awkward and views[0].params == ["ü", None, {"hex": "00ff"}, 'q"']
+    assert views[0].facts["set"] == ["a", "b"] and views[0].error_message.endswith("é")
+    assert views[1].facts == {} and views[1].finished and views[1].rule_id == "rule-é"
+
+
+async def test_a_version_1_store_migrates_and_still_verifies(tmp_path: Path) -> None:
+    """A store written by the previous version (statement rows filled by triggers) opens,
+    is migrated, keeps its evidence, and verifies with records of both versions."""
+    from hoopops.audit.chain import GENESIS, canonical_json, record_hash
+    from hoopops.audit.schema import GUARD_TRIGGERS, MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("BEGIN")
+    for statement in MIGRATIONS[1]("main"):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("COMMIT")
+    old = session_record()
+    at = "2026-05-09T07:35:25.123456Z"
+    records = [
+        ("session.started", old.id, {
+            "id": old.id, "subject": old.subject, "groups": list(old.groups),
+            "issuer": old.issuer, "token_id": old.token_id, "claimed_user": old.claimed_user,
+            "client_addr": old.client_addr, "client_port": old.client_port,
+            "application_name": old.application_name, "target": old.target, "tls": True,
+            "started_at": at}),
+        ("statement.received", old.id, {
+            "session_id": old.id, "seq": 1, "received_at": at, "sql": "SELECT 'v1'",
+            "params": None, "facts": {"kinds": ["read"]}, "decision": "allow",
+            "rule_id": "reads", "approval_id": None}),
+        ("statement.finished", old.id, {
+            "statement_id": 2, "started_at": at, "finished_at": at, "duration_us": 0,
+            "rows": 1, "command_tag": "SELECT 1", "sqlstate": None, "error_message": None,
+            "result_sha256": "cd" * 32,
+            "result_sample": {"columns": ["v"], "rows": [["v1"]], "truncated": False}}),
+    ]
+    prev = GENESIS
+    for seq, (kind, session_id, payload) in enumerate(records, start=1):
+        digest = record_hash(seq, kind, at, session_id, payload, prev)
+        db.execute("INSERT INTO chain VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (seq, kind, at, session_id, canonical_json(payload), prev, digest))
+        prev = digest
+    db.close()
+
+    store = await SQLiteAuditStore.open(path)
+    try:
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        triggers = {r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        db.close()
+        # Only the guards stay on the chain; the writer projects (see audit/schema.py).
+        assert triggers == set(GUARD_TRIGGERS)
+        stmt = await store.statement_received(StatementRecord(
+            old.id, 2, time.time(), "SELECT 'v2'", None, {"kinds": ["read"]}, "allow",
+            "reads"))
+        await store.statement_finished(stmt, StatementResult(time.time(), time.time(), 1,
+                                                             "SELECT 1"))
+        views = await store.session_statements(old.id)
+        assert [v.sql for v in views] == ["SELECT 'v1'", "SELECT 'v2'"]
+        assert views[0].command_tag == views[1].command_tag == "SELECT 1"
+        assert views[0].result_sample == {"columns": ["v"], "rows": [["v1"]],
+                                          "truncated": False}
+        report = await store.verify()
+        assert report.ok and report.projections_checked and report.records == 5
+    finally:
+        await store.close()
+    # Editing a statement row the writer filled is still caught.
+    db = sqlite3.connect(path)
+    db.execute("UPDATE statements SET command_tag = 'SELECT 9' WHERE id = ?", (stmt,))
+    db.commit()
+    db.close()
+    store = await SQLiteAuditStore.open(path)
+    try:
+        report = await store.verify()
+        assert not report.ok and report.first_problem is not None
+        assert "command_tag" in report.first_problem.message
+    finally:
+        await store.close()
+
+
+async def test_a_held_write_lock_delays_the_batch_not_the_loop(tmp_path: Path) -> None:
+    """When another process holds the write lock, the batch waits on the writer thread
+    while the event loop runs on, and commits once the lock is free."""
+    path = tmp_path / "audit.db"
+    store = await SQLiteAuditStore.open(path, synchronous="NORMAL", busy_timeout=10)
+    try:
+        s = session_record()
+        await store.session_started(s)
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        write = asyncio.ensure_future(store.statement_received(StatementRecord(
+            s.id, 1, time.time(), "SELECT 1", None, {}, "allow", None)))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not write.done()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        first = await asyncio.wait_for(write, 10)
+        # Concurrent sessions share batches as before.
+        await asyncio.gather(*(store.statement_received(StatementRecord(
+            s.id, n, time.time(), f"SELECT {n}", None, {}, "allow", None))
+            for n in range(2, 40)))
+        await store.statement_finished(first, StatementResult(None, time.time(), 1, "SELECT 1"))
+        statements = await store.session_statements(s.id)
+        assert len(statements) == 39 and statements[0].command_tag == "SELECT 1"
+        assert store.stats.batches < 39 and (await store.verify()).ok
+        assert (await store.prune(400 * 86400)).records == 0
+    finally:
+        await store.close()
+
+
+def test_cap_sample_keeps_what_a_sampler_keeps() -> None:
+    """The shortcut for samples already within the caps gives what the ResultSampler
+    gives, and anything over them still goes through the sampler."""
+    from hoopops.audit.records import cap_sample
+
+    samples = [
+        {"columns": ["a", 2], "rows": [["x", None], ["é" * 10, "y"]], "truncated": False},
+        {"columns": ["a"], "rows": [["1"], ["2"], ["3"]], "truncated": False},
+        {"columns": ["a"], "rows": [["x" * 60]], "truncated": 0},
+        {"columns": ["b"], "rows": [[b"\x01"]], "truncated": True},
+        {"columns": [], "rows": []},
+    ]
+    for sample in samples:
+        for max_rows, max_bytes in ((100, 1000), (2, 1000), (100, 30), (1, 8)):
+            sampler = ResultSampler(max_rows, max_bytes)
+            sampler.set_columns([str(c) for c in sample["columns"]])
+            for row in sample["rows"]:
+                sampler.add_row(list(row))
+            expected = sampler.sample()
+            expected["truncated"] = bool(sample.get("truncated")) or sampler.truncated
+            assert cap_sample(sample, max_rows, max_bytes) == expected, (sample, max_rows)

@@ -30,6 +30,7 @@ from tests.clients.rawpg import (
     RawClient,
     error_fields,
     message,
+    query,
     startup_packet,
 )
 from tests.clients.util import psql_args, run, wait_active
@@ -359,3 +360,48 @@ async def test_sslrequest_then_startup_in_one_tls_record(tls_gateway: RunningGat
         assert (await raw.read_until(b"ZE")).types().endswith(b"Z")
     finally:
         writer.close()
+
+
+# -- direct TLS (libpq 17+ sslnegotiation=direct) ------------------------------------------
+
+
+async def _direct(gw: RunningGateway, alpn: list[str] | None) -> RawClient:
+    """A client that starts TLS with its first byte, as ``sslnegotiation=direct`` does."""
+    ctx = ssl.create_default_context(cafile=str(_cert(gw)))
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=ctx,
+                                                   server_hostname="localhost")
+    return RawClient(reader, writer)
+
+
+async def test_direct_tls_with_alpn_postgresql(tls_gateway: RunningGateway) -> None:
+    raw = await _direct(tls_gateway, ["postgresql"])
+    try:
+        assert raw.writer.get_extra_info("ssl_object").selected_alpn_protocol() == "postgresql"
+        reply = await raw.login(tls_gateway.token())
+        assert reply.types().endswith(b"Z"), reply.errors()
+        await raw.send(query("select 'direct' || 'tls'"))
+        assert (await raw.read_until(b"Z")).rows() == [["directtls"]]
+    finally:
+        await raw.close()
+    # A client asking with SSLRequest still gets TLS from the same listener.
+    ctx = ssl.create_default_context(cafile=str(_cert(tls_gateway)))
+    conn = await asyncpg.connect(tls_gateway.dsn().replace("?sslmode=disable", ""), ssl=ctx)
+    try:
+        assert await conn.fetchval("select 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_direct_tls_without_alpn_refused(tls_gateway: RunningGateway) -> None:
+    """As PostgreSQL itself: direct TLS must name the ALPN protocol 'postgresql'."""
+    raw = await _direct(tls_gateway, None)
+    try:
+        rest = await raw.wait_closed_by_peer(5)
+        assert rest[:1] == b"E", rest[:40]
+        (length,) = struct.unpack_from("!I", rest, 1)
+        fields = error_fields(rest[5:1 + length])
+        assert fields["C"] == "08P01" and "ALPN" in fields["M"], fields
+    finally:
+        await raw.close()

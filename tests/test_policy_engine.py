@@ -17,7 +17,7 @@ from hoopops.policy import (
     load_policies,
     load_policy_folder,
 )
-from hoopops.sql import analyze
+from hoopops.sql import Analyzer, analyze
 
 ALICE = Identity("alice@example.com", ("analysts", "oncall"), None, None, None)
 BOT = Identity("agent-7", ("agents",), None, None, None)
@@ -419,3 +419,108 @@ def test_decide_is_fast_once_warm(tmp_path: Path) -> None:
         engine.decide(BOT, "appdb", analysis)
     best = min(engine.decide(BOT, "appdb", analysis).elapsed_us for _ in range(200))
     assert best < 50
+
+
+# -- decisions cached per shape: a new literal is a lookup, never another statement's verdict
+
+
+def test_cached_decisions_follow_identity_and_target(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, """
+        default: block
+        rules:
+          - id: bots-read-staging
+            when: {subjects: ["agent-*"], targets: [staging], kinds: [read]}
+            action: allow
+          - id: oncall-read
+            when: {groups: [oncall], kinds: [read]}
+            action: review
+    """)
+    cases = [(BOT, "staging", ("allow", "bots-read-staging")),
+             (BOT, "prod", ("block", "default")),
+             (ALICE, "staging", ("review", "oncall-read")),
+             (None, "staging", ("block", "default")),
+             (Identity("agent-9", ("oncall",), None, None, None), "prod",
+              ("review", "oncall-read"))]
+    for round_ in range(3):
+        for n, (identity, target, expected) in enumerate(cases):
+            sql = f"SELECT a FROM t WHERE id = {round_ * 100 + n}"
+            assert decide(engine, sql, identity, target) == expected, (identity, target)
+
+
+def test_cached_decisions_match_sql_rules_like_fresh_ones(tmp_path: Path) -> None:
+    text = """
+        default: allow
+        rules:
+          - id: no-big-limits
+            when: {sql: "LIMIT \\\\$1$"}
+            action: review
+          - id: ids-by-equality
+            when: {sql: "WHERE id = \\\\$"}
+            action: block
+    """
+    engine = engine_for(tmp_path, text)
+    statements = ["SELECT a FROM t LIMIT 5", "SELECT a FROM t LIMIT 500000",
+                  "SELECT a FROM t WHERE id = 7", "SELECT a FROM t WHERE id = $1",
+                  "SELECT a FROM t WHERE id = 'x'", "SELECT a FROM t WHERE id > 7",
+                  "SELECT a FROM t WHERE id > 8 LIMIT 1", "SELECT a FROM t ORDER BY 1"]
+    for _ in range(2):
+        for sql in statements:
+            # A just-loaded policy on a fresh analysis: nothing cached anywhere.
+            fresh = PolicyEngine.from_policies(load_policies(tmp_path / "pol"))
+            cold = fresh.decide(None, None, Analyzer().analyze_uncached(sql, shapes=False))
+            assert decide(engine, sql) == (cold.action, cold.rule_id), sql
+    assert [decide(engine, sql)[1] for sql in statements] == [
+        "no-big-limits", "no-big-limits", "ids-by-equality", "ids-by-equality",
+        "ids-by-equality", "default", "default", "default"]
+
+
+def test_cached_decisions_end_with_their_policy_version(tmp_path: Path) -> None:
+    path = write(tmp_path / "pol", "p.yaml", ISSUE_EXAMPLE)
+    engine = PolicyEngine(tmp_path / "pol")
+    assert decide(engine, "SELECT a FROM t WHERE id = 1") == ("allow", "reads")
+    assert decide(engine, "SELECT a FROM t WHERE id = 2") == ("allow", "reads")
+    path.write_text(textwrap.dedent(ISSUE_EXAMPLE).replace(
+        "kinds: [read]}\n    action: allow", "kinds: [read]}\n    action: block"))
+    assert engine.reload().changed
+    assert decide(engine, "SELECT a FROM t WHERE id = 3") == ("block", "reads")
+    decision = engine.decide(None, None, analyze("SELECT a FROM t WHERE id = 4"))
+    assert decision.policy_version == engine.version
+
+
+def test_cached_decisions_keep_policy_side_effect_functions(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, """
+        default: allow
+        side_effect_functions:
+          audit_touch: write
+        rules:
+          - id: writes
+            when: {kinds: [write]}
+            action: review
+    """)
+    for n in range(3):
+        decision = engine.decide(None, None, analyze(f"SELECT audit_touch({n}) FROM t"))
+        assert (decision.action, decision.rule_id) == ("review", "writes")
+        assert "write" in decision.analysis.statements[0].kinds
+    assert decide(engine, "SELECT lower('x') FROM t") == ("allow", "default")
+
+
+def test_cached_decision_carries_this_statement(tmp_path: Path) -> None:
+    engine = engine_for(tmp_path, ISSUE_EXAMPLE)
+    first = engine.decide(BOT, "appdb", analyze("SELECT ssn FROM customers WHERE id = 11"))
+    again = engine.decide(BOT, "appdb", analyze("SELECT ssn FROM customers WHERE id = 22"))
+    assert (again.action, again.rule_id) == (first.action, first.rule_id)
+    assert again.analysis.text == "SELECT ssn FROM customers WHERE id = 22"
+    assert again.to_dict()["statements"][0]["text"].endswith("22")
+    assert first.to_dict()["statements"][0]["text"].endswith("11")
+
+
+def test_verdict_fields_keep_the_order_the_enforcer_builds_them_in() -> None:
+    """Enforcer.decide builds allow verdicts positionally (per statement, it is cheaper)."""
+    import dataclasses
+
+    from hoopops.proxy.gate import Verdict
+
+    assert [f.name for f in dataclasses.fields(Verdict)][:8] == [
+        "action", "sqlstate", "message", "hint", "rule_id", "decision", "approval_id",
+        "masking_hints"]
+    assert Verdict("allow").sqlstate == "42501" and Verdict("allow").message == ""

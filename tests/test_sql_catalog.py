@@ -339,3 +339,30 @@ def test_policy_check_consults_the_catalog(catalog_db: str,
     assert code == 0
     assert (out["decision"], out["rule"]) == ("review", "writes-need-review")
     assert "public.innocent" in out["statements"][0]["functions"]
+
+
+async def test_new_literals_reuse_the_judgement_until_the_catalog_changes(
+        catalog: SqlCatalog, catalog_pg: LocalPostgres, engine: PolicyEngine) -> None:
+    owner = await asyncpg.connect(catalog_pg.dsn("postgres", database=DATABASE))
+    try:
+        await owner.execute("CREATE FUNCTION shape_probe(int) RETURNS int LANGUAGE sql "
+                            "STABLE AS 'SELECT $1'")
+        assert (await judge(catalog, engine, "SELECT shape_probe(1) FROM t"))[:2] == \
+            ("allow", "reads")
+        before = catalog.lookups
+        for n in range(2, 6):
+            assert (await judge(catalog, engine, f"SELECT shape_probe({n}) FROM t"))[:2] == \
+                ("allow", "reads")
+        assert catalog.lookups == before
+        # The same shape, after the function became one that writes: judged afresh.
+        await owner.execute("CREATE OR REPLACE FUNCTION shape_probe(int) RETURNS int "
+                            "LANGUAGE sql VOLATILE AS 'SELECT $1'")
+        catalog.invalidate()
+        action, rule, facts = await judge(catalog, engine, "SELECT shape_probe(7) FROM t")
+        assert (action, rule) == ("review", "writes-need-review")
+        assert "write" in facts.kinds and facts.text == "SELECT shape_probe(7) FROM t"
+        assert (await judge(catalog, engine, "SELECT shape_probe(8) FROM t"))[:2] == \
+            ("review", "writes-need-review")
+    finally:
+        await owner.execute("DROP FUNCTION IF EXISTS shape_probe(int)")
+        await owner.close()

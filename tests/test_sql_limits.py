@@ -231,7 +231,7 @@ def test_facts_are_built_in_field_order() -> None:
         "filter_columns", "output_columns", "functions", "functions_called", "operators",
         "types", "unbounded", "dangerous", "dangerous_reasons", "lexing_risk",
         "resets_session", "row_locks", "parse_error", "unanalysable", "wrapped", "prepares",
-        "executes", "deallocates", "notes", "location"]
+        "executes", "deallocates", "notes", "location", "masking"]
     facts = analyze("PREPARE p AS DELETE FROM t USING u WHERE u.a = t.b "
                     "RETURNING pg_sleep(1)").statements[0]
     assert facts.statement_type == "PrepareStmt" and facts.prepares == "p"

@@ -11,7 +11,14 @@ See ``docs/audit.md`` for the record schema, the hash definition and the export 
 
 from __future__ import annotations
 
-from hoopops.audit.chain import GENESIS, Problem, VerifyReport, canonical_json, record_hash
+from hoopops.audit.chain import (
+    GENESIS,
+    Problem,
+    VerifyReport,
+    canonical_json,
+    json_text,
+    record_hash,
+)
 from hoopops.audit.records import (
     ApprovalRequest,
     ApprovalView,
@@ -78,6 +85,7 @@ __all__ = [
     "VerifyReport",
     "approval_binding",
     "canonical_json",
+    "json_text",
     "open_store",
     "record_hash",
 ]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
+from enum import Enum
 from json.encoder import encode_basestring as _encode_string
 from typing import Any
 
@@ -40,6 +41,38 @@ def canonical_json(value: Any) -> str:
     return _CANONICAL.encode(value)
 
 
+def plain(value: Any) -> Any:
+    """``value`` as JSON-native data (facts and event data come from many places)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) \
+            else str(value)
+    if isinstance(value, Enum):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((plain(v) for v in value), key=lambda v: canonical_json(v))
+    if is_dataclass(value) and not isinstance(value, type):
+        return plain(asdict(value))
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"hex": bytes(value).hex()}
+    return str(value)
+
+
+def json_text(value: Any) -> str:
+    """``canonical_json`` of data from anywhere: facts and event data are usually plain
+    JSON already, and are only converted (sets, tuple keys, NaN, dataclasses) when they
+    are not, to keep the common case short. Raises TypeError or ValueError."""
+    try:
+        return canonical_json(value)
+    except (TypeError, ValueError):
+        return canonical_json(plain(value))
+
+
 def record_hash(seq: int, kind: str, at: str, session_id: str | None, payload: Any,
                 prev_hash: str) -> str:
     body = canonical_json({"seq": seq, "kind": kind, "at": at, "session": session_id,
@@ -55,13 +88,14 @@ def record_hash_text(seq: int, kind: str, at: str, session_id: str | None, paylo
     payload, prev, seq, session), so both functions give the same hash; the writer uses
     this one because it already holds the payload's text.
     """
-    body = (f'{{"at":{_dump(at)},"kind":{_dump(kind)},"payload":{payload_text},'
-            f'"prev":{_dump(prev_hash)},"seq":{int(seq)},"session":{_dump(session_id)}}}')
+    body = (f'{{"at":{json_string(at)},"kind":{json_string(kind)},"payload":{payload_text},'
+            f'"prev":{json_string(prev_hash)},"seq":{int(seq)},'
+            f'"session":{json_string(session_id)}}}')
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def _dump(value: str | None) -> str:
-    # What canonical_json writes for a string (or null), without the encoder round trip.
+def json_string(value: str | None) -> str:
+    """What canonical_json writes for a string (or null), without the encoder round trip."""
     return "null" if value is None else _encode_string(value)
 
 

@@ -28,19 +28,30 @@ from hoopops.identity import Identity
 ParamValue = str | bytes | None
 
 
+# (second, its text): one tuple, replaced whole, so a reader on another thread never
+# pairs one second with another's text.
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def iso(epoch: float) -> str:
     """``2026-05-09T07:35:25.123456Z``: fixed width, so text order is time order.
 
     Built from ``time.gmtime`` rather than ``datetime.strftime``, which costs several
-    times more and runs for every record on the gateway's event loop.
+    times more and runs for every record on the gateway's event loop; and the text up to
+    the second is kept, since thousands of records share each second.
     """
     whole = math.floor(epoch)
     micros = round((epoch - whole) * 1_000_000)
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
-    t = time.gmtime(whole)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:"
-            f"{t.tm_min:02d}:{t.tm_sec:02d}.{micros:06d}Z")
+    global _iso_second
+    second, prefix = _iso_second
+    if second != whole:
+        t = time.gmtime(whole)
+        prefix = (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:"
+                  f"{t.tm_min:02d}:{t.tm_sec:02d}.")
+        _iso_second = (whole, prefix)
+    return f"{prefix}{micros:06d}Z"
 
 
 def from_iso(text: str) -> float:
@@ -113,6 +124,10 @@ class StatementRecord:
     ``decision`` is the policy's answer (``allow``, ``block`` or ``review``); ``approval_id``
     is set when an earlier session-scope approval lets this statement through without a
     new review. A fresh review links itself when the approval is requested.
+
+    ``facts`` may also be given already as its ``json_text`` (canonical JSON): the gateway
+    keeps that text per policy decision, since a prepared statement's one decision serves
+    every execution, and serialising it was the largest cost of a record.
     """
 
     session_id: str
@@ -120,7 +135,7 @@ class StatementRecord:
     received_at: float
     sql: str
     params: Sequence[ParamValue] | None
-    facts: dict[str, Any]
+    facts: dict[str, Any] | str
     decision: str
     rule_id: str | None
     approval_id: int | None = None
@@ -252,6 +267,24 @@ def cap_sample(sample: dict[str, Any] | None, max_rows: int,
     if isinstance(sample, _Capped) and sample.max_rows <= max_rows \
             and sample.max_bytes <= max_bytes:
         return sample
+    rows = sample.get("rows", [])
+    if len(rows) <= max_rows:
+        # Within the caps as it is (the usual case): what a ResultSampler would keep,
+        # without building one for every statement.
+        size = 0
+        plain_text = True
+        for row in rows:
+            for value in row:
+                if value is None:
+                    size += 6
+                elif type(value) is str:
+                    size += len(value) + 2
+                else:
+                    plain_text = False
+        if plain_text and size <= max_bytes:
+            return {"columns": [str(c) for c in sample.get("columns", [])],
+                    "rows": [list(r) for r in rows],
+                    "truncated": bool(sample.get("truncated"))}
     sampler = ResultSampler(max_rows, max_bytes)
     sampler.set_columns([str(c) for c in sample.get("columns", [])])
     for row in sample.get("rows", []):

@@ -3,27 +3,40 @@
 ``chain`` is the evidence: one row per record, append-only, hash-linked. The other tables
 (``sessions``, ``statements``, ``approvals``, ``masking_actions``, ``gateway_events``) are
 projections that exist so the console's questions are answered by an index instead of a
-scan. They are written only by the triggers below, from the chain row being inserted, so:
+scan. The triggers below define them, from the chain row being inserted, so:
 
-- every writer (the gateway, ``hoopops approvals approve`` in another terminal) keeps them
-  consistent without knowing how;
 - ``verify`` can rebuild them from the chain into a scratch database with the very same
   triggers and compare row for row, so editing a projection is caught like editing the
-  chain.
+  chain;
+- rare records (sessions, approvals, masking, events) need no projection code anywhere
+  else, whichever process writes them.
+
+Since version 2 the live ``chain`` carries only the guard triggers, because every
+trigger on it ran for every record (about 5 µs each, WHEN clause or not), and the
+statement triggers ran ``json_extract`` once per column, re-parsing the whole payload
+each time. The two records every statement writes (``statement.received`` and
+``statement.finished``) have their rows filled by the writer itself, in the same
+transaction, from the values it serialised (``STATEMENT_INSERT`` / ``STATEMENT_FINISH``);
+the rare ones are also inserted into the writer connection's in-memory ``INBOX`` table,
+which carries TEMP copies of their projection triggers (``inbox_statements``). Verify
+still rebuilds every projection with the triggers on a scratch ``chain``, so a writer
+that disagrees with the definition is caught like an edit.
 
 Migrations: ``MIGRATIONS[n]`` upgrades a store from version n-1 to n and is applied inside
-one transaction that also sets ``PRAGMA user_version``. ``schema_statements`` always
-describes the newest version, because ``verify`` rebuilds the projections with it.
+one transaction that also sets ``PRAGMA user_version``. ``schema_statements`` is the
+version-1 layout and, with its triggers, the definition of every projection: ``verify``
+rebuilds the projections with it whatever the live layout became.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from hoopops.audit.chain import GENESIS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 CHAIN_COLUMNS = ("seq", "kind", "at", "session_id", "payload", "prev_hash", "hash")
 
@@ -244,8 +257,58 @@ def schema_statements(s: str, *, guards: bool = True) -> list[str]:
 
 GUARD_TRIGGERS = ("chain_no_update", "chain_no_delete", "chain_in_order", "chain_head_follows")
 
+# Statement records are projected by the writer (see the module docstring); these are
+# the triggers that define what it must write, used only by verify's rebuild.
+WRITER_PROJECTED = ("project_statement_received", "project_statement_finished")
+
+STATEMENT_INSERT = ("INSERT INTO statements (id, session_id, seq, received_at, sql, params, "
+                    "facts, decision, rule_id, approval_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                    "?, ?)")
+STATEMENT_FINISH = ("UPDATE statements SET finished_seq = ?, started_at = ?, finished_at = ?, "
+                    "duration_us = ?, rows = ?, command_tag = ?, sqlstate = ?, "
+                    "error_message = ?, result_sha256 = ?, result_sample = ? WHERE id = ?")
+
+
+def _projection_triggers(s: str) -> list[tuple[str, str]]:
+    """(name, DDL) of every projection trigger the newest schema defines."""
+    found = []
+    for statement in schema_statements(s, guards=False):
+        match = re.match(rf"\s*CREATE TRIGGER {s}\.(project_\w+) ", statement)
+        if match:
+            found.append((match.group(1), statement))
+    return found
+
+
+INBOX = "audit_inbox"
+
+
+def inbox_statements() -> list[str]:
+    """The writer connection's TEMP inbox and the projection triggers of the records the
+    writer does not project itself, moved from ``chain`` onto it."""
+    out = [f"CREATE TEMP TABLE IF NOT EXISTS {INBOX} (seq INTEGER, kind TEXT, at TEXT, "
+           "session_id TEXT, payload TEXT)"]
+    for name, ddl in _projection_triggers("main"):
+        if name not in WRITER_PROJECTED:
+            head = f"CREATE TRIGGER main.{name} AFTER INSERT ON chain"
+            assert head in ddl, f"unexpected trigger shape: {name}"
+            out.append(ddl.replace(head, f"CREATE TEMP TRIGGER IF NOT EXISTS {name} "
+                                         f"AFTER INSERT ON {INBOX}", 1))
+    return out
+
+
+def _v2(s: str) -> list[str]:
+    # An index keyed by session dirties one more page per session in every commit, and
+    # 8 sessions commit together. chain_session served prune (which now asks the sessions
+    # table where each session starts and ends) and raw-record exports of one session
+    # (which start at the session's first record); statements_decision served decision
+    # filters, which run inside one session's statements or are exports that scan anyway.
+    return [*(f"DROP TRIGGER {s}.{name}" for name, _ in _projection_triggers(s)),
+            f"DROP INDEX {s}.statements_decision", f"DROP INDEX {s}.chain_session"]
+
+
 MIGRATIONS: dict[int, Callable[[str], list[str]]] = {
     1: lambda s: schema_statements(s, guards=True),
+    2: _v2,
 }
 
 

@@ -1,10 +1,13 @@
 """The SQLite audit store (WAL), with group commit.
 
 Durability before forwarding is the whole point, and it must not serialise the gateway.
-So one writer task drains a queue: callers put a record on it and await a future; the
-writer takes *everything* waiting, appends it to the chain in one ``BEGIN IMMEDIATE``
-transaction (one fsync), and resolves every future after ``COMMIT``. While one batch
-commits, the next one gathers, so the batch size grows with load.
+So one writer task drains a list: callers append a record to it and await a future (a
+record nobody awaits, such as a statement's result, has none); the writer takes
+*everything* waiting, appends it to the chain in one ``BEGIN IMMEDIATE`` transaction (one
+fsync), and resolves every future after ``COMMIT``. While one batch commits, the next one
+gathers, so the batch size grows with load. The statement records, two per statement,
+are serialised once, by splicing pre-encoded parts in canonical key order, and the same
+values fill their query-table row (see ``schema.py``).
 
 The write connection is a plain ``sqlite3`` connection owned by one dedicated thread, and
 a whole batch (begin, read the head, insert, commit) is a single hand-off to it. Driving
@@ -30,8 +33,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
-from enum import Enum
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,6 +47,8 @@ from hoopops.audit.chain import (
     Problem,
     VerifyReport,
     canonical_json,
+    json_string,
+    json_text,
     record_hash_text,
 )
 from hoopops.audit.records import (
@@ -68,10 +72,14 @@ from hoopops.audit.records import (
 from hoopops.audit.schema import (
     CHAIN_COLUMNS,
     GUARD_TRIGGERS,
+    INBOX,
     MIGRATIONS,
     PROJECTIONS,
     SCHEMA_VERSION,
+    STATEMENT_FINISH,
+    STATEMENT_INSERT,
     Projection,
+    inbox_statements,
     schema_statements,
 )
 from hoopops.audit.store import (
@@ -88,6 +96,8 @@ log = logging.getLogger(__name__)
 
 _RESERVED_PREFIXES = ("session.", "statement.", "approval.", "masking.", "audit.")
 _INSERT_CHAIN = f"INSERT INTO chain ({', '.join(CHAIN_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_INBOX = (f"INSERT INTO temp.{INBOX} (seq, kind, at, session_id, payload) "
+                 "VALUES (?, ?, ?, ?, ?)")
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Bounded so one transaction (and the memory it holds) stays small under a flood.
 _MAX_BATCH = 2000
@@ -106,16 +116,22 @@ class _Rejected(Exception):
 Guard = Callable[[sqlite3.Connection], str | None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Item:
     kind: str
     at: str
     session_id: str | None
     payload_text: str
-    future: asyncio.Future[int]
+    # None when nobody awaits the record (``wait=False``): the writer logs its failure.
+    future: asyncio.Future[int] | None
     # Checked inside the transaction, after everything queued before it: returns the
     # session id the record belongs to, or raises _Rejected. Runs on the writer thread.
     guard: Guard | None = None
+    # A statement record's row for the statements table, which the writer fills itself
+    # (schema version 2): the STATEMENT_INSERT values after the id, or the
+    # STATEMENT_FINISH values after finished_seq.
+    insert: tuple[Any, ...] | None = None
+    finish: tuple[Any, ...] | None = None
 
 
 @dataclass
@@ -127,28 +143,6 @@ class WriterStats:
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
-
-
-def plain(value: Any) -> Any:
-    """``value`` as JSON-native data (facts and event data come from many places)."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) \
-            else str(value)
-    if isinstance(value, Enum):
-        return plain(value.value)
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    if isinstance(value, set | frozenset):
-        return sorted((plain(v) for v in value), key=lambda v: canonical_json(v))
-    if is_dataclass(value) and not isinstance(value, type):
-        return plain(asdict(value))
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"hex": bytes(value).hex()}
-    return str(value)
 
 
 Outcome = tuple[_Item, int | Exception]
@@ -170,7 +164,11 @@ class SQLiteAuditStore(AuditStore):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
         self._wdb: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        # Records waiting for the next batch, and the writer's wake-up when it is idle:
+        # handing over a record is a list append, not an asyncio.Queue round trip.
+        self._pending: list[_Item] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._stopping = False
         self._writer: asyncio.Task[None] | None = None
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_db: aiosqlite.Connection | None = None
@@ -240,6 +238,8 @@ class SQLiteAuditStore(AuditStore):
         # only the backstop should that fall behind (pages of 4 KiB: about 32 MiB).
         db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_BACKSTOP_PAGES}")
         self._migrate(db)
+        for statement in inbox_statements():
+            db.execute(statement)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -292,8 +292,9 @@ class SQLiteAuditStore(AuditStore):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
         if self._writer is not None:
-            # Everything queued before close is still written; the sentinel comes last.
-            self._queue.put_nowait(None)
+            # Everything queued before close is still written, then the writer stops.
+            self._stopping = True
+            self._wake_writer()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         await self._shutdown()
@@ -315,49 +316,48 @@ class SQLiteAuditStore(AuditStore):
 
     # --- the writer ----------------------------------------------------------------------
 
-    def _enqueue(self, kind: str, at: str, session_id: str | None, payload: Any,
-                 guard: Guard | None = None) -> asyncio.Future[int]:
+    def _queue_only(self, kind: str, at: str, session_id: str | None, payload: Any) -> None:
+        self._put(_Item(kind, at, session_id, _text_of(payload, kind), None))
+
+    def _put(self, item: _Item) -> _Item:
         if self._closed:
             raise AuditWriteError("the audit store is closed")
-        try:
-            text = canonical_json(payload)
-        except (TypeError, ValueError):
-            # Facts and event data are usually plain JSON already; only convert (sets,
-            # tuples as keys, NaN, dataclasses) when they are not, to keep the hot path short.
-            try:
-                text = canonical_json(plain(payload))
-            except (TypeError, ValueError) as exc:
-                raise AuditWriteError(f"audit record {kind} is not serialisable: {exc}"
-                                      ) from exc
+        self._pending.append(item)
+        self._wake_writer()
+        return item
+
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _awaitable(self, item: _Item) -> asyncio.Future[int]:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        # If nobody awaits (wait=False, or the caller was cancelled), a failure is still
-        # seen and logged rather than lost.
+        # If the caller was cancelled meanwhile, a failure is still seen and logged.
         future.add_done_callback(_consume)
-        self._queue.put_nowait(_Item(kind, at, session_id, text, future, guard))
+        item.future = future
+        self._put(item)
         return future
 
     async def _append(self, kind: str, at: str, session_id: str | None, payload: Any,
                       guard: Guard | None = None) -> int:
         # A caller cancelled while waiting cancels only its own future: the record stays
         # in its batch and is written anyway (the writer skips futures already done).
-        return await self._enqueue(kind, at, session_id, payload, guard)
+        return await self._awaitable(_Item(kind, at, session_id, _text_of(payload, kind),
+                                           None, guard))
 
     async def _write_loop(self) -> None:
-        stop = False
-        while not stop:
-            item = await self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    more = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._stopping:
                     break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+                continue
+            batch = self._pending[:_MAX_BATCH]
+            del self._pending[:_MAX_BATCH]
             try:
                 outcomes = await self._on_writer(self._commit, batch)
             except Exception as exc:
@@ -374,12 +374,16 @@ class SQLiteAuditStore(AuditStore):
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             for pending, outcome in outcomes:
-                if pending.future.done():
+                future = pending.future
+                if future is None:
+                    if isinstance(outcome, Exception):
+                        log.error("audit write failed: %s", outcome)
+                elif future.done():
                     continue
-                if isinstance(outcome, Exception):
-                    pending.future.set_exception(outcome)
+                elif isinstance(outcome, Exception):
+                    future.set_exception(outcome)
                 else:
-                    pending.future.set_result(outcome)
+                    future.set_result(outcome)
 
     def _commit(self, batch: list[_Item]) -> list[Outcome]:
         """On the writer thread: the whole batch in one transaction, or each record alone
@@ -423,27 +427,60 @@ class SQLiteAuditStore(AuditStore):
                                   "verify")
         seq, prev = int(head[0]), str(head[1])
         rows: list[tuple[Any, ...]] = []
+        inserts: list[tuple[Any, ...]] = []
+        finishes: list[tuple[Any, ...]] = []
+        inbox: list[tuple[Any, ...]] = []
+        used_inbox = False
+
+        def flush() -> None:
+            # Chain rows first (their guard triggers check the order), then what they
+            # project, in record order: statement inserts before the updates that may
+            # finish them; only one of statement rows and inbox is pending at a time.
+            if rows:
+                db.executemany(_INSERT_CHAIN, rows)
+                rows.clear()
+            if inserts:
+                db.executemany(STATEMENT_INSERT, inserts)
+                inserts.clear()
+            if finishes:
+                db.executemany(STATEMENT_FINISH, finishes)
+                finishes.clear()
+            if inbox:
+                db.executemany(_INSERT_INBOX, inbox)
+                inbox.clear()
+
         outcomes: list[Outcome] = []
         for item in batch:
             session_id = item.session_id
             if item.guard is not None:
-                if rows:
-                    # The guard must see the records queued before its own.
-                    db.executemany(_INSERT_CHAIN, rows)
-                    rows = []
+                # The guard must see the records queued before its own.
+                flush()
                 try:
                     session_id = item.guard(db)
                 except _Rejected as rejected:
                     outcomes.append((item, rejected.error))
                     continue
+            statement = item.insert is not None or item.finish is not None
+            if (inbox if statement else inserts or finishes):
+                # An approval naming a statement must find the statement rows queued
+                # before it (and so on): project in record order.
+                flush()
             seq += 1
             digest = record_hash_text(seq, item.kind, item.at, session_id, item.payload_text,
                                       prev)
             rows.append((seq, item.kind, item.at, session_id, item.payload_text, prev, digest))
+            if item.insert is not None:
+                inserts.append((seq, *item.insert))
+            elif item.finish is not None:
+                finishes.append((seq, *item.finish))
+            else:
+                inbox.append((seq, item.kind, item.at, session_id, item.payload_text))
+                used_inbox = True
             prev = digest
             outcomes.append((item, seq))
-        if rows:
-            db.executemany(_INSERT_CHAIN, rows)
+        flush()
+        if used_inbox:
+            db.execute(f"DELETE FROM temp.{INBOX}")
         db.execute("COMMIT")
         return outcomes
 
@@ -472,14 +509,26 @@ class SQLiteAuditStore(AuditStore):
         return seq
 
     async def statement_received(self, statement: StatementRecord) -> int:
-        payload = {"session_id": statement.session_id, "seq": statement.seq,
-                   "received_at": iso(statement.received_at), "sql": statement.sql,
-                   "params": json_params(statement.params), "facts": statement.facts,
-                   "decision": statement.decision, "rule_id": statement.rule_id,
-                   "approval_id": statement.approval_id}
-        statement_id = await self._append("statement.received", payload["received_at"],
-                                          statement.session_id, payload)
-        self._open_statements[statement_id] = statement.session_id
+        kind = "statement.received"
+        received_at = iso(statement.received_at)
+        facts = statement.facts
+        facts_text = facts if isinstance(facts, str) else _text_of(facts, kind)
+        params_text = None if statement.params is None else _text_of(
+            json_params(statement.params), kind)
+        session_id, sql, decision = statement.session_id, statement.sql, statement.decision
+        seq, rule_id, approval_id = statement.seq, statement.rule_id, statement.approval_id
+        # canonical_json of the payload, spliced from its parts in sorted key order: the
+        # parts are what the statements row holds too, so nothing is serialised twice.
+        text = (f'{{"approval_id":{_scalar_text(approval_id, kind)},"decision":'
+                f'{_scalar_text(decision, kind)},"facts":{facts_text},"params":'
+                f'{params_text or "null"},"received_at":{json_string(received_at)},"rule_id":'
+                f'{_scalar_text(rule_id, kind)},"seq":{_scalar_text(seq, kind)},'
+                f'"session_id":{_scalar_text(session_id, kind)},"sql":{_scalar_text(sql, kind)}}}')
+        statement_id = await self._awaitable(_Item(
+            kind, received_at, session_id, text, None,
+            insert=(session_id, seq, received_at, sql, params_text, facts_text, decision,
+                    rule_id, approval_id)))
+        self._open_statements[statement_id] = session_id
         return statement_id
 
     async def statement_finished(self, statement_id: int, result: StatementResult, *,
@@ -487,21 +536,29 @@ class SQLiteAuditStore(AuditStore):
         session_id = self._open_statements.pop(statement_id, None)
         if session_id is None:
             session_id = await self._statement_session(statement_id)
+        kind = "statement.finished"
         duration = None
         if result.started_at is not None:
             duration = max(0, round((result.finished_at - result.started_at) * 1_000_000))
-        payload = {"statement_id": statement_id, "started_at": opt_iso(result.started_at),
-                   "finished_at": iso(result.finished_at), "duration_us": duration,
-                   "rows": result.rows, "command_tag": result.command_tag,
-                   "sqlstate": result.sqlstate, "error_message": result.error_message,
-                   "result_sha256": result.result_sha256,
-                   "result_sample": cap_sample(result.result_sample, self.result_rows,
-                                               self.result_bytes)}
+        started_at, finished_at = opt_iso(result.started_at), iso(result.finished_at)
+        sample = cap_sample(result.result_sample, self.result_rows, self.result_bytes)
+        sample_text = None if sample is None else _text_of(sample, kind)
+        rows, tag, sqlstate = result.rows, result.command_tag, result.sqlstate
+        error, sha = result.error_message, result.result_sha256
+        # Spliced in sorted key order, as for statement_received.
+        text = (f'{{"command_tag":{_scalar_text(tag, kind)},"duration_us":'
+                f'{_scalar_text(duration, kind)},"error_message":{_scalar_text(error, kind)},'
+                f'"finished_at":{json_string(finished_at)},"result_sample":{sample_text or "null"},'
+                f'"result_sha256":{_scalar_text(sha, kind)},"rows":{_scalar_text(rows, kind)},'
+                f'"sqlstate":{_scalar_text(sqlstate, kind)},"started_at":{json_string(started_at)},'
+                f'"statement_id":{_scalar_text(statement_id, kind)}}}')
+        item = _Item(kind, finished_at, session_id, text, None,
+                     finish=(started_at, finished_at, duration, rows, tag, sqlstate, error,
+                             sha, sample_text, statement_id))
         if not wait:
-            self._enqueue("statement.finished", payload["finished_at"], session_id, payload)
+            self._put(item)
             return None
-        return await self._append("statement.finished", payload["finished_at"], session_id,
-                                  payload)
+        return await self._awaitable(item)
 
     async def _statement_session(self, statement_id: int) -> str:
         async with self._read_lock:
@@ -522,7 +579,7 @@ class SQLiteAuditStore(AuditStore):
             {"column": a.column_or_detector, "strategy": a.strategy, "count": int(a.count)}
             for a in actions]}
         if not wait:
-            self._enqueue("masking.applied", when, session_id, payload)
+            self._queue_only("masking.applied", when, session_id, payload)
             return None
         return await self._append("masking.applied", when, session_id, payload)
 
@@ -653,11 +710,12 @@ class SQLiteAuditStore(AuditStore):
                             (cutoff,))
         through = int(head_seq) if first_kept is None else int(first_kept) - 1
         while True:
-            # Pull the cut back to the start of any session that straddles it.
+            # Pull the cut back to the start of any session that straddles it: one that
+            # started by the cut and had not ended by then (its end is its last record:
+            # the gateway completes and closes everything of a session before ending it).
             straddler = scalar("""
-                SELECT MIN(c.seq) FROM chain c
-                WHERE c.seq <= :k AND c.session_id IS NOT NULL AND EXISTS (
-                    SELECT 1 FROM chain d WHERE d.session_id = c.session_id AND d.seq > :k)
+                SELECT MIN(started_seq) FROM sessions
+                WHERE started_seq <= :k AND (ended_seq IS NULL OR ended_seq > :k)
             """, {"k": through})
             if straddler is None:
                 break
@@ -689,6 +747,8 @@ class SQLiteAuditStore(AuditStore):
                                   str(head_hash))
         db.execute(_INSERT_CHAIN, (anchor_seq, PRUNE_KIND, at, None, payload_text,
                                    str(head_hash), digest))
+        db.execute(_INSERT_INBOX, (anchor_seq, PRUNE_KIND, at, None, payload_text))
+        db.execute(f"DELETE FROM temp.{INBOX}")
         db.execute("COMMIT")
         return PruneReport(cutoff, False, records, sessions, through, through_hash, anchor_seq)
 
@@ -935,6 +995,25 @@ class SQLiteAuditStore(AuditStore):
         return count
 
 
+def _text_of(value: Any, kind: str) -> str:
+    try:
+        return json_text(value)
+    except (TypeError, ValueError) as exc:
+        raise AuditWriteError(f"audit record {kind} is not serialisable: {exc}") from exc
+
+
+def _scalar_text(value: Any, kind: str) -> str:
+    """``canonical_json`` of one payload field, without the encoder round trip for the
+    strings, integers and nulls the statement records are made of."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return json_string(value)
+    if type(value) is int:
+        return str(value)
+    return _text_of(value, kind)
+
+
 def _consume(future: asyncio.Future[int]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.debug("audit write failed: %s", future.exception())
@@ -942,7 +1021,7 @@ def _consume(future: asyncio.Future[int]) -> None:
 
 def _fail(batch: list[_Item], error: Exception) -> None:
     for item in batch:
-        if not item.future.done():
+        if item.future is not None and not item.future.done():
             item.future.set_exception(error)
 
 
@@ -1038,7 +1117,9 @@ def _record_filters(f: Filters) -> tuple[str, dict[str, Any]]:
         clauses.append("c.at <= :until")
         params["until"] = iso(f.until)
     if f.session_id:
-        clauses.append("c.session_id = :session_id")
+        # Nothing of a session precedes its start: the seq bound reads only the rest.
+        clauses.append("c.session_id = :session_id AND c.seq >= COALESCE((SELECT "
+                       "started_seq FROM sessions WHERE id = :session_id), 0)")
         params["session_id"] = f.session_id
     if f.identity or f.target:
         sub = ["1 = 1"]

@@ -26,11 +26,14 @@ upstream database; skip everything when ``not rules.enabled_for(identity)``):
    Keep the plan per portal: Execute may run again after PortalSuspended. DataRows with
    no RowDescription known (Execute without Describe) need one: Describe the portal
    yourself, or fail the statement.
-3. DataRow: ``plan.rewrite_data_row(payload)``, or ``plan.rewrite_data_rows(messages)``
-   for one or more whole framed 'D' messages at once (the faster form).
+3. DataRow: ``plan.rewrite_data_row(payload)``; or, the fast form for a relay holding
+   many rows in its read buffer, ``out, end = plan.rewrite_rows_at(buffer, pos)``: every
+   whole framed 'D' message from ``pos`` up to the first other or incomplete message,
+   masked in one call (``plan.rewrite_data_rows(messages)`` when it holds nothing else).
 4. CopyOutResponse: ``plan = rules.plan_copy(identity, payload, hints[i])``; each
-   CopyData: ``out = plan.rewrite_copy_data(payload)`` (send nothing when ``b""``);
-   CopyDone: ``plan.finish_copy()``.
+   CopyData: ``out = plan.rewrite_copy_data(payload)`` (send nothing when ``b""``), or
+   ``out, end = plan.rewrite_copy_at(buffer, pos)`` for all the whole 'd' messages at
+   once (framed, one per row); CopyDone: ``plan.finish_copy()``.
 5. CommandComplete / PortalSuspended / ErrorResponse: ``plan.take_actions()`` → audit
    record and the ``masking.applied`` event; ``catalog.note_command(tag)`` after
    CommandComplete (DDL empties its caches).
@@ -40,8 +43,10 @@ upstream database; skip everything when ``not rules.enabled_for(identity)``):
    Each returns ``(payload, actions)``.
 
 ``MaskingError`` (and ``MaskingRefused``, with SQLSTATE 42501) mean the statement must
-end with an ErrorResponse, never with the data. ``rules.facts(hints)`` gives the policy
-engine what masking cannot fix (sensitive columns in predicates, copies, writes).
+end with an ErrorResponse, never with the data. What masking cannot fix (sensitive
+columns in predicates, copies, placeholders written back, code it cannot see through)
+goes to the policy engine before the decision: ``inference.with_masking_facts(analysis,
+hints, rules, identity)`` sets ``StatementFacts.masking`` from ``rules.policy_facts``.
 """
 
 from hoopops.masking.codec import (

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from hoopops.masking.strategies import REDACT, Strategy
 
@@ -205,6 +206,13 @@ _PHONE = Detector(
     needs_plus=True,
 )
 
+# Buffer probes (see DetectorSet.buffer_probes); each starts with a literal, so the regex
+# engine skips to candidates at C speed.
+_AT_PROBE = re.compile(rb"@(?<=[A-Za-z0-9._%+'-]@)[A-Za-z0-9]").search
+_BARE_AT = re.compile(rb"@").search
+_PLUS_PROBE = re.compile(rb"\+[1-9]").search
+_BARE_PLUS = re.compile(rb"\+").search
+
 BUILTIN: dict[str, Detector] = {d.name: d for d in (_EMAIL, _IBAN, _CARD, _SSN, _PHONE)}
 # Longer, more specific shapes first: a phone pattern must not eat the middle of a card.
 _ORDER = ("email", "iban", "credit_card", "ssn", "phone")
@@ -254,6 +262,36 @@ class DetectorSet:
         #: ``data``. A closure specialised to the configured detectors, because it runs
         #: once per DataRow.
         self.may_match: Callable[[bytes], bool] = self._probe()
+        #: The probe for a buffer of many rows: ``(search, on_shape)`` pairs, where
+        #: ``search(text, pos=0)`` finds the next place a detector could match in the
+        #: buffer (``on_shape``: in ``buffer.translate(SHAPE)``), or ``(None, False)``
+        #: when some detector has no probe and every value must be scanned.
+        self.buffer_probes: tuple[tuple[Any, bool], ...] = self._buffer_probes()
+
+    def _buffer_probes(self) -> tuple[tuple[Any, bool], ...]:
+        if self.always_scan:
+            return ((None, False),)
+        probes: list[tuple[Any, bool]] = []
+        tails = [t for d in self.detectors for t in d.shape_tails]
+        needles = _shape_needles(tails)
+        if needles is not None:
+            probes += [(_finder(needle), True) for needle in needles]
+        elif self._shape_rx is not None:
+            probes.append((_span(self._shape_rx), True))
+        # A buffer of masked rows holds an "@" in every masked email ("***@example.com"),
+        # so the buffer probe asks for what the email pattern needs around its "@": a
+        # local-part character before it and a letter or digit after it.
+        searches = []
+        for detector in self.detectors:
+            if detector.needs_at:
+                searches.append(_AT_PROBE if detector.pattern is _EMAIL.pattern else _BARE_AT)
+            if detector.needs_plus:
+                searches.append(_PLUS_PROBE if detector.pattern is _PHONE.pattern
+                                else _BARE_PLUS)
+        searches += [re.compile(d.prefilter).search for d in self.detectors
+                     if d.prefilter is not None]
+        probes += [(_span(search), False) for search in dict.fromkeys(searches)]
+        return tuple(probes)
 
     def _probe(self) -> Callable[[bytes], bool]:
         if self.always_scan:
@@ -315,6 +353,47 @@ class DetectorSet:
             if hits[0]:
                 return detector.name
         return None
+
+
+def _span(search: Callable[..., re.Match[bytes] | None]
+          ) -> Callable[[bytes, int], tuple[int, int] | None]:
+    def find(text: bytes, pos: int = 0) -> tuple[int, int] | None:
+        match = search(text, pos)
+        return None if match is None else match.span()
+    return find
+
+
+def _finder(needle: bytes) -> Callable[[bytes, int], tuple[int, int] | None]:
+    size = len(needle)
+
+    def find(text: bytes, pos: int = 0) -> tuple[int, int] | None:
+        at = text.find(needle, pos)
+        return None if at < 0 else (at, at + size)
+    return find
+
+
+_SHAPE_LITERAL = re.compile(rb"[0-]+")
+
+
+def _shape_needles(tails: list[bytes]) -> list[bytes] | None:
+    """The shape probe as plain substrings, when every tail is a literal: ``0000`` plus
+    the tail, or the body of a lookbehind. ``bytes.find`` skips through a buffer many
+    times faster than the regex engine tries each ``0000`` in it (dates, amounts and
+    hex digests are full of them). Needles holding a shorter one are left out: the
+    shorter one is found wherever they would be."""
+    literals = set()
+    for tail in tails:
+        if tail.startswith(b"(?<=") and tail.endswith(b")"):
+            literal = tail[4:-1]
+            if not literal.endswith(b"0000"):
+                return None
+        else:
+            literal = b"0000" + tail
+        if not _SHAPE_LITERAL.fullmatch(literal):
+            return None
+        literals.add(literal)
+    return sorted(n for n in literals if not any(o != n and o in n for o in literals)) \
+        if literals else None
 
 
 _LITERAL = re.compile(rb"[0-9A-Za-z -]+")
@@ -380,21 +459,37 @@ def _substitute(detector: Detector) -> Callable[[bytes, list[int]], bytes]:
         # In free text there is no NULL to give: a null strategy redacts the span.
         return b"****" if masked is None else masked
 
-    def run(value: bytes, hits: list[int]) -> bytes:
-        def replace(match: re.Match[bytes]) -> bytes:
-            text = match.group(0)
-            if trim is not None:
-                end = trim(text)
-                if not end:
-                    return text
-                hits[0] += 1
-                return mask(text[:end]) + run(text[end:], hits)
-            if validate is not None and not validate(text):
-                return text
-            hits[0] += 1
-            return mask(text)
+    search = pattern.search
 
-        return pattern.sub(replace, value)
+    def run(value: bytes, hits: list[int]) -> bytes:
+        # Not pattern.sub: a candidate that fails validation must not hide a valid value
+        # overlapping it ("555-867-5309 4111 1111 1111 1111" reads as the candidate card
+        # "5309 4111 1111 1111" first), so the search resumes one byte after its start.
+        out: list[bytes] = []
+        copied = 0
+        match = search(value)
+        while match is not None:
+            text = match.group(0)
+            start, end = match.span()
+            if trim is not None:
+                cut = trim(text)
+                if cut:
+                    hits[0] += 1
+                    out += (value[copied:start], mask(text[:cut]), run(text[cut:], hits))
+                    copied = end
+                    match = search(value, end)
+                    continue
+            elif validate is None or validate(text):
+                hits[0] += 1
+                out += (value[copied:start], mask(text))
+                copied = end
+                match = search(value, max(end, start + 1))
+                continue
+            match = search(value, start + 1)
+        if not out:
+            return value
+        out.append(value[copied:])
+        return b"".join(out)
 
     return run
 

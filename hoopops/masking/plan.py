@@ -164,12 +164,43 @@ class ResultPlan:
             raise MaskingError("incomplete DataRow message")
         return messages
 
+    def rewrite_rows_at(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """Every complete DataRow message in ``data`` from ``start`` on, up to the first
+        message that is something else or incomplete → ``(messages to send, where they
+        ended)``: how a relay hands over all the rows of its read buffer in one call.
+        Raises :class:`MaskingError` like :meth:`rewrite_data_row`."""
+        if not self._passthrough:
+            return self._row.rewrite_run(data, start)
+        pos = start
+        size = len(data)
+        count = self._row.count_bytes
+        rows = 0
+        while size - pos >= 7 and data[pos] == 68:
+            end = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+            if end > size:
+                break
+            if data[pos + 5:pos + 7] != count or end < pos + 7:
+                raise MaskingError("DataRow does not match its RowDescription")
+            rows += 1
+            pos = end
+        self._row.count_rows(rows)
+        return data[start:pos], pos
+
     def rewrite_copy_data(self, chunk: bytes, copy_format: CopyOptions | None = None) -> bytes:
         """A CopyData payload of ``COPY ... TO STDOUT`` → the payload to send.
 
         ``copy_format`` overrides the options the plan was built with (from the parsed
         COPY statement). Returns ``b""`` while a row is incomplete: send nothing then.
         """
+        return self._copy_rewriter(copy_format).feed(chunk)
+
+    def rewrite_copy_at(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """Every complete CopyData *message* in ``data`` from ``start`` on, up to the
+        first other or incomplete one → ``(CopyData messages to send, where they
+        ended)``: the batch form of :meth:`rewrite_copy_data` for a relay."""
+        return self._copy_rewriter(None).feed_messages(data, start)
+
+    def _copy_rewriter(self, copy_format: CopyOptions | None) -> CopyRewriter:
         if self._copy is None:
             options = copy_format or self.copy
             if options is None:
@@ -179,7 +210,7 @@ class ResultPlan:
                      if d.masked and d.strategy is not None}
             self._copy = CopyRewriter(options, binary, len(self.columns), masks,
                                       self._value_detector, [d.detect for d in self.decisions])
-        return self._copy.feed(chunk)
+        return self._copy
 
     def finish_copy(self) -> None:
         """Call at CopyDone; raises :class:`MaskingError` if the data ended mid-row."""

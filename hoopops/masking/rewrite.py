@@ -12,7 +12,9 @@ masked value is never sent raw, whatever format the client asked for.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import json
 import re
 import struct
@@ -20,9 +22,16 @@ from collections.abc import Callable, Sequence
 from types import CodeType
 
 from hoopops.masking.codec import I16, I32, NULL_FIELD
-from hoopops.masking.detectors import DetectorSet
+from hoopops.masking.detectors import SHAPE, DetectorSet
 from hoopops.masking.sources import CopyOptions
-from hoopops.masking.strategies import REDACTED, Strategy
+from hoopops.masking.strategies import _SHAPE_TABLE as KEEP_SHAPE
+from hoopops.masking.strategies import (
+    DOMAIN_CHARS,
+    LENGTH_STARS,
+    MAX_DOMAIN,
+    REDACTED,
+    Strategy,
+)
 
 
 class MaskingError(Exception):
@@ -93,7 +102,8 @@ def _json_string(value: bytes) -> bytes:
     return json.dumps(value.decode("utf-8", "replace")).encode()
 
 
-FieldMask = tuple[str, object]  # ("const", field bytes) | ("field", f) | ("check", f)
+# ("const", field bytes) | ("field", f) | ("check", f) | ("email", f) | ("keep", f)
+FieldMask = tuple[str, object]
 
 
 def field_mask(strategy: Strategy, klass: int) -> FieldMask:
@@ -110,6 +120,12 @@ def field_mask(strategy: Strategy, klass: int) -> FieldMask:
         return ("const", I32.pack(len(token)) + token)
     field = strategy.field_function()
     if klass == M_RAW and field is not None:
+        # email_domain and keep_last are written inline by the generated rewriters, with
+        # ``field`` for what the inline code does not cover (long values, new shapes).
+        if strategy.kind == "email_domain":
+            return ("email", field)
+        if strategy.kind == "keep_last":
+            return ("keep", field)
         return ("field", field)
     return ("field", field_encoder(strategy, klass))
 
@@ -241,6 +257,22 @@ def numeric_text(value: bytes) -> bytes:
 _unpack_i32 = I32.unpack_from
 _pack_i32 = I32.pack
 _HEADER = struct.Struct("!ci")  # message type and length, packed in one call
+_ROW_HEAD = struct.Struct("!Bih")  # type, length and field count of a DataRow, in one call
+
+
+def _row_starts(rows: bytes, pieces: list[bytes] | None = None) -> list[int]:
+    """Where each message of a buffer of complete messages starts; from ``pieces`` (each
+    message's header and payload, which make up ``rows``) when given."""
+    if pieces is not None:
+        ends = list(itertools.accumulate(map(len, pieces)))
+        return [0, *ends[1:-1:2]]
+    starts = []
+    pos = 0
+    size = len(rows)
+    while pos < size:
+        starts.append(pos)
+        pos += 1 + _unpack_i32(rows, pos + 1)[0]
+    return starts
 
 
 class _Short(Exception):
@@ -275,6 +307,24 @@ def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, fi
         elif kinds[k] == "check":
             value = [f"{pad}    v = _m{k}({value_of})",
                      f"{pad}    f{k} = {buf}[s{k}:p] if v is None else v"]
+        elif kinds[k] == "email":
+            # email_domain in place: the length prefix and "***" come from a table.
+            value = [f"{pad}    a = {buf}.rfind(64, s{k} + 4, p)",
+                     f"{pad}    if (s{k} + 4 < a < p - 1 and p - a <= {MAX_DOMAIN + 1}"
+                     f" and not {buf}[a + 1:p].translate(None, _DC)):",
+                     f"{pad}        f{k} = _LS[p - a + 3] + {buf}[a:p]",
+                     f"{pad}    else:",
+                     f"{pad}        f{k} = _m{k}({value_of})"]
+        elif kinds[k] == "keep":
+            # keep_last: the value's shape decides the masked head and the cut.
+            value = [f"{pad}    v = {value_of}",
+                     f"{pad}    kc = _g{k}(v.translate(_KT))",
+                     f"{pad}    if kc is None:",
+                     f"{pad}        f{k} = _m{k}(v)",
+                     f"{pad}    elif kc[0] < 0:",
+                     f"{pad}        f{k} = kc[1]",
+                     f"{pad}    else:",
+                     f"{pad}        f{k} = kc[1] + v[kc[0]:]"]
         else:
             value = [f"{pad}    f{k} = _m{k}({value_of})"]
         # NULLs are counted, not masked values (masked = rows - NULLs): NULL is rare.
@@ -292,7 +342,8 @@ def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, fi
 
 
 _DEFAULTS = ("_u=_u, _z=_z, _rows=_rows, _NULL=_NULL, _hd=_hd, _COUNT=_COUNT, "
-             "_probe=_probe, _slow=_slow, _bad=_bad, _error=_error, _Truncated=_Truncated")
+             "_probe=_probe, _slow=_slow, _bad=_bad, _error=_error, _Truncated=_Truncated, "
+             "_ih=_ih, _NC=_NC, _LS=_LS, _KT=_KT, _DC=_DC, _scan=_scan")
 
 
 def _probe_expr(regions: Sequence[str]) -> str:
@@ -301,47 +352,53 @@ def _probe_expr(regions: Sequence[str]) -> str:
     return "b''.join((" + ", ".join(regions) + ",))"
 
 
-def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
+@functools.lru_cache(maxsize=512)
+def _rewriter_source(kinds: tuple[str, ...], targets: tuple[int, ...], ncols: int,
                      detecting: bool) -> str:
-    """Source of ``rewrite(payload)`` and ``rewrite_run(data)``, unrolled for one result.
+    """Source of ``rewrite(payload)`` and ``rewrite_run(data, start)``, unrolled for one
+    result.
 
     A per-field loop costs several bytecodes per column on every row, and every extra
     Python call costs as much as the work itself; so each plan gets generated functions
     that check the field count, read each length prefix once up to the last masked
-    column, call the strategy inline, and join the unmasked byte ranges (copied as
-    slices) with the masked fields. With detectors on, the unmasked ranges are joined
-    into one probe; only rows whose probe hits go to the slow path (``_slow``). Binary
+    column, write the strategy inline, and join the unmasked byte ranges (copied as
+    slices, the tail after the last masked column as one) with the masked fields. Binary
     numbers, which a byte probe cannot read, are "check" fields: their checker returns
     None (unchanged) or the replacement field.
 
-    ``rewrite_run`` does the same over a buffer of whole framed DataRow messages in one
-    loop: no call, no payload copy and one join per buffer instead of per row. Every row
-    adds the same number of items to ``out``, which gives the row count at the end.
-    (Probing the whole buffer at once was tried: the regex scan, not the calls,
-    dominates, so it gained nothing.)
+    ``rewrite(payload)`` masks one DataRow; with detectors on, its unmasked ranges are
+    joined into one probe and only rows whose probe hits go to the slow path (``_slow``).
+
+    ``rewrite_run(data, start)`` masks every complete DataRow message from ``start`` up
+    to the first message that is not one (or is incomplete) and returns ``(bytes to
+    send, where it stopped)``: one loop, one header unpack per row, one join per buffer.
+    Every row adds two items to ``out`` (header, payload), which gives the row count. With
+    detectors on, the probe then runs once over the whole masked buffer, in C
+    (``_scan``): masked values no longer look like anything, so only rows with a
+    candidate in an unmasked value are decoded.
     """
     defaults = _DEFAULTS + "".join(f", _m{k}=_m{k}" for k in range(len(targets)))
+    defaults += "".join(f", _g{k}=_g{k}" for k, kind in enumerate(kinds) if kind == "keep")
     row = [f"def rewrite(payload, {defaults}):",
            "    if payload[:2] != _COUNT:", "        _bad(payload)", "    _rows[0] += 1"]
-    run = [f"def rewrite_run(data, {defaults}):",
-           "    out = []", "    extend = out.extend", "    pos = 0", "    size = len(data)",
-           "    try:", "        while pos < size:",
-           "            if data[pos] != 68:", "                _bad(b'')",
-           "            end = pos + 1 + _u(data, pos + 1)[0]",
-           "            if end > size:", "                raise _Truncated('incomplete DataRow')",
-           "            if data[pos + 5:pos + 7] != _COUNT:",
-           "                _bad(data[pos + 5:end])"]
+    run = [f"def rewrite_run(data, start, {defaults}):",
+           "    pos = start", "    size = len(data)", "    try:",
+           "        while pos + 7 <= size:",
+           "            mt, n, nc = _ih(data, pos)",
+           "            if mt != 68:", "                break",
+           "            end = pos + 1 + n",
+           "            if end > size:", "                break",
+           "            if nc != _NC or n < 6:", "                _bad(data[pos + 5:end])"]
     if not targets:
         row += ["    if _probe(payload):", "        return _slow(payload, (payload,))",
                 "    return payload"]
-        run += ["            payload = data[pos + 5:end]",
-                "            if _probe(payload):",
-                "                new = _slow(payload, (payload,))",
-                "                extend((_hd(b'D', len(new) + 4), new))",
-                "            else:", "                extend((data[pos:end], b''))",
-                "            pos = end", "    except _error:",
+        run[1:1] = ["    rows = 0"]
+        run += ["            rows += 1", "            pos = end", "    except _error:",
                 "        raise _Truncated('truncated DataRow') from None",
-                "    _rows[0] += len(out) // 2", "    return b''.join(out)"]
+                "    _rows[0] += rows", "    out = data[start:pos]"]
+        if detecting and ncols:
+            run.append("    out = _scan(out)")
+        run.append("    return out, pos")
         return "\n".join(row) + "\n\n\n" + "\n".join(run)
     lines, pieces, regions, _ = _walk(kinds, targets, ncols, "payload", "", "", "        ")
     joined = ", ".join(pieces)
@@ -352,23 +409,20 @@ def _rewriter_source(kinds: Sequence[str], targets: Sequence[int], ncols: int,
         row += [f"    if _probe({_probe_expr(regions)}):",
                 f"        return _slow(payload, ({joined},))"]
     row.append(f"    return b''.join(({joined},))")
-    lines, pieces, regions, deltas = _walk(kinds, targets, ncols, "data", "pos + 5", "end",
-                                           "            ")
-    width = len(pieces) + 1
-    # A slow-path row is a header and one payload, padded to ``width`` items.
-    run[0] = f"_PAD = (b'',) * {width - 2}\n\n\n" + run[0].replace("):", ", _PAD=_PAD):")
+    lines, pieces, regions, _ = _walk(kinds, targets, ncols, "data", "pos + 5", "end",
+                                      "            ")
+    run[1:1] = ["    out = []", "    extend = out.extend"]
     run += ["            p = pos + 7", *lines,
-            "            if p > end:", "                raise _Truncated('truncated DataRow')"]
-    if detecting and regions:
-        run += [f"            if _probe({_probe_expr(regions)}):",
-                f"                new = _slow(data[pos + 5:end], ({', '.join(pieces)},))",
-                "                extend((_hd(b'D', len(new) + 4), new) + _PAD)",
-                "                pos = end", "                continue"]
-    run += [f"            extend((_hd(b'D', end - pos - 1 + {' + '.join(deltas)}), "
-            f"{', '.join(pieces)}))",
+            "            if p > end:", "                raise _Truncated('truncated DataRow')",
+            f"            row = b''.join(({', '.join(pieces)},))",
+            "            extend((_hd(b'D', len(row) + 4), row))",
             "            pos = end", "    except _error:",
             "        raise _Truncated('truncated DataRow') from None",
-            f"    _rows[0] += len(out) // {width}", "    return b''.join(out)"]
+            "    _rows[0] += len(out) // 2"]
+    if detecting and regions:
+        run += ["    return _scan(b''.join(out), out), pos"]
+    else:
+        run += ["    return b''.join(out), pos"]
     return "\n".join(row) + "\n\n\n" + "\n".join(run)
 
 
@@ -443,20 +497,41 @@ class RowRewriter:
         self.target_index = targets
         self._nulls = [0] * len(targets)
         self._regions = _regions(targets, ncols)
+        # What the buffer scan looks at in the rewritten rows: masked and checked
+        # columns are done with.
+        self._detect_out = None if self._detect is None else [
+            D_SKIP if col in masks else klass for col, klass in enumerate(self._detect)]
+        kinds = [masks[t][0] for t in targets]
         namespace: dict[str, object] = {
             "_u": _unpack_i32, "_z": self._nulls, "_rows": self._rows,
             "_NULL": NULL_FIELD, "_COUNT": self.count_bytes,
             "_probe": detector.detectors.may_match if detector is not None else None,
             "_slow": self._slow, "_bad": self._bad, "_error": struct.error,
-            "_hd": _HEADER.pack,
+            "_hd": _HEADER.pack, "_ih": _ROW_HEAD.unpack_from, "_NC": ncols,
+            "_LS": LENGTH_STARS, "_KT": KEEP_SHAPE, "_DC": DOMAIN_CHARS, "_scan": self._scan,
             "_Truncated": MaskingError,
-            **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)}}
-        source = _rewriter_source([masks[t][0] for t in targets], targets, ncols,
-                                  self.detecting)
+            **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)},
+            **{f"_g{k}": masks[t][1].shapes.get  # type: ignore[attr-defined]
+               for k, t in enumerate(targets) if kinds[k] == "keep"}}
+        # A statement's results all have the same shape: its source is generated once.
+        source = _rewriter_source(tuple(kinds), tuple(targets), ncols, self.detecting)
         exec(_compiled(source, f"<masking rewriter {targets} of {ncols}>"), namespace)
         self.rewrite: Callable[[bytes], bytes] = namespace["rewrite"]  # type: ignore[assignment]
-        self.rewrite_messages: Callable[[bytes], bytes] = namespace[  # type: ignore[assignment]
-            "rewrite_run"]
+        #: ``rewrite_run(data, start) -> (bytes to send, end)``: every complete DataRow
+        #: message from ``start`` on, up to the first other or incomplete message.
+        self.rewrite_run: Callable[[bytes, int], tuple[bytes, int]] = namespace[
+            "rewrite_run"]  # type: ignore[assignment]
+        self._buffer_probes = detector.detectors.buffer_probes if detector is not None \
+            else None
+
+    def rewrite_messages(self, messages: bytes) -> bytes:
+        """Complete framed DataRow messages (nothing else) → the messages to send."""
+        out, end = self.rewrite_run(messages, 0)
+        if end != len(messages):
+            if messages[end] != 68:
+                raise MaskingError("expected complete DataRow messages only")
+            raise MaskingError("incomplete DataRow message")
+        return out
 
     @property
     def rows(self) -> int:
@@ -490,11 +565,69 @@ class RowRewriter:
             return changed[0]
         return b"".join(changed)
 
-    def _detect_region(self, region: bytes, col: int) -> bytes:
+    def _scan(self, rows: bytes, pieces: list[bytes] | None = None) -> bytes:
+        """Detectors over ``rows``, complete DataRow messages already masked: one probe
+        over the whole buffer, then the full detectors on the rows it points at.
+
+        A probe match says "maybe" for every row it overlaps. That is sound although
+        the buffer also holds framing bytes and masked values: a value a detector would
+        match holds a probe match of its own (probes have no context beyond the value),
+        so the search that passes over its first byte returns a match overlapping it,
+        and the search resumes only after the end of the match it found.
+
+        ``pieces``: the header and payload of each row, in order, when the caller has
+        them (where rows start is then summed up in C instead of walked in Python).
+        """
+        probes = self._buffer_probes
+        starts: list[int] | None = None
+        flagged: set[int] = set()
+        shape: bytes | None = None
+        for search, on_shape in probes if probes is not None else ((None, False),):
+            if search is None:  # a detector without a probe: every row is a candidate
+                starts = _row_starts(rows, pieces)
+                flagged.update(range(len(starts)))
+                break
+            if on_shape:
+                shape = rows.translate(SHAPE) if shape is None else shape
+                text = shape
+            else:
+                text = rows
+            span = search(text)
+            while span is not None:
+                if starts is None:
+                    starts = _row_starts(rows, pieces)
+                first, end = span
+                end = max(end, first + 1)
+                index = bisect.bisect_right(starts, first) - 1
+                last = bisect.bisect_right(starts, end - 1) - 1
+                flagged.update(range(index, last + 1))
+                span = search(text, end)
+        if not flagged or starts is None:
+            return rows
+        out: list[bytes] = []
+        copied = 0
+        size = len(rows)
+        for index in sorted(flagged):
+            begin = starts[index]
+            finish = starts[index + 1] if index + 1 < len(starts) else size
+            payload = rows[begin + 5:finish]
+            new = self._detect_region(payload, 0, self._detect_out)
+            if new is not payload:
+                out.append(rows[copied:begin])
+                out.append(_HEADER.pack(b"D", len(new) + 4))
+                out.append(new)
+                copied = finish
+        if not out:
+            return rows
+        out.append(rows[copied:])
+        return b"".join(out)
+
+    def _detect_region(self, region: bytes, col: int,
+                       detect_classes: list[int] | None = None) -> bytes:
         """Detectors over the whole fields in ``region`` (a DataRow payload when col is 0
         and it starts with the field count)."""
         assert self._detect is not None and self._detector is not None
-        detect = self._detect
+        detect = self._detect if detect_classes is None else detect_classes
         detector = self._detector
         probe = detector.detectors.may_match
         out: list[bytes] = []
@@ -599,6 +732,27 @@ def split_text_row(line: bytes, delimiter: bytes) -> list[bytes]:
     return fields
 
 
+@functools.lru_cache(maxsize=256)
+def _text_masker_source(indices: tuple[int, ...]) -> str:
+    """``mask_lines(lines) -> (lines, counts)`` for COPY text rows without escapes,
+    unrolled for the masked column indices: each row is split only up to the last of
+    them and the strategies are called inline (see :meth:`CopyRewriter.feed_messages`)."""
+    last = indices[-1]
+    args = "".join(f", _f{k}=_f{k}" for k in range(len(indices)))
+    counters = [f"n{k}" for k in range(len(indices))]
+    lines = [f"def mask_lines(lines, _d=_d, _null=_null, _short=_short{args}):",
+             "    out = []", "    append = out.append", f"    {' = '.join(counters)} = 0",
+             "    for line in lines:", f"        f = line.split(_d, {last + 1})",
+             f"        if len(f) <= {last}:", "            append(_short(f))",
+             "            continue"]
+    for k, index in enumerate(indices):
+        lines += [f"        v = f[{index}]", "        if v != _null:", f"            n{k} += 1",
+                  f"            v = _f{k}(v)",
+                  f"            f[{index}] = _null if v is None else v"]
+    lines += ["        append(_d.join(f))", f"    return out, ({', '.join(counters)},)"]
+    return "\n".join(lines)
+
+
 class CopyRewriter:
     """Rewrites the CopyData stream of one ``COPY ... TO STDOUT``.
 
@@ -621,6 +775,13 @@ class CopyRewriter:
         self._buffer = b""
         self._started = False
         self._ended = False
+        self._text_masker: Callable[[list[bytes]], tuple[list[bytes], tuple[int, ...]]] | \
+            None = None
+        delimiter = options.delimiter
+        # Masked values hold stars, "@", dots, hex digits and "hmac:" besides bytes of the
+        # value itself: with another delimiter they would need escaping (the slow path).
+        self._fast_text = (options.format == "text" and not binary and len(delimiter) == 1
+                           and delimiter not in b"*@.:0123456789abcdefhm\\\n\r")
         if options.format == "csv" and not binary:
             quote = re.escape(options.quote)
             escape = re.escape(options.escape)
@@ -699,18 +860,131 @@ class CopyRewriter:
                     masked, self.options.delimiter)
                 self.mask_counts[index] += 1
                 changed = True
-        if self.detector is not None:
-            for index, value in enumerate(fields):
-                if index in self.masks or value == null or not self._detects(index):
-                    continue
-                if self.detector.detectors.may_match(value):
-                    new = self.detector.value(D_TEXT, value)
-                    if new is not value and new is not None:
-                        fields[index] = new
-                        changed = True
+        if self.detector is not None and self._detect_text_fields(fields):
+            changed = True
         if not changed:
             return data[pos:end + 1], end + 1
         return self.options.delimiter.join(fields) + b"\n", end + 1
+
+    def _detect_text_fields(self, fields: list[bytes]) -> bool:
+        """Detectors over the unmasked fields of a text row, in place; True if changed."""
+        assert self.detector is not None
+        changed = False
+        null = self.options.null
+        for index, value in enumerate(fields):
+            if index in self.masks or value == null or not self._detects(index):
+                continue
+            if self.detector.detectors.may_match(value):
+                new = self.detector.value(D_TEXT, value)
+                if new is not value and new is not None:
+                    fields[index] = new
+                    changed = True
+        return changed
+
+    def feed_messages(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """Every complete CopyData *message* in ``data`` from ``start`` on, up to the
+        first other or incomplete message → ``(CopyData messages to send, where they
+        ended)``, one message per row as the server sends them.
+
+        Text rows without a backslash (so without escapes, NULLs or the end marker)
+        take a batch path: each row is split only up to its last masked column, masked
+        values need no escaping (no strategy writes a tab, newline or backslash), and
+        detectors probe all the rows at once. Everything else goes through :meth:`feed`.
+        """
+        pos = start
+        size = len(data)
+        payloads = []
+        while size - pos >= 5 and data[pos] == 100:
+            end = pos + 1 + _unpack_i32(data, pos + 1)[0]
+            if end > size or end < pos + 5:
+                break
+            payloads.append(data[pos + 5:end])
+            pos = end
+        chunk = b"".join(payloads)
+        if not chunk:
+            return b"", pos
+        if (self._fast_text and not self._buffer and not self._ended
+                and (self._started or not self.options.header)
+                and chunk[-1] == 10 and 92 not in chunk):
+            self._started = True
+            lines = chunk.split(b"\n")
+            lines.pop()
+            if self.masks:
+                lines = self._mask_text_lines(lines)
+            self.rows += len(lines)
+            if self.detector is not None:
+                self._detect_text_lines(lines)
+            pack = _HEADER.pack
+            return b"".join([pack(b"d", len(line) + 5) + line + b"\n" for line in lines]), pos
+        out = []
+        for payload in payloads:
+            new = self.feed(payload)
+            if new:
+                out.append(_HEADER.pack(b"d", len(new) + 4) + new)
+        return b"".join(out), pos
+
+    def _mask_text_lines(self, lines: list[bytes]) -> list[bytes]:
+        if self._text_masker is None:
+            indices = tuple(sorted(self.masks))
+            namespace: dict[str, object] = {
+                "_d": self.options.delimiter, "_null": self.options.null,
+                "_short": self._mask_short_line,
+                **{f"_f{k}": self.masks[index].value_function()
+                   for k, index in enumerate(indices)}}
+            exec(_compiled(_text_masker_source(indices), f"<COPY text masker {indices}>"),
+                 namespace)
+            self._text_masker = namespace["mask_lines"]  # type: ignore[assignment]
+        assert self._text_masker is not None
+        out, counts = self._text_masker(lines)
+        for index, count in zip(sorted(self.masks), counts, strict=True):
+            self.mask_counts[index] += count
+        return out
+
+    def _mask_short_line(self, fields: list[bytes]) -> bytes:
+        """A text row with fewer fields than the masked columns need (not from COPY of
+        this result's shape, but masked all the same)."""
+        null = self.options.null
+        for index, strategy in self.masks.items():
+            if index < len(fields) and fields[index] != null:
+                new = strategy.apply(fields[index])
+                fields[index] = null if new is None else new
+                self.mask_counts[index] += 1
+        return self.options.delimiter.join(fields)
+
+    def _detect_text_lines(self, lines: list[bytes]) -> None:
+        """Detectors over already masked text rows: one probe over all of them, then the
+        full detectors on each row a probe match touches (see :meth:`RowRewriter._scan`
+        for why a match overlapping a row is enough)."""
+        assert self.detector is not None
+        text = b"\n".join(lines)
+        probes = self.detector.detectors.buffer_probes
+        flagged: set[int] = set()
+        shape: bytes | None = None
+        for search, on_shape in probes:
+            if search is None:
+                flagged.update(range(len(lines)))
+                break
+            if on_shape:
+                shape = text.translate(SHAPE) if shape is None else shape
+                haystack = shape
+            else:
+                haystack = text
+            span = search(haystack)
+            counted = line = 0  # newlines in text[:counted]: matches come in order
+            while span is not None:
+                first, end = span
+                end = max(end, first + 1)
+                line += text.count(b"\n", counted, first)
+                counted = first
+                flagged.update(range(line, line + 1 + text.count(b"\n", first, end - 1)))
+                span = search(haystack, end)
+        delim = self.options.delimiter
+        for index in sorted(flagged):
+            if index >= len(lines):
+                continue
+            fields = split_text_row(lines[index], delim)
+            if self._detect_text_fields(fields):
+                lines[index] = delim.join(fields)
 
     def _detects(self, index: int) -> bool:
         return index >= len(self.detect_columns) or self.detect_columns[index]

@@ -145,11 +145,42 @@ class MaskingFacts:
     sensitive_copied: tuple[str, ...] = ()
     sensitive_targets: tuple[str, ...] = ()
     opaque: tuple[str, ...] = ()
+    # Sensitive columns passed to code the analysis cannot see through, and sensitive
+    # columns a value that looks like masking output (``***-**-6789``) is written to.
+    sensitive_opaque: tuple[str, ...] = ()
+    sensitive_placeholders: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, list[str]]:
         return {k: list(getattr(self, k)) for k in (
             "sensitive_read", "sensitive_in_predicates", "sensitive_copied",
-            "sensitive_targets", "opaque")}
+            "sensitive_targets", "sensitive_opaque", "sensitive_placeholders", "opaque")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MaskingFacts:
+        """The facts :meth:`to_dict` wrote (an audit record's ``masking``)."""
+        def names(key: str) -> tuple[str, ...]:
+            value = data.get(key)
+            return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+        return cls(names("sensitive_read"), names("sensitive_in_predicates"),
+                   names("sensitive_copied"), names("sensitive_targets"), names("opaque"),
+                   names("sensitive_opaque"), names("sensitive_placeholders"))
+
+    def __bool__(self) -> bool:
+        """Whether any sensitive column is involved (``opaque`` alone does not count)."""
+        return bool(self.sensitive_read or self.sensitive_in_predicates
+                    or self.sensitive_copied or self.sensitive_targets
+                    or self.sensitive_opaque or self.sensitive_placeholders)
+
+    def without(self, columns: Collection[str]) -> MaskingFacts:
+        """These facts with ``columns`` left out (columns the identity sees unmasked)."""
+        def keep(names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(n for n in names if n not in columns)
+
+        return MaskingFacts(keep(self.sensitive_read), keep(self.sensitive_in_predicates),
+                            keep(self.sensitive_copied), keep(self.sensitive_targets),
+                            self.opaque, keep(self.sensitive_opaque),
+                            keep(self.sensitive_placeholders))
 
 
 class MaskingRules:
@@ -169,6 +200,10 @@ class MaskingRules:
                 ColumnRule(key, "column", tuple(key.split(".")), NULL, frozenset(),
                            "<built-in>", None) for key in BUILTIN_SENSITIVE)
         self._match_cache: dict[SourceColumn, ColumnRule | None] = {}
+        # id(hints) -> (hints, facts, per-column unmasked groups); the hints object is kept
+        # so that its id cannot be reused while the entry lives.
+        self._facts_cache: dict[int, tuple[StatementSources, MaskingFacts | None,
+                                           dict[str, frozenset[str]]]] = {}
 
     # -- building -----------------------------------------------------------------------------
 
@@ -295,7 +330,48 @@ class MaskingRules:
             return MaskingFacts(opaque=tuple(sorted(hints.opaque)))
         return MaskingFacts(sensitive(hints.referenced), sensitive(hints.predicates),
                             sensitive(hints.written | hints.exported),
-                            sensitive(hints.targets), tuple(sorted(hints.opaque)))
+                            sensitive(hints.targets), tuple(sorted(hints.opaque)),
+                            sensitive(hints.opaque_args))
+
+    def policy_facts(self, hints: StatementSources, identity: Identity | None
+                     ) -> MaskingFacts | None:
+        """The facts the policy decides on for ``identity``, or None when the statement
+        involves no sensitive column it would see masked (the common case, answered
+        from a cache per hints object, and the hints are cached per statement shape).
+
+        An identity exempt from masking (``unmasked_groups``, globally or per rule) is
+        exempt from these facts the same way: it sees the values anyway."""
+        if not self.active:
+            return None
+        entry = self._facts_cache.get(id(hints))
+        if entry is None or entry[0] is not hints:
+            entry = (hints, *self._sensitive_facts(hints))
+            if len(self._facts_cache) >= _MATCH_CACHE_LIMIT // 10:
+                self._facts_cache.clear()
+            self._facts_cache[id(hints)] = entry
+        facts, groups = entry[1], entry[2]
+        if facts is None or self.exempt_group(identity) is not None:
+            return None
+        if not groups or identity is None:
+            return facts
+        mine = set(identity.groups)
+        exempt = {name for name, allowed in groups.items() if mine & allowed}
+        if not exempt:
+            return facts
+        narrowed = facts.without(exempt)
+        return narrowed if narrowed else None
+
+    def _sensitive_facts(self, hints: StatementSources
+                         ) -> tuple[MaskingFacts | None, dict[str, frozenset[str]]]:
+        involved = (hints.referenced | hints.predicates | hints.written | hints.exported
+                    | hints.targets | hints.opaque_args)
+        rules = {c.qualified: rule for c in involved if (rule := self.match(c)) is not None}
+        if not rules:
+            return None, {}
+        facts = self.facts(hints)
+        groups = {name: rule.unmasked_groups for name, rule in rules.items()
+                  if rule.unmasked_groups}
+        return (facts if facts else None), groups
 
     def refusal(self, identity: Identity | None,
                 hints: Sequence[StatementSources] | None) -> str | None:

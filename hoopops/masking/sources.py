@@ -189,7 +189,13 @@ class StatementSources:
     (they can leak values by inference), ``written`` the sources whose values flow into
     INSERT/UPDATE/MERGE/SELECT INTO/CREATE TABLE AS, ``targets`` the columns written, and
     ``exported`` the sources passed to side-channel functions (``pg_notify``,
-    ``set_config``, ... see :data:`SIDE_CHANNEL_FUNCTIONS`), which no result masking sees.
+    ``set_config``, ... see :data:`SIDE_CHANNEL_FUNCTIONS`), which no result masking sees,
+    and ``opaque_args`` the sources passed to code the analysis cannot see through (a
+    user function or operator, an opaque system function): it may compare or copy them.
+    ``predicates`` also holds the conditions of CASE and NULLIF wherever they appear and
+    the arguments of ``count()`` and friends when computed (``count(CASE WHEN ssn LIKE
+    '1%' THEN 1 END)``): there the result's NULLs or counts answer the condition. A
+    predicate the analysis cannot resolve counts every column in scope (fail closed).
     ``closes`` / ``deallocates`` name the cursor / prepared statement a CLOSE, DEALLOCATE
     or DISCARD ALL forgets (``"*"``: all of them). ``identifiers`` are the names the
     statement spells (see :func:`identifiers`).
@@ -212,6 +218,7 @@ class StatementSources:
     closes: str | None = None
     deallocates: str | None = None
     identifiers: frozenset[str] = frozenset()
+    opaque_args: frozenset[SourceColumn] = frozenset()
 
     @staticmethod
     def unknown(reason: str, kind: str = "unknown") -> StatementSources:
@@ -676,6 +683,7 @@ class _Analyzer:
         self.targets: set[SourceColumn] = set()
         self.opaque: set[str] = set()
         self.exported: set[SourceColumn] = set()
+        self.opaque_args: set[SourceColumn] = set()
         self._in_view = 0
 
     # -- statements -----------------------------------------------------------------------
@@ -744,7 +752,8 @@ class _Analyzer:
             label, tuple(outputs) if outputs is not None else None,
             frozenset(self.referenced), frozenset(self.predicates), frozenset(self.written),
             frozenset(self.targets), frozenset(self.opaque),
-            exported=frozenset(self.exported), **extra)
+            exported=frozenset(self.exported), opaque_args=frozenset(self.opaque_args),
+            **extra)
 
     def _query(self, node: Node, parent: _Scope | None,
                ctes: Mapping[str, Columns | None]) -> Columns:
@@ -800,7 +809,12 @@ class _Analyzer:
             columns = _union(left, right)
             scope = _Scope(parent, ctes)
             scope.outputs = columns
-            for key in ("sortClause", "limitCount", "limitOffset"):
+            if body["op"] != "SETOP_UNION" or not body.get("all"):
+                # INTERSECT, EXCEPT and UNION's de-duplication compare whole rows:
+                # SELECT ssn ... INTERSECT SELECT '123-45-6789' answers a guess.
+                self._compared(_merge_all(left + right), scope)
+            self._predicate(_by_position(body.get("sortClause"), columns), scope)
+            for key in ("limitCount", "limitOffset"):
                 self._predicate(body.get(key), scope)
             return columns
         scope = _Scope(parent, ctes)
@@ -820,9 +834,10 @@ class _Analyzer:
             _, res = _only(target)
             columns += self._target(res, scope)
         scope.outputs = columns
-        for key in ("whereClause", "havingClause", "groupClause", "sortClause",
-                    "distinctClause", "limitCount", "limitOffset"):
+        for key in ("whereClause", "havingClause", "limitCount", "limitOffset"):
             self._predicate(body.get(key), scope)
+        for key in ("groupClause", "sortClause", "distinctClause"):
+            self._predicate(_by_position(body.get(key), columns), scope)
         for window in body.get("windowClause", []) or []:
             self._predicate(window, scope)
         if body.get("intoClause"):
@@ -1016,6 +1031,7 @@ class _Analyzer:
             self._predicate(body.get("quals"), scope)
             join = _Join(left, right, _strings(body.get("usingClause", [])),
                          bool(body.get("isNatural")))
+            self._join_keys(join, scope)
             alias = (body.get("alias") or {}).get("aliasname")
             if alias:
                 columns = _rename(_expand(join), _strings(body["alias"].get("colnames", [])))
@@ -1099,14 +1115,15 @@ class _Analyzer:
         if stmt is None or info.oid in self._views_open:
             return None
         self._views_open.add(info.oid)
-        saved = (self.predicates, self.written, self.targets)
+        saved = (self.predicates, self.written, self.targets, self.opaque_args)
         self.predicates, self.written, self.targets = set(), set(), set()
+        self.opaque_args = set()
         self._in_view += 1
         try:
             columns = self._query(stmt, None, {})
         finally:
             self._in_view -= 1
-            self.predicates, self.written, self.targets = saved
+            self.predicates, self.written, self.targets, self.opaque_args = saved
             self._views_open.discard(info.oid)
         if any(isinstance(o, Spread) for _, o in columns):
             result = [_merge_all(columns)] * len(info.columns)
@@ -1183,9 +1200,34 @@ class _Analyzer:
 
     def _predicate(self, node: Node, scope: _Scope) -> None:
         if node:
-            out = self._expr(node, scope, outputs_visible=True)
-            if not self._in_view:
-                self.predicates.update(out.sources)
+            self._compared(self._expr(node, scope, outputs_visible=True), scope)
+
+    def _compared(self, out: OutputSources, scope: _Scope) -> None:
+        """``out`` decides which rows or values come back (it is filtered, grouped,
+        ordered or branched on), so its sources can be inferred from the result."""
+        if self._in_view:
+            return
+        self.predicates.update(out.sources)
+        if out.opaque:
+            # An unresolved name or invisible code may stand for any column in scope.
+            for level in scope.levels():
+                for entry in level.entries:
+                    self.predicates.update(entry.whole_row().sources)
+
+    def _join_keys(self, join: _Join, scope: _Scope) -> None:
+        """USING / NATURAL compare the same-named columns of both sides."""
+        if not join.using and not join.natural:
+            return
+        both = _expand(join.left) + _expand(join.right)
+        names = set(join.using)
+        if join.natural:
+            left = {n for n, _ in _expand(join.left)}
+            names = left & {n for n, _ in _expand(join.right)}
+        for name, out in both:
+            if isinstance(out, Spread):  # unknown width: any of its columns may be a key
+                self._compared(out.sources, scope)
+            elif name in names:
+                self._compared(out, scope)
 
     def _expr(self, node: Node, scope: _Scope, outputs_visible: bool = False) -> OutputSources:
         if isinstance(node, list):
@@ -1193,6 +1235,8 @@ class _Analyzer:
             for item in node:
                 merged = merged.merge(self._expr(item, scope, outputs_visible))
             return merged.derived()
+        if isinstance(node, _Output):
+            return node.value.sources if isinstance(node.value, Spread) else node.value
         if not isinstance(node, dict):
             return EMPTY
         kind, body = _only(node)
@@ -1213,12 +1257,26 @@ class _Analyzer:
         if kind in ("NullTest", "BooleanTest"):
             self._expr(body.get("arg"), scope, outputs_visible)
             return EMPTY
+        if kind == "CaseExpr":
+            return self._case(body, scope, outputs_visible)
         if kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
             return _merge_all(self._query(node, scope, scope.ctes))
         # Any other node (operators, casts, CASE, ROW(), arrays, JSON constructors...):
         # the result is derived from everything inside it.
         return self._expr(list(body.values()) if isinstance(body, dict) else [],
                           scope, outputs_visible)
+
+    def _case(self, body: dict[str, Any], scope: _Scope,
+              outputs_visible: bool) -> OutputSources:
+        # Which branch runs (or whether the result is NULL) answers the conditions, even
+        # where the value itself is masked: CASE WHEN ssn LIKE '1%' THEN 1 END.
+        whens = [_only(w)[1] for w in body.get("args", []) or []]
+        conditions = self._expr([body.get("arg"), *(w.get("expr") for w in whens)], scope,
+                                outputs_visible)
+        self._compared(conditions, scope)
+        results = self._expr([*(w.get("result") for w in whens), body.get("defresult")],
+                             scope, outputs_visible)
+        return conditions.merge(results).derived()
 
     def _column_ref(self, fields: list[Node], scope: _Scope,
                     outputs_visible: bool = False) -> OutputSources:
@@ -1375,28 +1433,43 @@ class _Analyzer:
                       "masking.trusted_functions if its result depends only on its arguments"
                       if kind == "user" else f"{UNKNOWN_FUNCTION}{'.'.join(names)}")
             self.opaque.add(reason)
+            self._opaque_call(args)
             return args.merge(OutputSources.unknown(reason)).derived()
         if kind == "system" and name in OPAQUE_SYSTEM_FUNCTIONS:
             reason = f"{name}() reads data the analysis cannot see"
             self.opaque.add(reason)
+            self._opaque_call(args)
             return args.merge(OutputSources.unknown(reason)).derived()
         if kind == "system" and name in SIDE_CHANNEL_FUNCTIONS:
             self.exported.update(args.sources)
         if body.get("agg_star") or (kind == "system" and name in VALUE_FREE_FUNCTIONS):
+            plain = all(_only(a)[0] == "ColumnRef" for a in body.get("args", []) or [])
+            if body.get("agg_distinct") or (args.sources and not plain):
+                # count(DISTINCT ssn) tells equal values apart; count(nullif(ssn, '...'))
+                # counts the rows where a computed condition holds.
+                self._compared(args, scope)
             return EMPTY
         return args.derived()
 
     def _operator(self, body: dict[str, Any], scope: _Scope,
                   outputs_visible: bool) -> OutputSources:
         value = self._expr([body.get("lexpr"), body.get("rexpr")], scope, outputs_visible)
+        if body.get("kind") == "AEXPR_NULLIF":
+            # NULL exactly when the two are equal: the result answers the comparison.
+            self._compared(value, scope)
         names = _strings(body.get("name", []))
         # BETWEEN and friends carry keywords, not operator names.
         if names and not names[-1][:1].isalpha() and self._function_kind(names) == "user":
             reason = (f"operator {'.'.join(names)} is defined outside the system schemas, "
                       "so it may run any function")
             self.opaque.add(reason)
+            self._opaque_call(value)
             return value.merge(OutputSources.unknown(reason)).derived()
         return value
+
+    def _opaque_call(self, args: OutputSources) -> None:
+        if not self._in_view:
+            self.opaque_args.update(args.sources)
 
     def _sublink(self, body: dict[str, Any], scope: _Scope) -> OutputSources:
         columns = self._query(body.get("subselect"), scope, scope.ctes)
@@ -1412,6 +1485,37 @@ class _Analyzer:
             return first
         test = self._expr(body.get("testexpr"), scope)
         return test.merge(_merge_all(columns)).derived()
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """An output column standing in the parse tree where ``ORDER BY 2`` names it."""
+
+    value: Output
+
+
+def _by_position(items: Node, columns: Columns) -> Node:
+    """GROUP BY / ORDER BY / DISTINCT ON items, with ``ORDER BY 2`` replaced by the output
+    column it names (an :class:`_Output` marker): a bare integer there is a position, not
+    a constant. Grouping sets (``ROLLUP (2)``) are looked into."""
+    if not isinstance(items, list):
+        return items
+    out: list[Node] = []
+    for item in items:
+        kind, body = _only(item)
+        if kind == "GroupingSet" and isinstance(body, dict):
+            out.append(_by_position(body.get("content") or [], columns))
+            continue
+        inner_kind, inner = _only(body.get("node")) if kind == "SortBy" else (kind, body)
+        position = inner.get("ival") if inner_kind == "A_Const" and isinstance(
+            inner, dict) else None
+        if isinstance(position, dict):
+            index = position.get("ival", 0) - 1
+            if 0 <= index < len(columns):
+                out.append(_Output(columns[index][1]))
+                continue
+        out.append(item)
+    return out
 
 
 def _search_cycle_columns(columns: Columns | None, cte: dict[str, Any]) -> Columns | None:

@@ -94,6 +94,19 @@ class Strategy:
             return partial(_hmac_field, self.key)
         return None
 
+    def value_function(self) -> Callable[[bytes], bytes | None]:
+        """:meth:`apply` specialised to this strategy (no dispatch per value)."""
+        kind = self.kind
+        if kind in ("redact", "detect"):
+            return lambda value: REDACTED
+        if kind == "null":
+            return lambda value: None
+        if kind == "keep_last":
+            return keep_last_function(self.keep)
+        if kind == "email_domain":
+            return email_domain
+        return partial(hmac_token, self.key)
+
     def apply(self, value: bytes) -> bytes | None:
         kind = self.kind
         if kind in ("redact", "detect"):
@@ -152,6 +165,9 @@ def keep_last_function(keep: int, prefixed: bool = False) -> Callable[[bytes], b
         cut, head = found
         return head if cut < 0 else head + value[cut:]
 
+    # The generated DataRow rewriters look shapes up inline and call the keeper only
+    # for a shape not seen yet (see hoopops.masking.rewrite).
+    keeper.shapes = shapes  # type: ignore[attr-defined]
     _keepers[(keep, prefixed)] = keeper
     return keeper
 
@@ -168,23 +184,40 @@ def _cut(shape: bytes, keep: int) -> tuple[int, bytes]:
     return cut, shape[:cut].replace(b"+", b"*")
 
 
+#: What a host name may hold. The kept part of an email must be nothing but a domain:
+#: keeping "everything after the @" would pass ``x @example.com 123-45-6789`` through raw.
+DOMAIN_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-"
+MAX_DOMAIN = 253
+
+
+def _keeps_domain(value: bytes, at: int) -> bool:
+    return (0 < at < len(value) - 1 and len(value) - at - 1 <= MAX_DOMAIN
+            and not value[at + 1:].translate(None, DOMAIN_CHARS))
+
+
 def email_domain(value: bytes) -> bytes:
     """``alice@example.com`` → ``***@example.com``; anything else is redacted whole."""
     at = value.rfind(64)  # an int needle is a bare memrchr
-    if at < 1 or at == len(value) - 1:
+    if not _keeps_domain(value, at):
         return REDACTED
     return b"***" + value[at:]
 
 
 _REDACTED_FIELD = len(REDACTED).to_bytes(4, "big") + REDACTED
+#: ``LENGTH_STARS[n]``: the Int32 length ``n`` followed by ``***``, the head of an
+#: email_domain field, so a masked email costs one concatenation.
+LENGTH_STARS = tuple(n.to_bytes(4, "big") + b"***" for n in range(4096))
 _HASH_FIELD_PREFIX = (5 + _HASH_HEX_CHARS).to_bytes(4, "big") + b"hmac:"
 
 
 def _email_domain_field(value: bytes) -> bytes:
     at = value.rfind(64)
-    if at < 1 or at == len(value) - 1:
+    if not _keeps_domain(value, at):
         return _REDACTED_FIELD
-    return (len(value) - at + 3).to_bytes(4, "big") + b"***" + value[at:]
+    size = len(value) - at + 3
+    if size < 4096:
+        return LENGTH_STARS[size] + value[at:]
+    return size.to_bytes(4, "big") + b"***" + value[at:]
 
 
 def _hmac_field(key: bytes, value: bytes) -> bytes:

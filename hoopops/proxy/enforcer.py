@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from hoopops import events
 from hoopops.approvals import ApprovalBroker, ApprovalError
+from hoopops.audit.chain import json_text
 from hoopops.audit.records import MaskingAction as AuditMaskingAction
 from hoopops.audit.records import SessionRecord, StatementRecord, StatementResult
 from hoopops.audit.store import AuditError, AuditStore, NullAuditStore
@@ -28,6 +29,7 @@ from hoopops.masking import (
     MaskingRules,
     apply_result_formats,
 )
+from hoopops.masking.inference import with_masking_facts
 from hoopops.policy import PolicyEngine
 from hoopops.proxy import protocol as p
 from hoopops.proxy.gate import ALLOW, StatementGate, Verdict
@@ -94,6 +96,10 @@ class Enforcer(StatementGate):
         self._hints_cache: dict[tuple[str, str | None, str], Any] = {}
         # Per session: ("p"|"c", name) -> the PREPARE / DECLARE hints (None: ambiguous).
         self._names: dict[str, dict[tuple[str, str], Any]] = {}
+        # id(decision) -> (decision, its facts as canonical JSON): a prepared statement's
+        # one decision serves every execution, and serialising its facts was the largest
+        # part of writing its audit record. Holds the decisions, so the ids stay theirs.
+        self._facts_text: dict[int, tuple[Any, str]] = {}
         self.masking = self._masking_rules()
         self.audits = self.audit_on
 
@@ -145,30 +151,50 @@ class Enforcer(StatementGate):
         catalog = self.catalogs.get(session.target.name)
         if catalog is not None:
             analysis = await catalog.enrich(analysis)
-        decision = engine.decide(session.info.identity, session.target.name, analysis)
+        identity = session.info.identity
+        hints = None
+        # Text refused before any rule (too long, too deep, lexing risk) is not analysed
+        # again for masking: the analyser refused it to stay safe.
+        if self.masking.active and analysis.unanalysable is None and not any(
+                st.unanalysable is not None or st.lexing_risk for st in analysis.statements):
+            try:
+                hints = await self._masking_hints(session, sql)
+            except Exception:
+                # The catalog failed: a statement the policy refuses anyway is refused
+                # as before; any other fails closed, as it did without these facts.
+                if engine.decide(identity, session.target.name, analysis).action != "block":
+                    raise
+            else:
+                # What masking cannot fix (inference, copies, placeholders written back,
+                # code it cannot see) is the policy's to decide: these facts join the
+                # others. A statement without sensitive columns is left as it is.
+                analysis = with_masking_facts(analysis, self._peek_named(session, hints),
+                                              self.masking, identity,
+                                              engine.policies.uses("sensitive_read"))
+        decision = engine.decide(identity, session.target.name, analysis)
         action = decision.action
+        masking_refusal = None
+        if hints is not None and action != "block":
+            # Values passed to pg_notify()/set_config()/... cannot be masked: refuse.
+            masking_refusal = self.masking.refusal(identity, hints)
+            if masking_refusal is not None:
+                action = "block"
+            else:
+                hints = self._named_hints(session, hints)
+        elif action == "block":
+            hints = None
         approval_id = None
         if action == "review" and self.broker is not None:
             approval_id = self.broker.session_approval(session.id, _fingerprint(decision))
             if approval_id is not None:
                 action = "allow"
-        hints = None
-        masking_refusal = None
-        if self.masking.active and action != "block":
-            hints = await self._masking_hints(session, sql)
-            # Values passed to pg_notify()/set_config()/... cannot be masked: refuse.
-            masking_refusal = self.masking.refusal(session.info.identity, hints)
-            if masking_refusal is not None:
-                action = "block"
-            else:
-                hints = self._named_hints(session, hints)
         if action != "block":
             if statement_name is None:
                 state.observe(analysis)
             else:
                 state.on_parse(statement_name, analysis)
                 state.observe(analysis)  # a PREPARE / DEALLOCATE sent with Parse
-            if catalog is not None and any(st.changes_schema for st in analysis.statements):
+            if catalog is not None and analysis.changes_schema:
                 catalog.invalidate()
         if self.bus.wants(events.STATEMENT_DECIDED):
             self.bus.publish(events.STATEMENT_DECIDED, session_id=session.id,
@@ -178,8 +204,10 @@ class Enforcer(StatementGate):
         if masking_refusal is not None:
             return Verdict("block", "42501", masking_refusal, None, "masking:side-channel")
         if action == "allow":
-            return Verdict("allow", rule_id=decision.rule_id, decision=decision,
-                           approval_id=approval_id, masking_hints=hints)
+            # Positional (tests/test_policy_engine.py guards the order): from keywords this
+            # frozen dataclass costs twice as much, and every allowed statement builds one.
+            return Verdict("allow", "42501", "", None, decision.rule_id, decision, approval_id,
+                           hints)
         hint = None
         if action == "block":
             hint = f"policy version {decision.policy_version or '?'}; ask an analyst if this " \
@@ -225,7 +253,8 @@ class Enforcer(StatementGate):
             pending = await self.broker.create(
                 session.id, identity, sql, text_params, _fingerprint(decision),
                 verdict.rule_id, decision.rule_description if decision else None,
-                statement_id=statement_id)
+                statement_id=statement_id,
+                facts=decision.to_dict() if decision is not None else None)
         except (AuditError, ApprovalError) as exc:
             log.error("cannot create approval: %s", exc)
             return Verdict("block", "58030", f"{AUDIT_FAILED} ({exc})")
@@ -281,13 +310,23 @@ class Enforcer(StatementGate):
                 verdict: Verdict, received_at: float, action: str, *,
                 seq: int | None = None, approval_id: int | None = None) -> StatementRecord:
         decision = verdict.decision
-        facts = decision.to_dict() if decision is not None else {}
+        facts = self._facts(decision) if decision is not None else {}
         return StatementRecord(
             session_id=session.id,
             seq=session.info.stats.statements if seq is None else seq,
             received_at=received_at, sql=sql, params=_param_text(params), facts=facts,
             decision=action, rule_id=verdict.rule_id,
             approval_id=verdict.approval_id if approval_id is None else approval_id)
+
+    def _facts(self, decision: Any) -> str:
+        cached = self._facts_text.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        text = json_text(decision.to_dict())
+        if len(self._facts_text) >= 256:
+            self._facts_text.clear()
+        self._facts_text[id(decision)] = (decision, text)
+        return text
 
     async def record_refusal(self, session: Session, sql: str,
                              params: tuple[bytes | None, ...] | None, verdict: Verdict,
@@ -352,6 +391,20 @@ class Enforcer(StatementGate):
                 self._hints_cache.clear()
             self._hints_cache[key] = hints
         return hints
+
+    def _peek_named(self, session: Session, hints: list[Any]) -> list[Any]:
+        """``hints`` with EXECUTE / FETCH given what the session's PREPARE / DECLARE said,
+        remembering nothing (the statement is not decided yet): for its masking facts."""
+        names = self._names.get(session.id)
+        if not names:
+            return hints
+        out = []
+        for item in hints:
+            key = ("p", item.execute) if item.execute is not None else (
+                ("c", item.fetch_cursor) if item.fetch_cursor is not None else None)
+            known = names.get(key) if key is not None and item.outputs is None else None
+            out.append(item if known is None else known)
+        return out
 
     def _named_hints(self, session: Session, hints: list[Any]) -> list[Any]:
         """``hints`` with EXECUTE / FETCH given what the session's PREPARE / DECLARE
@@ -450,6 +503,55 @@ class Enforcer(StatementGate):
             run.keep_sample(message[5:] if sample_row is None else sample_row(message[5:]),
                             len(message))
         return message
+
+    def rewrite_rows(self, session: Session, run: Run, data: bytes, start: int
+                     ) -> tuple[bytes, int]:
+        """The batch form of :meth:`rewrite_row` for a run with a masking plan: every
+        complete DataRow in ``data`` (the relay's read buffer) from ``start``, where one
+        begins → ``(messages to send, where they ended)``, in one call instead of several
+        coroutines per row."""
+        plan = run.plan
+        before = plan.rows
+        try:
+            out, end = plan.rewrite_rows_at(data, start)
+            if end == start:
+                raise MaskingError("malformed DataRow")
+        except MaskingError as exc:
+            # Fail closed: this buffer's rows and every later one are withheld.
+            run.plan = plan = _WithholdAll(0, str(exc))
+            before = 0
+            out, end = plan.rewrite_rows_at(data, start)
+        run.rows += plan.rows - before
+        if run.hasher is not None:
+            run.hasher.update(out)
+        if run.sample is not None:
+            # Rows an exempt (break-glass) identity saw raw are kept masked.
+            sample_row = getattr(plan, "sample_row", None)
+            limits = self.sample_limits
+            pos = 0
+            size = len(out)
+            while pos < size and len(run.sample) < limits[0]:
+                nxt = pos + 1 + int.from_bytes(out[pos + 1:pos + 5], "big")
+                if run.sample_fits(nxt - pos, limits):
+                    row = out[pos + 5:nxt]
+                    run.keep_sample(row if sample_row is None else sample_row(row), nxt - pos)
+                pos = nxt
+        return out, end
+
+    def rewrite_copy_rows(self, session: Session, run: Run, data: bytes, start: int
+                          ) -> tuple[bytes, int]:
+        """The batch form of :meth:`rewrite_copy` for a run with a masking plan: every
+        complete CopyData in ``data`` from ``start`` → ``(messages to send, where they
+        ended)``."""
+        plan = run.plan
+        try:
+            out, end = plan.rewrite_copy_at(data, start)
+            if end == start:
+                raise MaskingError("malformed CopyData")
+        except MaskingError as exc:
+            run.plan = plan = _WithholdAll(0, str(exc))
+            out, end = plan.rewrite_copy_at(data, start)
+        return out, end
 
     async def rewrite_copy(self, session: Session, run: Run, message: bytes) -> bytes:
         plan = run.plan
@@ -632,6 +734,7 @@ class _WithholdAll:
     def __init__(self, columns: int, reason: str) -> None:
         self.reason = reason
         self.count = 0
+        self.rows = 0  # DataRows withheld by rewrite_rows_at (never reset)
 
     def rewrite_data_row(self, payload: bytes) -> bytes:
         columns = int.from_bytes(payload[:2], "big")
@@ -641,9 +744,35 @@ class _WithholdAll:
     def rewrite_message(self, message: bytes) -> bytes:
         return p.frame(p.DATA_ROW, self.rewrite_data_row(message[5:]))
 
+    def rewrite_rows_at(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """Every complete DataRow from ``start`` with all its values NULL."""
+        out = []
+        pos = start
+        size = len(data)
+        while size - pos >= 5 and data[pos] == 68:
+            nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+            if nxt > size:
+                break
+            out.append(self.rewrite_message(data[pos:nxt]))
+            self.rows += 1
+            pos = nxt
+        return b"".join(out), pos
+
     def rewrite_copy_data(self, chunk: bytes) -> bytes:
         self.count += 1
         return b""
+
+    def rewrite_copy_at(self, data: bytes, start: int) -> tuple[bytes, int]:
+        """Every complete CopyData from ``start`` withheld (nothing is sent)."""
+        pos = start
+        size = len(data)
+        while size - pos >= 5 and data[pos] == 100:
+            nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+            if nxt > size:
+                break
+            self.count += 1
+            pos = nxt
+        return b"", pos
 
     def take_actions(self) -> list[Any]:
         from hoopops.masking import MaskingAction

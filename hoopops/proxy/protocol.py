@@ -437,6 +437,88 @@ def _walk_bind(payload: bytes, keep_params: bool) -> BindMsg:
     return BindMsg(portal, statement, tuple(fmts), tuple(params), tuple(results))
 
 
+# -- the same, read in place from a receive buffer (the relay's hot path) ----------------
+# ``pos``/``end`` delimit one message's payload inside ``buf``; nothing is copied but the
+# names, and the message is validated as strictly as by the decoders above.
+
+_INT16_1 = struct.Struct("!h").unpack_from
+
+
+def _name_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
+    zero = buf.find(0, pos, end)
+    if zero < 0:
+        raise ProtocolError("string field is not NUL-terminated")
+    if zero == pos:
+        return "", pos + 1
+    return buf[pos:zero].decode("utf-8", "surrogateescape"), zero + 1
+
+
+def bind_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, str, tuple[int, ...]]:
+    """``scan_bind`` of the Bind payload ``buf[pos:end]``."""
+    if pos < end and buf[pos] == 0:  # the unnamed portal
+        portal, pos = "", pos + 1
+    else:
+        portal, pos = _name_at(buf, pos, end)
+    statement, pos = _name_at(buf, pos, end)
+    try:
+        (count,) = _INT16_1(buf, pos)
+        if count < 0:
+            raise ProtocolError("malformed Bind message")
+        pos += 2 + 2 * count
+        (count,) = _INT16_1(buf, pos)
+        if count < 0:
+            raise ProtocolError("malformed Bind message")
+        pos += 2
+        unpack = _INT32.unpack_from
+        for _ in range(count):
+            (size,) = unpack(buf, pos)
+            if size < -1:
+                raise ProtocolError("malformed Bind parameter")
+            pos += 4 if size == -1 else 4 + size
+            if pos > end:
+                raise ProtocolError("malformed Bind parameter")
+        (count,) = _INT16_1(buf, pos)
+        if count < 0:
+            raise ProtocolError("malformed Bind message")
+        if count == 0:
+            results: tuple[int, ...] = ()
+        elif count == 1:
+            results = _INT16_1(buf, pos + 2)
+        else:
+            results = struct.unpack_from(f"!{count}h", buf, pos + 2)
+        pos += 2 + 2 * count
+    except struct.error:
+        raise ProtocolError("truncated Bind message") from None
+    if pos != end:
+        raise ProtocolError("trailing bytes in Bind message")
+    return portal, statement, results
+
+
+def execute_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
+    """``decode_execute`` of the Execute payload ``buf[pos:end]``."""
+    portal, pos = _name_at(buf, pos, end)
+    if pos + 4 != end:
+        raise ProtocolError("malformed Execute message")
+    return portal, _INT32.unpack_from(buf, pos)[0]
+
+
+def parse_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, str]:
+    """Statement name and text of the Parse payload ``buf[pos:end]`` (``decode_parse``
+    without the parameter types, which are checked but not kept)."""
+    name, pos = _name_at(buf, pos, end)
+    zero = buf.find(0, pos, end)
+    if zero < 0:
+        raise ProtocolError("string field is not NUL-terminated")
+    sql = decode_sql(bytes(buf[pos:zero]))
+    pos = zero + 1
+    if pos + 2 > end:
+        raise ProtocolError("truncated Parse message")
+    (count,) = _INT16_1(buf, pos)
+    if count < 0 or pos + 2 + 4 * count != end:
+        raise ProtocolError("malformed Parse parameter types")
+    return name, sql
+
+
 def decode_describe_or_close(payload: bytes) -> tuple[str, str]:
     """``('S' or 'P', name)`` from a Describe or Close message."""
     if not payload or payload[:1] not in (b"S", b"P"):
@@ -466,7 +548,7 @@ class SqlTextError(ProtocolError):
 
 def decode_sql(raw: bytes) -> str:
     """Strict UTF-8; a NUL inside the text would end it early for the server."""
-    if b"\x00" in raw:
+    if 0 in raw:  # (an int: ``b"\0" in raw`` first fails as an index, which costs)
         raise SqlTextError("statement text contains a NUL byte", "22021")
     try:
         return raw.decode("utf-8")

@@ -34,6 +34,10 @@ log = logging.getLogger("hoopops.server")
 _LENGTH = struct.Struct("!I")
 MAX_STARTUP_PACKET = 10_000  # the server's own limit for startup packets
 MAX_PASSWORD_MESSAGE = 64 * 1024
+# Direct TLS (libpq 17+ ``sslnegotiation=direct``): the client opens with a TLS record (a
+# handshake, 0x16) instead of an SSLRequest, and must name this ALPN protocol.
+_TLS_HANDSHAKE_RECORD = 0x16
+ALPN_PROTOCOL = "postgresql"
 
 # Startup parameters a client may pass through. Anything else is refused: the startup
 # packet can set any server setting, including ones that change who the session acts as
@@ -58,6 +62,20 @@ class StartupRefused(Exception):
     def __init__(self, sqlstate: str, message: str) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+
+
+@dataclass
+class _Admission:
+    """How far a connection that has not authenticated yet has come (see _make_room)."""
+
+    peer: str
+    since: float
+    stage: int = 0  # _CONNECTED ... _TOKEN_SENT
+
+
+# Startup progress, in order. A real client goes through them in milliseconds; a socket
+# that connects and stalls stays at the first.
+_CONNECTED, _NEGOTIATING, _STARTUP_READ, _TOKEN_SENT = range(4)
 
 
 @dataclass
@@ -116,9 +134,9 @@ class GatewayServer:
         self.registry = Registry()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
-        # Connections that have not yet presented a valid token, oldest first: when the
-        # cap is reached, the oldest of these makes room (see _make_room).
-        self._unauthenticated: dict[asyncio.Task[None], None] = {}
+        # Connections that have not yet presented a valid token: when the cap is reached,
+        # one of these makes room (see _make_room).
+        self._unauthenticated: dict[asyncio.Task[None], _Admission] = {}
         self._ssl = self._server_ssl_context()
         self.accepting = True
         # Last outcome of connecting to each target ("ok" / "down"), for the console.
@@ -131,6 +149,7 @@ class GatewayServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        ctx.set_alpn_protocols([ALPN_PROTOCOL])
         return ctx
 
     @property
@@ -171,13 +190,15 @@ class GatewayServer:
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
-            self._unauthenticated[task] = None
+            peer = writer.get_extra_info("peername") or ("?", 0)
+            self._unauthenticated[task] = _Admission(str(peer[0]),
+                                                     asyncio.get_running_loop().time())
             task.add_done_callback(self._forget)
         try:
             await self._serve_connection(reader, writer)
         except asyncio.CancelledError as exc:
-            # Shutdown cancels connections that outlived the grace period, _make_room the
-            # oldest unauthenticated one. Ending quietly keeps asyncio from logging each
+            # Shutdown cancels connections that outlived the grace period, _make_room an
+            # unauthenticated one. Ending quietly keeps asyncio from logging each
             # as an "exception in callback".
             if exc.args == (StartupRefused.EVICTED,):
                 with contextlib.suppress(Exception):
@@ -203,21 +224,34 @@ class GatewayServer:
         if task is not None:
             self._unauthenticated.pop(task, None)
 
+    def _progress(self, stage: int) -> None:
+        admission = self._unauthenticated.get(asyncio.current_task())  # type: ignore[arg-type]
+        if admission is not None and admission.stage < stage:
+            admission.stage = stage
+
     def _make_room(self) -> bool:
-        """At the cap, close the oldest connection still in startup to admit a new one.
+        """At the cap, close a connection still in startup to admit a new one.
 
         Sockets that connect and then say nothing (or dribble a startup packet) would
         otherwise hold every slot until their startup deadline, over and over, locking
-        legitimate agents out; a real client authenticates within milliseconds, so the
-        oldest unauthenticated connection is the likeliest to be one of those.
+        legitimate agents out. The one closed is the one that has come least far (a real
+        client goes through startup in milliseconds; what stalls stays behind), from the
+        address holding the most such connections (a flood makes room from its own
+        sockets), and the oldest of those. Age alone would pick exactly the real agent
+        under a flood: its connection soon becomes the oldest as new flood sockets
+        displace each other. A connection whose token is being verified is never closed.
         """
         current = asyncio.current_task()
-        for task in self._unauthenticated:
-            if task is not current and not task.done():
-                del self._unauthenticated[task]
-                task.cancel(StartupRefused.EVICTED)
-                return True
-        return False
+        candidates = [(task, admission) for task, admission in self._unauthenticated.items()
+                      if task is not current and not task.done()
+                      and admission.stage < _TOKEN_SENT]
+        if not candidates:
+            return False
+        per_peer = Counter(admission.peer for _, admission in candidates)
+        task, _ = min(candidates, key=lambda c: (c[1].stage, -per_peer[c[1].peer], c[1].since))
+        del self._unauthenticated[task]
+        task.cancel(StartupRefused.EVICTED)
+        return True
 
     async def _serve_connection(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
@@ -278,8 +312,13 @@ class GatewayServer:
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 2)
 
-    async def _read_startup_packet(self, reader: asyncio.StreamReader) -> p.StartupPacket:
+    async def _read_startup_packet(self, reader: asyncio.StreamReader, direct_tls: bool = False
+                                   ) -> p.StartupPacket | bytes:
+        """The next startup packet; with ``direct_tls``, the first bytes of a TLS
+        ClientHello instead when the client starts with one."""
         header = await reader.readexactly(4)
+        if direct_tls and header[0] == _TLS_HANDSHAKE_RECORD:
+            return header
         (length,) = _LENGTH.unpack(header)
         if length < 8 or length > MAX_STARTUP_PACKET:
             raise p.ProtocolError(f"invalid startup packet length {length}")
@@ -288,12 +327,19 @@ class GatewayServer:
     async def _startup(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        peer: tuple[str, int], deadline: float) -> Session | None:
         tls_active = False
-        packet = await self._read_startup_packet(reader)
+        first = await self._read_startup_packet(reader, direct_tls=self._ssl is not None)
+        if isinstance(first, bytes):
+            self._progress(_NEGOTIATING)
+            await self._direct_tls(reader, writer, first)
+            tls_active = True
+            first = await self._read_startup_packet(reader)
+        packet = first
         negotiations = 0
         while packet.code in (p.SSL_REQUEST, p.GSSENC_REQUEST):
             negotiations += 1
             if negotiations > 2:
                 raise p.ProtocolError("too many encryption requests")
+            self._progress(_NEGOTIATING)
             if packet.code == p.SSL_REQUEST and self._ssl is not None and not tls_active:
                 writer.write(b"S")
                 await writer.drain()
@@ -306,7 +352,8 @@ class GatewayServer:
             else:
                 writer.write(b"N")
                 await writer.drain()
-            packet = await self._read_startup_packet(reader)
+            packet = await self._read_startup_packet(reader)  # type: ignore[assignment]
+        self._progress(_STARTUP_READ)
         if packet.code == p.CANCEL_REQUEST:
             await self._on_cancel(int(packet.params["pid"]), bytes.fromhex(packet.params["key"]))
             await self._close_writer(writer)
@@ -369,6 +416,41 @@ class GatewayServer:
             raise
         return session
 
+    async def _direct_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          early: bytes) -> None:
+        """Serve TLS from the connection's first byte. What was read already (``early``
+        and whatever the stream buffered behind it) is the start of the ClientHello: it
+        is handed to the TLS protocol that ``start_tls`` puts on the socket, through that
+        protocol's own buffer interface, before anything else the socket delivers."""
+        assert self._ssl is not None
+        early += bytes(reader._buffer)
+        reader._buffer.clear()
+        raw = writer.transport
+        loop = asyncio.get_running_loop()
+        starting = asyncio.ensure_future(writer.start_tls(self._ssl))
+
+        def feed(tries: int = 0) -> None:
+            tls = raw.get_protocol()
+            if not hasattr(tls, "buffer_updated"):  # start_tls has not swapped it in yet
+                if tries < 100 and not starting.done():
+                    loop.call_soon(feed, tries + 1)
+                return
+            view = memoryview(early)
+            while view:
+                buffer = tls.get_buffer(len(view))
+                size = min(len(buffer), len(view))
+                buffer[:size] = view[:size]
+                tls.buffer_updated(size)
+                view = view[size:]
+
+        loop.call_soon(feed)
+        await starting
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_PROTOCOL:
+            # As PostgreSQL itself: a direct TLS client must say it speaks PostgreSQL.
+            raise p.ProtocolError("received a direct TLS connection without the ALPN "
+                                  f"protocol '{ALPN_PROTOCOL}'")
+
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                             ) -> Identity:
         writer.write(p.AUTH_CLEARTEXT)
@@ -381,6 +463,7 @@ class GatewayServer:
             raise StartupRefused("28P01", "token rejected: the password message is empty or "
                                  "larger than 64 KiB")
         body = await reader.readexactly(length - 4)
+        self._progress(_TOKEN_SENT)
         token = body.rstrip(b"\x00")
         try:
             return await self.verifier.verify_async(token)

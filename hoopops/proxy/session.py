@@ -1,10 +1,14 @@
 """The relay for one authenticated client: statements in, results out.
 
-Two tasks per session. The client pump reads frontend messages, decides each statement
-(policy, approvals), records it (audit) and forwards what may run. The server pump relays
-backend messages to the client, attributing each one to the request it answers through a
-FIFO of expectations (``Pending``), which is what lets the gateway know which statement a
-row belongs to, mask it, hash it and drop the replies to anything the gateway injected.
+Both sockets are driven by ``asyncio.Protocol`` callbacks. Bytes from the client are framed
+and each statement decided (policy, approvals), recorded (audit) and forwarded when it may
+run; bytes from the server are relayed to the client, each backend message attributed to
+the request it answers through a FIFO of expectations (``Pending``), which is what lets
+the gateway know which statement a row belongs to, mask it, hash it and drop the replies
+to anything the gateway injected. Each direction is a ``Lane`` (``proxy/lane.py``): it
+runs inline in ``data_received`` and moves to a task only while something really has to
+be awaited, with that side's reading paused once its backlog grows, so order and
+backpressure hold. Write backpressure pauses the opposite side's reading.
 
 A blocked statement is answered by making the *server* raise the error (a ``DO`` block
 that raises 42501 with the gateway's message), except for a simple query while idle,
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from hoopops import events
 from hoopops.proxy import protocol as p
+from hoopops.proxy.lane import Lane
 from hoopops.proxy.upstream import UpstreamConnection, send_cancel
 
 if TYPE_CHECKING:
@@ -39,15 +44,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("hoopops.session")
 
 _HDR = struct.Struct("!BI").unpack_from
+_INT32 = struct.Struct("!i").unpack_from
 
 # What a forwarded request expects back (see protocol docs, "Extended Query").
 K_QUERY, K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC = range(7)
 _EXTENDED = frozenset((K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE))
 
 _TX_STATES = {b"I": "idle", b"T": "in transaction", b"E": "failed transaction"}
+_BYTE = tuple(bytes((i,)) for i in range(256))
 
 # Fields of a server error that only describe the gateway's injected DO block.
 _INJECTION_NOISE = frozenset("WFLRsqP")
+
+# Bytes from the server buffered while its lane waits before that socket is paused.
+_SERVER_BACKLOG = 1 << 20
 
 
 @dataclass(slots=True)
@@ -109,11 +119,47 @@ class Pending:
     swallow: bool = False  # drop every reply (gateway-injected request)
     injected_error: bool = False  # pass the error but strip the DO block's context
     copy_in: bool = False  # an Execute that put the server in COPY FROM STDIN mode
+    # ``kind << 8`` when the replies need nothing but moving the queue on (no run, not
+    # injected), else -1: with a reply's type it keys _RELAYED / _ANSWERED. The fields
+    # above are never changed after construction (copy_in makes a new expectation).
+    quick: int = field(init=False, default=-1)
+
+    def __post_init__(self) -> None:
+        if self.run is None and not (self.swallow or self.injected_error or self.copy_in):
+            self.quick = self.kind << 8
 
     @property
     def plain(self) -> bool:
         """No gateway-injected request and no run: its replies need no inspection."""
         return not (self.swallow or self.injected_error or self.copy_in)
+
+
+# Replies relayed without moving the queue on, and replies that answer the request at
+# its head, for a quick expectation: ``kind << 8 | reply type``.
+_RELAYED = frozenset(k << 8 | t for k, t in (
+    (K_QUERY, 84), (K_QUERY, 68), (K_QUERY, 67), (K_QUERY, 73),  # T D C I
+    (K_EXECUTE, 68), (K_DESCRIBE, 116)))  # D t
+_ANSWERED = frozenset(k << 8 | t for k, t in (
+    (K_SYNC, 90), (K_QUERY, 90), (K_EXECUTE, 67), (K_EXECUTE, 73), (K_BIND, 50),
+    (K_PARSE, 49), (K_CLOSE, 51), (K_DESCRIBE, 84), (K_DESCRIBE, 110)))
+_DESCRIBE_QUICK = K_DESCRIBE << 8
+
+
+# Expectations that carry nothing but their kind, shared (never modified: only an
+# Execute's expectation is, when the server enters COPY FROM STDIN).
+_SYNC_PENDING = Pending(K_SYNC)
+_PARSE_PENDING = Pending(K_PARSE)  # of the unnamed statement
+_BIND_PENDING = Pending(K_BIND)
+_CLOSE_PENDING = Pending(K_CLOSE)
+# Only while nothing inspects results (see Session._client_fast): no run, no name.
+_QUERY_PENDING = Pending(K_QUERY)
+_EXECUTE_PENDING = Pending(K_EXECUTE)  # of the unnamed portal, with no row limit
+_DESCRIBE_PENDING = Pending(K_DESCRIBE)
+
+
+def _parse_pending(name: str) -> Pending:
+    # The name tells the gate which statement an error at Parse is about (masking).
+    return _PARSE_PENDING if not name else Pending(K_PARSE, name=name)
 
 
 @dataclass
@@ -128,7 +174,7 @@ class PreparedInfo:
 @dataclass
 class PortalInfo:
     statement: PreparedInfo
-    params: tuple[bytes | None, ...]
+    params: tuple[bytes | None, ...] | None
     result_formats: tuple[int, ...]
     fields: list[p.Field] | None = None
     suspended: Run | None = None  # the run an Execute with a row limit left unfinished
@@ -175,6 +221,75 @@ class ClientGone(Exception):
     pass
 
 
+# Why a socket's reading is paused (bits): the other socket cannot take more bytes, or
+# this side's lane is waiting and has buffered enough.
+_PEER_FULL = 1
+_BACKLOG = 2
+
+
+class _Side(asyncio.Protocol):
+    """One of the session's two sockets, once startup handed it over to the relay."""
+
+    def __init__(self, on_data: Any, on_end: Any) -> None:
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.data_received = on_data  # type: ignore[method-assign]
+        self._on_end = on_end
+        self.peer: _Side | None = None
+        self.paused = 0
+        self.ended = False
+
+    def eof_received(self) -> None:
+        self._end()  # returning None lets the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self._on_end()
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    # The transport's write buffer is full: stop reading from the other socket until it
+    # drains, so a large result (or COPY) streams through with flat memory.
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause(_PEER_FULL)
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume(_PEER_FULL)
+
+    def pause(self, why: int) -> None:
+        if not self.paused and not self.ended and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused |= why
+
+    def resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and not self.ended and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+
+def _take_over(side: _Side, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+               ) -> tuple[bytes, bool]:
+    """Move a socket from the streams startup used to ``side``; returns what the stream
+    had already buffered and whether it had seen the end."""
+    transport = writer.transport
+    side.transport = transport  # type: ignore[assignment]
+    leftover = bytes(reader._buffer)  # type: ignore[attr-defined]
+    reader._buffer.clear()  # type: ignore[attr-defined]
+    ended = bool(reader._eof or reader._exception is not None  # type: ignore[attr-defined]
+                 or transport.is_closing())
+    transport.set_protocol(side)
+    if reader._paused and not ended:  # type: ignore[attr-defined]
+        transport.resume_reading()  # the stream paused it for its own buffer limit
+    return leftover, ended
+
 class Session:
     def __init__(self, info: SessionInfo, target: Target, gate: StatementGate,
                  client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
@@ -198,12 +313,25 @@ class Session:
         self.end_reason = "client closed the connection"
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._stopped = False
         self._waiting: asyncio.Future[Any] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._current_simple: Run | None = None
         self.sql_state: Any = gate.new_session_state(upstream.parameters)
-        self._inbuf = p.MessageBuffer(max_message_size)
         self._cancel_task: asyncio.Future[None] | None = None
+        # Bytes received and not yet handled, per direction (whole messages are taken
+        # off the front; a partial one waits for the rest).
+        self._cbuf = bytearray()
+        self._sbuf = bytearray()
+        self._client = _Side(self._on_client_data, self._on_client_end)
+        self._server = _Side(self._on_server_data, self._on_server_end)
+        self._client.peer = self._server
+        self._server.peer = self._client
+        self._client_lane: Lane | None = None
+        self._server_lane: Lane | None = None
+        # Whether the columns kept for statements and portals are current (see
+        # _track_fields).
+        self._fields_exact = True
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -226,13 +354,26 @@ class Session:
         return b"".join(parts)
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         expires = self.info.identity.expires_at
         if expires is not None:
-            loop = asyncio.get_running_loop()
             self._expiry = loop.call_later(max(0.0, expires - time.time()), self._token_expired)
-        client_task = asyncio.create_task(self._client_pump(), name=f"client-{self.id}")
-        server_task = asyncio.create_task(self._server_pump(), name=f"server-{self.id}")
-        self._tasks = [client_task, server_task]
+        client_lane = self._client_lane = Lane(loop, self._client_step, f"client-{self.id}")
+        server_lane = self._server_lane = Lane(loop, self._server_step, f"server-{self.id}")
+        self._tasks = [client_lane.task, server_lane.task]
+        for side, reader, writer in (
+                (self._client, self.client_reader, self.client_writer),
+                (self._server, self.upstream.reader, self.upstream.writer)):
+            leftover, ended = _take_over(side, reader, writer)
+            if side is self._client:
+                self.info.stats.bytes_in += len(leftover)
+                self._cbuf += leftover
+            else:
+                self._sbuf += leftover
+            if ended:
+                side._end()
+        client_lane.kick()  # (from inside this task: on the lanes' own tasks)
+        server_lane.kick()
         try:
             done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -248,7 +389,7 @@ class Session:
             await self._teardown()
 
     async def _teardown(self) -> None:
-        self._closing = True
+        self._closing = self._stopped = True
         if self._expiry:
             self._expiry.cancel()
         if self._waiting and not self._waiting.done():
@@ -265,8 +406,7 @@ class Session:
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         with contextlib.suppress(Exception):
-            if not self.client_writer.is_closing():
-                self.client_writer.write(p.error_response(sqlstate, message, "FATAL"))
+            self._client.write(p.error_response(sqlstate, message, "FATAL"))
 
     def _token_expired(self) -> None:
         self.end_reason = "token expired"
@@ -282,6 +422,8 @@ class Session:
         self._stop()
 
     def _stop(self) -> None:
+        # Nothing is relayed after this, in either direction, even before the tasks end.
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
 
@@ -303,46 +445,127 @@ class Session:
 
     # -- client -> server -----------------------------------------------------------------
 
-    async def _client_pump(self) -> None:
-        reader = self.client_reader
-        buffer = self._inbuf
-        upstream = self.upstream.writer
-        while True:
-            data = await reader.read(262144)
-            if not data:
-                self.end_reason = "client closed the connection"
-                raise ClientGone
-            self.info.stats.bytes_in += len(data)
-            buffer.feed(data)
-            out: list[bytes] = []
+    def _on_client_data(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self.info.stats.bytes_in += len(data)
+        lane = self._client_lane
+        assert lane is not None
+        buf = self._cbuf
+        gate = self.gate  # (as _inspects, inline: this runs for every chunk)
+        if gate.audits or gate.masks or gate.observes_results:
+            if not self._fields_exact:
+                self._track_fields()
+            buf += data
+        elif not lane.busy and not self.skip_until_sync:
+            self._fields_exact = False
+            if buf:
+                buf += data
+                data = buf  # type: ignore[assignment]
             try:
-                for mtype, raw in buffer.frames():
-                    if mtype == p.TERMINATE:
-                        if out:
-                            upstream.write(b"".join(out))
-                        self.end_reason = "client terminated the session"
-                        raise ClientGone
-                    # The extended protocol's steady state (Bind/Execute/Sync of an allowed
-                    # statement) is handled without creating coroutines.
-                    if not self.skip_until_sync:
-                        if mtype == p.SYNC:
-                            self.pending.append(Pending(K_SYNC))
-                            out.append(raw)
-                            continue
-                        if mtype == p.BIND and self._bind_fast(raw, out):
-                            continue
-                        if mtype == p.EXECUTE and self._execute_fast(raw, out):
-                            continue
-                    await self._on_client_message(mtype, raw, out)
-            except p.ProtocolError as exc:
-                if out:
-                    upstream.write(b"".join(out))
-                self.end_reason = f"protocol error: {exc}"
-                self._fatal(exc.sqlstate, f"hoopops: {exc}")
-                raise ClientGone from None
+                done = self._client_fast(data)
+            except Exception as exc:
+                lane.fail(exc)
+                return
+            if done < 0:  # up to a message the lane finishes: forwarded up to it already
+                done = -done
+            elif done:
+                transport = self._server.transport
+                if not transport.is_closing():
+                    transport.write(bytes(data[:done]) if done < len(data) or data is buf
+                                    else data)
+            if data is buf:
+                del buf[:done]
+            elif done < len(data):
+                buf += memoryview(data)[done:]
+            if not buf or lane.busy:
+                return
+        else:
+            buf += data
+        if lane.busy and len(buf) > self.max_message_size:
+            # Waiting (a hold, a catalog lookup): keep reading, so a client that goes
+            # away is noticed, but only this much.
+            self._client.pause(_BACKLOG)
+        lane.kick()
+
+    def _on_client_end(self) -> None:
+        if self._stopped:
+            return
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.cancel()  # the agent went away: withdraw what it waits for
+        assert self._client_lane is not None
+        self._client_lane.kick()
+
+    def _track_fields(self) -> None:
+        """Results are inspected again: forget the columns learned before, since the
+        fast path stops recording Describe answers while nothing inspects (masking
+        needs exact columns; unknown ones make it describe the portal itself)."""
+        for stmt in self.statements.values():
+            stmt.fields = None
+        for portal in self.portals.values():
+            portal.fields = portal.statement.fields = None
+        self._fields_exact = True
+
+    async def _client_step(self) -> None:
+        """Handle every whole message buffered from the client, in order."""
+        if self._stopped:
+            return
+        if not self._fields_exact and self._inspects:
+            self._track_fields()
+        buf = self._cbuf
+        limit = self.max_message_size
+        upstream = self._server
+        pos = 0
+        out: list[bytes] = []
+        try:
+            while len(buf) - pos >= 5:
+                mtype, length = _HDR(buf, pos)
+                if length < 4:
+                    raise p.ProtocolError(f"invalid message length {length}")
+                if length > limit:
+                    raise p.ProtocolError(
+                        f"message of {length} bytes exceeds the gateway limit of {limit} "
+                        "bytes (limits.max_message_size)", "54000")
+                nxt = pos + 1 + length
+                if len(buf) < nxt:
+                    break
+                raw = bytes(buf[pos:nxt])
+                pos = nxt
+                if mtype == p.TERMINATE:
+                    if out:
+                        upstream.write(b"".join(out))
+                    self.end_reason = "client terminated the session"
+                    raise ClientGone
+                # The extended protocol's steady state (Bind/Execute/Sync of an allowed
+                # statement) is handled without creating coroutines.
+                if not self.skip_until_sync:
+                    if mtype == p.SYNC:
+                        self.pending.append(_SYNC_PENDING)
+                        out.append(raw)
+                        continue
+                    if mtype == p.BIND and self._bind_fast(raw, out):
+                        continue
+                    if mtype == p.EXECUTE and self._execute_fast(raw, out):
+                        continue
+                await self._on_client_message(mtype, raw, out)
+                if self._stopped:
+                    return
+        except p.ProtocolError as exc:
             if out:
                 upstream.write(b"".join(out))
-                await upstream.drain()
+            self.end_reason = f"protocol error: {exc}"
+            self._fatal(exc.sqlstate, f"hoopops: {exc}")
+            raise ClientGone from None
+        finally:
+            del buf[:pos]
+        if out:
+            upstream.write(b"".join(out))
+        if self._client.ended:
+            self.end_reason = "client closed the connection"
+            raise ClientGone
+        if self._client.paused & _BACKLOG:
+            self._client.resume(_BACKLOG)
 
     async def _on_client_message(self, mtype: int, raw: bytes, out: list[bytes]) -> None:
         """Handle one whole client message; ``raw`` is forwarded unchanged when allowed."""
@@ -355,7 +578,7 @@ class Session:
             await self._on_execute(raw, out)
         elif mtype == p.SYNC:
             self.skip_until_sync = False
-            self.pending.append(Pending(K_SYNC))
+            self.pending.append(_SYNC_PENDING)
             out.append(raw)
         elif mtype == p.QUERY:
             await self._on_query(raw, out)
@@ -374,7 +597,7 @@ class Session:
                     self.sql_state.on_close(name)
             else:
                 self.portals.pop(name, None)
-            self.pending.append(Pending(K_CLOSE))
+            self.pending.append(_CLOSE_PENDING)
             out.append(raw)
         elif mtype == p.FLUSH:
             out.append(raw)
@@ -404,7 +627,7 @@ class Session:
 
     def _flush(self, out: list[bytes]) -> None:
         if out:
-            self.upstream.writer.write(b"".join(out))
+            self._server.write(b"".join(out))
             out.clear()
 
     async def _on_query(self, raw: bytes, out: list[bytes]) -> None:
@@ -419,6 +642,10 @@ class Session:
         self.info.stats.statements += 1
         self.info.last_sql = sql
         verdict = await self.gate.decide(self, sql, None)
+        await self._query_decided(raw, sql, verdict, received, out)
+
+    async def _query_decided(self, raw: bytes, sql: str, verdict: Any, received: float,
+                             out: list[bytes]) -> None:
         if verdict.action == "review":
             self._flush(out)
             verdict = await self._hold(verdict, sql, None)
@@ -427,6 +654,11 @@ class Session:
             await self.gate.record_refusal(self, sql, None, verdict, received)
             self.info.stats.blocked += 1
             self._refuse_simple(verdict.sqlstate, verdict.message, verdict.hint)
+            return
+        if not self._inspects:
+            # Nobody looks at the result: the replies are relayed untouched.
+            self.pending.append(_QUERY_PENDING)
+            out.append(raw)
             return
         run = Run(sql, verdict, None, received_at=received, started_at=received)
         if self.gate.audits:
@@ -448,6 +680,10 @@ class Session:
                                   None, out)
             return
         verdict = await self.gate.decide(self, msg.sql, msg.name)
+        await self._parse_decided(raw, msg, verdict, received, out)
+
+    async def _parse_decided(self, raw: bytes, msg: p.ParseMsg, verdict: Any,
+                             received: float, out: list[bytes]) -> None:
         if verdict.action == "block":
             self.info.stats.statements += 1
             self.info.stats.blocked += 1
@@ -457,9 +693,28 @@ class Session:
                                   drop_unnamed=msg.name == "")
             return
         # "review" is held at Bind, when the parameters it would run with are known.
-        self.statements[msg.name] = PreparedInfo(msg.sql, verdict)
-        self.pending.append(Pending(K_PARSE, name=msg.name))
+        self._prepared(msg.name, msg.sql, verdict)
+        self.pending.append(_parse_pending(msg.name))
         out.append(raw)
+
+    def _prepared(self, name: str, sql: str, verdict: Any) -> None:
+        statements = self.statements
+        known = statements.get(name)
+        if known is not None and known.sql == sql and known.decision is verdict:
+            # The same statement parsed again (the unnamed one, every time): the columns
+            # are described anew, as after any Parse.
+            known.fields = None
+        else:
+            statements[name] = PreparedInfo(sql, verdict)
+
+    async def _later(self, decided: Any, then: Any, *args: Any) -> None:
+        """Finish a message whose verdict had to be awaited (see ``_client_fast``), then
+        handle whatever the client sent behind it."""
+        verdict = await decided
+        out: list[bytes] = []
+        await then(*args[:2], verdict, *args[2:], out)
+        self._flush(out)
+        await self._client_step()
 
     def _bind_fast(self, raw: bytes, out: list[bytes]) -> bool:
         """Bind of a statement already allowed, with nothing to record or hold."""
@@ -473,10 +728,20 @@ class Session:
         if verdict is not None and (verdict.action != "allow"
                                     or self.gate.outdated(self, verdict)):
             return False
-        self.portals[portal_name] = PortalInfo(stmt, None, result_formats)
-        self.pending.append(Pending(K_BIND, name=portal_name))
+        self._bound(portal_name, stmt, result_formats)
+        self.pending.append(_BIND_PENDING)
         out.append(raw)
         return True
+
+    def _bound(self, portal_name: str, stmt: PreparedInfo, result_formats: tuple[int, ...]
+               ) -> None:
+        """Remember a portal bound by a fast path."""
+        portal = self.portals.get(portal_name)
+        if portal is None or portal.statement is not stmt or portal.params is not None \
+                or portal.suspended is not None or portal.result_formats != result_formats:
+            self.portals[portal_name] = PortalInfo(stmt, None, result_formats)
+        # else: the same statement bound again the same way (the steady state of a
+        # prepared statement): the portal the gateway knows is still exact.
 
     def _execute_fast(self, raw: bytes, out: list[bytes]) -> bool:
         """Execute of a known portal when results need no recording or masking."""
@@ -583,29 +848,17 @@ class Session:
         waiting = asyncio.ensure_future(self.gate.request_approval(self, verdict, sql, params))
         self._waiting = waiting
         try:
-            while True:
-                watch = asyncio.ensure_future(self.client_reader.read(65536))
-                done, _ = await asyncio.wait({waiting, watch},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if watch not in done:
-                    watch.cancel()
-                    with contextlib.suppress(BaseException):
-                        await watch
-                    break
-                data = watch.result()
-                if not data:
-                    # The agent went away: withdraw, so nobody approves a dead statement.
-                    waiting.cancel()
-                    with contextlib.suppress(BaseException):
-                        await waiting
-                    self.end_reason = "client closed the connection while awaiting approval"
-                    raise ClientGone
-                self.info.stats.bytes_in += len(data)
-                self._inbuf.feed(data)
-                if len(self._inbuf) > self.max_message_size:
-                    # Stop reading (backpressure) and just wait for the decision.
-                    await asyncio.wait({waiting})
-                    break
+            if self._client.ended:
+                waiting.cancel()
+            # The client's socket is still read meanwhile (into the backlog, up to
+            # max_message_size), so its end cancels ``waiting`` (see _on_client_end).
+            await asyncio.wait({waiting})
+            if self._client.ended:
+                # The agent went away: withdrawn, so nobody approves a dead statement.
+                with contextlib.suppress(BaseException):
+                    await waiting
+                self.end_reason = "client closed the connection while awaiting approval"
+                raise ClientGone
             try:
                 return waiting.result()
             except asyncio.CancelledError:
@@ -616,18 +869,17 @@ class Session:
 
     def notify_client(self, message: str) -> None:
         """Send an out-of-band NoticeResponse (allowed at any point between messages)."""
-        if not self.client_writer.is_closing():
-            self.client_writer.write(p.notice_response(message))
+        self._client.write(p.notice_response(message))
 
     def _refuse_simple(self, sqlstate: str, message: str, hint: str | None = None) -> None:
         if not self.pending and self.tx_status == b"I":
-            self.client_writer.write(p.error_response(sqlstate, message, hint=hint)
-                                     + p.ready_for_query(b"I"))
+            self._client.write(p.error_response(sqlstate, message, hint=hint)
+                               + p.ready_for_query(b"I"))
             return
         # Something is in flight or a transaction is open: let the server raise it, so the
         # reply lands in order and the transaction is aborted on the server as well.
         self.pending.append(Pending(K_QUERY, injected_error=True))
-        self.upstream.writer.write(p.query(_refusal_do_block(sqlstate, message, hint)))
+        self._server.write(p.query(_refusal_do_block(sqlstate, message, hint)))
 
     def _refuse_extended(self, sqlstate: str, message: str, hint: str | None,
                          out: list[bytes], drop_unnamed: bool = False) -> None:
@@ -647,97 +899,316 @@ class Session:
         self.pending.append(Pending(K_EXECUTE, injected_error=True))
         self.skip_until_sync = True
 
-    # -- server -> client -----------------------------------------------------------------
+    def _client_fast(self, buf: bytes | bytearray) -> int:
+        """Handle the messages at the front of ``buf`` that need nothing awaited and
+        nothing rewritten (the steady state of a session nobody records or masks);
+        returns how many bytes were handled, which the caller forwards as they came.
 
-    async def _server_pump(self) -> None:
-        reader = self.upstream.reader
-        client = self.client_writer
-        buf = bytearray()
+        Stops at the first message the general path must see (``_client_step``). A
+        message whose verdict is not a plain allow, or must be awaited, is finished on
+        the lane's task (``Lane.adopt``), before anything that follows it: then what came
+        before it is forwarded here, and the result is minus the bytes consumed (that
+        message included, which only the lane may forward).
+        """
         pending = self.pending
-        while True:
-            data = await reader.read(262144)
-            if not data:
-                self.end_reason = f"target '{self.target.name}' closed the connection"
-                self._fatal("08006", f"hoopops: the target '{self.target.name}' closed the "
-                            "connection")
-                raise ClientGone
-            buf += data
-            end = len(buf)
-            pos = 0
-            out: list[bytes] = []
-            flushed = 0  # buf[flushed:pos] is relayed unchanged when the chunk ends
-            run: Run | None = None
-            head = pending[0] if pending else None
-            if head is not None:
-                run = head.run
-            seg = 0  # rows in buf[seg:pos] are relayed unchanged and not yet hashed
+        end = len(buf)
+        limit = self.max_message_size
+        pos = 0
+        try:
             while end - pos >= 5:
                 mtype, length = _HDR(buf, pos)
                 nxt = pos + 1 + length
-                if nxt > end:
+                if nxt > end or length < 4 or length > limit:
+                    break  # incomplete (or invalid: the general path says so)
+                if mtype == 83:  # Sync
+                    pending.append(_SYNC_PENDING)
+                elif mtype == 66:  # Bind
+                    portal_name, statement_name, result_formats = p.bind_at(buf, pos + 5, nxt)
+                    stmt = self.statements.get(statement_name)
+                    if stmt is None:
+                        break
+                    verdict = stmt.decision
+                    if verdict is not None and (verdict.action != "allow"
+                                                or self.gate.outdated(self, verdict)):
+                        break
+                    self._bound(portal_name, stmt, result_formats)
+                    pending.append(_BIND_PENDING)
+                elif mtype == 69:  # Execute
+                    if length == 9 and buf[pos + 5] == 0:  # the unnamed portal
+                        name = ""
+                        max_rows = _INT32(buf, pos + 6)[0]
+                    else:
+                        name, max_rows = p.execute_at(buf, pos + 5, nxt)
+                    portal = self.portals.get(name)
+                    if portal is None or portal.suspended is not None or max_rows:
+                        break  # (a row limit may suspend the portal: the general path)
+                    info = self.info
+                    info.stats.statements += 1
+                    info.last_sql = portal.statement.sql
+                    pending.append(_EXECUTE_PENDING if not name
+                                   else Pending(K_EXECUTE, name=name))
+                elif mtype == 68:  # Describe
+                    # Nothing masks, so what it answers is not kept (see _track_fields).
+                    if length < 6 or buf[pos + 5] not in (83, 80) or buf[nxt - 1] != 0 or (
+                            length != 6 and buf.find(0, pos + 6, nxt) != nxt - 1):
+                        break  # (malformed: the general path refuses it)
+                    pending.append(_DESCRIBE_PENDING)
+                elif mtype == 81:  # Query
+                    text = buf[pos + 5:nxt - 1]
+                    if buf[nxt - 1] != 0 or 0 in text:
+                        break  # (the general path refuses it)
+                    try:
+                        sql = text.decode()
+                    except UnicodeDecodeError:
+                        break
+                    info = self.info
+                    info.stats.statements += 1
+                    info.last_sql = sql
+                    ready, verdict = self._client_lane.attempt(self.gate.decide(self, sql, None))
+                    if not ready or verdict.action != "allow":
+                        self._forward_then_wait(buf, pos, self._later(
+                            verdict if not ready else _ready(verdict), self._query_decided,
+                            bytes(buf[pos:nxt]), sql, time.time()))
+                        return -nxt
+                    pending.append(_QUERY_PENDING)
+                elif mtype == 80:  # Parse
+                    try:
+                        name, sql = p.parse_at(buf, pos + 5, nxt)
+                    except p.SqlTextError:
+                        break
+                    ready, verdict = self._client_lane.attempt(self.gate.decide(self, sql, name))
+                    if not ready or verdict.action == "block":
+                        self._forward_then_wait(buf, pos, self._later(
+                            verdict if not ready else _ready(verdict), self._parse_decided,
+                            bytes(buf[pos:nxt]), p.decode_parse(buf[pos + 5:nxt]),
+                            time.time()))
+                        return -nxt
+                    self._prepared(name, sql, verdict)
+                    pending.append(_parse_pending(name))
+                elif mtype == 100 or mtype == 72:  # CopyData, Flush
+                    pass
+                else:
                     break
-                if run is not None and run.plan is None and (mtype == 68 or mtype == 100):
-                    # DataRow / CopyData needing no rewrite: relayed as bytes (fast path).
-                    if mtype == 68:
-                        run.rows += 1
-                        if run.sample is not None:
-                            self._sample(run, buf, pos, nxt)
-                    pos = nxt
-                    continue
-                if mtype == 67 and run is not None and head is not None and head.kind == K_EXECUTE \
-                        and head.plain and not self._inspects:
-                    # CommandComplete of an Execute nobody records or masks.
-                    run.tag = None
-                    run.finished = True
+                pos = nxt
+                if self._stopped:
+                    break
+        except p.ProtocolError:
+            pass  # malformed: the general path answers it
+        return pos
+
+    def _server_fast(self, buf: bytes | bytearray) -> int:
+        """Relay bookkeeping for the messages at the front of ``buf`` that answer quick
+        expectations (no run to record, nothing injected); returns how many bytes were
+        handled, which the caller relays as they came. Stops at the first message the
+        general path must see (``_server_step``)."""
+        pending = self.pending
+        if not pending:
+            return 0
+        head = pending[0]
+        quick = head.quick
+        if quick < 0:
+            return 0
+        end = len(buf)
+        pos = 0
+        while end - pos >= 5:
+            mtype, length = _HDR(buf, pos)
+            nxt = pos + 1 + length
+            if nxt > end:
+                break
+            key = quick | mtype
+            if key in _RELAYED:
+                pos = nxt
+                continue
+            if key not in _ANSWERED:
+                break
+            pending.popleft()
+            if mtype == 90:  # ReadyForQuery
+                status = self.tx_status = _BYTE[buf[pos + 5]]
+                if not pending:
+                    state = _TX_STATES.get(status, "idle")
+                    if state != self.info.state:
+                        self._set_state(state)
+            elif quick == _DESCRIBE_QUICK and head.name:
+                self._described(head.name, _row_description(bytes(buf[pos + 5:nxt]))
+                                if mtype == 84 else [])
+            pos = nxt
+            if not pending:
+                break
+            head = pending[0]
+            quick = head.quick
+            if quick < 0:
+                break
+        return pos
+
+    def _forward_then_wait(self, buf: bytes | bytearray, pos: int, finish: Any) -> None:
+        if pos:
+            transport = self._server.transport
+            if not transport.is_closing():
+                transport.write(bytes(buf[:pos]))
+        assert self._client_lane is not None
+        self._client_lane.adopt(finish)
+
+    def _described(self, name: str, fields: list[p.Field]) -> None:
+        """Remember a Describe's answer: Executes that follow are masked by it."""
+        if name.startswith("S"):
+            stmt = self.statements.get(name[1:])
+            if stmt is not None:
+                stmt.fields = fields
+        else:
+            portal = self.portals.get(name[1:])
+            if portal is not None:
+                portal.fields = fields
+
+    # -- server -> client -----------------------------------------------------------------
+
+    def _on_server_data(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        lane = self._server_lane
+        assert lane is not None
+        buf = self._sbuf
+        if not lane.busy:
+            if buf:
+                buf += data
+                data = buf  # type: ignore[assignment]
+            done = self._server_fast(data)
+            if done:
+                self.info.stats.bytes_out += done
+                transport = self._client.transport
+                if not transport.is_closing():
+                    transport.write(bytes(data[:done]) if done < len(data) or data is buf
+                                    else data)
+                if data is buf:
+                    del buf[:done]
+                elif done < len(data):
+                    buf += memoryview(data)[done:]
+            elif data is not buf:
+                buf += data
+            if not buf:
+                return
+        else:
+            buf += data
+            if len(buf) > _SERVER_BACKLOG:
+                self._server.pause(_BACKLOG)
+        lane.kick()
+
+    def _on_server_end(self) -> None:
+        if not self._stopped:
+            assert self._server_lane is not None
+            self._server_lane.kick()
+
+    async def _server_step(self) -> None:
+        """Relay every whole message buffered from the server, in order."""
+        if self._stopped:
+            return
+        buf = self._sbuf
+        pending = self.pending
+        end = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        flushed = 0  # buf[flushed:pos] is relayed unchanged when the chunk ends
+        run: Run | None = None
+        head = pending[0] if pending else None
+        if head is not None:
+            run = head.run
+        seg = 0  # rows in buf[seg:pos] are relayed unchanged and not yet hashed
+        frozen: bytes | None = None  # buf[:end] as bytes, made once if rows are masked
+        while end - pos >= 5:
+            mtype, length = _HDR(buf, pos)
+            nxt = pos + 1 + length
+            if nxt > end:
+                break
+            if run is not None and run.plan is None and (mtype == 68 or mtype == 100):
+                # DataRow / CopyData needing no rewrite: relayed as bytes (fast path).
+                if mtype == 68:
+                    run.rows += 1
+                    if run.sample is not None:
+                        self._sample(run, buf, pos, nxt)
+                pos = nxt
+                continue
+            if mtype == 68 and run is not None and head is not None and (
+                    head.kind == K_EXECUTE or head.kind == K_QUERY):
+                # DataRows to mask: every whole one buffered goes to the plan in one call.
+                if run.hasher is not None and seg < pos:
+                    run.hasher.update(memoryview(buf)[seg:pos])
+                if frozen is None:
+                    frozen = bytes(buf[:end])
+                masked, stop = self.gate.rewrite_rows(self, run, frozen, pos)
+                out.append(bytes(buf[flushed:pos]))
+                out.append(masked)
+                pos = seg = flushed = stop
+                continue
+            if mtype == 100 and run is not None and head is not None and (
+                    head.kind == K_EXECUTE or head.kind == K_QUERY):
+                # COPY TO STDOUT data to mask: likewise, all the whole messages at once.
+                if frozen is None:
+                    frozen = bytes(buf[:end])
+                masked, stop = self.gate.rewrite_copy_rows(self, run, frozen, pos)
+                out.append(bytes(buf[flushed:pos]))
+                out.append(masked)
+                pos = seg = flushed = stop
+                continue
+            if mtype == 67 and run is not None and head is not None and head.kind == K_EXECUTE \
+                    and head.plain and not self._inspects:
+                # CommandComplete of an Execute nobody records or masks.
+                run.tag = None
+                run.finished = True
+                pending.popleft()
+                pos = seg = nxt
+                head = pending[0] if pending else None
+                run = head.run if head is not None else None
+                continue
+            if head is not None and head.run is None and head.plain:
+                # Replies that only move the expectation queue on, handled inline.
+                kind = head.kind
+                if (mtype == 49 and kind == K_PARSE) or (mtype == 50 and kind == K_BIND) \
+                        or (mtype == 51 and kind == K_CLOSE) or (
+                        mtype == 67 and kind == K_EXECUTE):
                     pending.popleft()
                     pos = seg = nxt
                     head = pending[0] if pending else None
                     run = head.run if head is not None else None
                     continue
-                if head is not None and head.run is None and head.plain:
-                    # Replies that only move the expectation queue on, handled inline.
-                    kind = head.kind
-                    if (mtype == 49 and kind == K_PARSE) or (mtype == 50 and kind == K_BIND) \
-                            or (mtype == 51 and kind == K_CLOSE) or (
-                            mtype == 67 and kind == K_EXECUTE):
-                        pending.popleft()
-                        pos = seg = nxt
-                        head = pending[0] if pending else None
-                        run = head.run if head is not None else None
-                        continue
-                    if mtype == 90 and kind == K_SYNC:  # ReadyForQuery
-                        self.tx_status = bytes(buf[pos + 5:pos + 6])
-                        pending.popleft()
-                        if not pending:
-                            self._set_state(_TX_STATES.get(self.tx_status, "idle"))
-                        pos = seg = nxt
-                        head = pending[0] if pending else None
-                        run = head.run if head is not None else None
-                        continue
-                # Any other message: settle the hash of the rows relayed unchanged so far.
-                if run is not None and run.hasher is not None and seg < pos:
-                    run.hasher.update(memoryview(buf)[seg:pos])
-                replacement = await self._on_server_message(mtype, buf, pos, nxt)
-                if replacement is not None:
-                    out.append(bytes(buf[flushed:pos]))
-                    out.append(replacement)
-                    flushed = nxt
-                pos = seg = nxt
-                head = pending[0] if pending else None
-                run = head.run if head is not None else None
-                if run is not None and run.finished:
-                    run = None
+                if mtype == 90 and kind == K_SYNC:  # ReadyForQuery
+                    self.tx_status = bytes(buf[pos + 5:pos + 6])
+                    pending.popleft()
+                    if not pending:
+                        self._set_state(_TX_STATES.get(self.tx_status, "idle"))
+                    pos = seg = nxt
+                    head = pending[0] if pending else None
+                    run = head.run if head is not None else None
+                    continue
+            # Any other message: settle the hash of the rows relayed unchanged so far.
             if run is not None and run.hasher is not None and seg < pos:
                 run.hasher.update(memoryview(buf)[seg:pos])
-            if flushed < pos:
+            replacement = await self._on_server_message(mtype, buf, pos, nxt)
+            if self._stopped:
+                return
+            if replacement is not None:
                 out.append(bytes(buf[flushed:pos]))
-            del buf[:pos]
-            if out:
-                data_out = b"".join(out)
-                self.info.stats.bytes_out += len(data_out)
-                client.write(data_out)
-                await client.drain()
-
+                out.append(replacement)
+                flushed = nxt
+            pos = seg = nxt
+            head = pending[0] if pending else None
+            run = head.run if head is not None else None
+            if run is not None and run.finished:
+                run = None
+        if run is not None and run.hasher is not None and seg < pos:
+            run.hasher.update(memoryview(buf)[seg:pos])
+        if flushed < pos:
+            out.append(bytes(buf[flushed:pos]))
+        del buf[:pos]
+        if out:
+            data_out = b"".join(out)
+            self.info.stats.bytes_out += len(data_out)
+            self._client.write(data_out)
+        if self._server.ended:
+            self.end_reason = f"target '{self.target.name}' closed the connection"
+            self._fatal("08006", f"hoopops: the target '{self.target.name}' closed the "
+                        "connection")
+            raise ClientGone
+        if self._server.paused & _BACKLOG:
+            self._server.resume(_BACKLOG)
     def _sample(self, run: Run, buf: bytearray, pos: int, nxt: int) -> None:
         if run.sample_fits(nxt - pos, self.gate.sample_limits):
             run.keep_sample(bytes(buf[pos + 5:nxt]), nxt - pos)
@@ -845,7 +1316,9 @@ class Session:
                 return replacement
             if mtype in (p.COPY_OUT_RESPONSE, p.COPY_IN_RESPONSE, p.COPY_DONE):
                 if mtype == p.COPY_IN_RESPONSE:
-                    head.copy_in = True
+                    # (a copy: the expectation may be one of the shared ones)
+                    pending[0] = Pending(K_EXECUTE, head.run, head.name, head.swallow,
+                                         head.injected_error, copy_in=True)
                 return replacement
             if mtype == p.COPY_DATA:
                 if run is not None:
@@ -856,6 +1329,8 @@ class Session:
 
     async def _on_simple_reply(self, head: Pending, mtype: int, buf: bytearray, pos: int,
                                nxt: int) -> bytes | None:
+        if mtype == p.COPY_BOTH_RESPONSE:
+            raise p.ProtocolError("replication (CopyBoth) is not relayed by the gateway")
         run = head.run
         if run is None:
             return None
@@ -878,14 +1353,16 @@ class Session:
             run.statement_index += 1
             run.plan = None
             return None
-        if mtype == p.COPY_BOTH_RESPONSE:
-            raise p.ProtocolError("replication (CopyBoth) is not relayed by the gateway")
         return None
 
     async def _finish(self, run: Run) -> None:
         run.finished = True
         if self.gate.observes_results:
             await self.gate.after_result(self, run)
+
+
+async def _ready(value: Any) -> Any:
+    return value
 
 
 def new_session_id() -> str:

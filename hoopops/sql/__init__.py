@@ -1,8 +1,11 @@
 """SQL analysis: what each statement of a query string reads, writes and can do.
 
 ``analyze(text)`` is the entry point the gateway calls for every Query and Parse; it never
-raises and caches by exact text. :class:`SessionSqlState` follows one client session's
-prepared statements so that ``EXECUTE`` is judged as the statement it runs.
+raises. It caches by exact text, and for SELECT / DML whose facts cannot depend on a
+literal, by shape (the text up to its literals), so a new literal costs a lookup and a
+copy, not a parse; see the shape cache in :mod:`hoopops.sql.analyzer`.
+:class:`SessionSqlState` follows one client session's prepared statements so that
+``EXECUTE`` is judged as the statement it runs.
 """
 
 from __future__ import annotations
@@ -58,5 +61,5 @@ def default_analyzer() -> Analyzer:
 
 
 def analyze(text: str) -> Analysis:
-    """Facts for every statement in ``text``; never raises, cached by exact text."""
+    """Facts for every statement in ``text``; never raises; cached by text and by shape."""
     return default_analyzer().analyze(text)

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import time
-from functools import lru_cache
 from typing import Any
 
 from pglast.parser import ParseError, normalize, parse_plpgsql_json, parse_sql_json
 
 from hoopops.sql.effects import EffectTable, builtin_effects
-from hoopops.sql.facts import Analysis, OutputColumn, StatementFacts, normalise_kinds
+from hoopops.sql.facts import (
+    Analysis,
+    OutputColumn,
+    StatementFacts,
+    located,
+    normalise_kinds,
+)
 from hoopops.sql.statements import (
     _BASE_KINDS,
     _CHANGES_SERVER,
@@ -42,7 +48,8 @@ from hoopops.sql.walker import (
     _flatten,
 )
 
-__all__ = ["DEFAULT_MAX_BYTES", "RESET_REASON", "STATEMENT_TYPES", "TOO_DEEP", "Analyzer"]
+__all__ = ["DEFAULT_MAX_BYTES", "RESET_REASON", "STATEMENT_TYPES", "TOO_DEEP", "Analyzer",
+           "Shape"]
 
 DEFAULT_MAX_BYTES = 1024 * 1024
 CACHE_SIZE = 4096
@@ -61,29 +68,58 @@ _scan_json = json.JSONDecoder().scan_once
 TOO_DEEP = "the statement is nested too deeply to analyse safely"
 
 
+class Shape:
+    """One shape of statement (text up to its literals) the analyser has facts for.
+
+    Compared by identity: caches of what follows from the facts alone (the catalog's
+    judgement, the policy's decision) are keyed by it, so a new literal costs a lookup.
+    """
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Shape({self.key!r})"
+
+
 class Analyzer:
-    """Analyses SQL text with one side-effect table; results are cached by exact text."""
+    """Analyses SQL text with one side-effect table; cached by exact text and by shape."""
 
     def __init__(self, effects: EffectTable | None = None, *,
                  max_bytes: int = DEFAULT_MAX_BYTES, cache_size: int = CACHE_SIZE) -> None:
         self.effects = effects or builtin_effects()
         self.max_bytes = max_bytes
-        self._cached = lru_cache(maxsize=cache_size)(self._analyze_top)
+        self.cache_size = cache_size
+        self._exact: dict[str, Analysis] = {}
         self._shapes: dict[str, StatementFacts] = {}
+        self._skeletons: dict[str, StatementFacts] = {}
 
     def analyze(self, text: str) -> Analysis:
         """Facts for every statement in ``text``; never raises."""
-        if len(text) <= CACHE_MAX_CHARS:
-            return self._cached(text)
-        return self._analyze_top(text)
+        found = self._exact.get(text)
+        if found is not None:
+            return found
+        analysis, keep = self._analyze_top(text)
+        # A text its shape served is kept only when it has no literal (a parameterised
+        # statement, re-Parsed by every Execute): one that inlines its literals rarely
+        # comes back, and keeping thousands of them would wake the cyclic collector.
+        if keep and len(text) <= CACHE_MAX_CHARS:
+            exact = self._exact
+            if len(exact) >= self.cache_size:
+                _drop_oldest(exact)
+            exact[text] = analysis
+        return analysis
 
     def analyze_uncached(self, text: str, *, shapes: bool = True) -> Analysis:
         """Analyse without the exact-text cache (``shapes=False``: without any cache)."""
-        return self._analyze_top(text) if shapes else self._timed(text)
+        return self._analyze_top(text)[0] if shapes else self._timed(text)
 
     def cache_clear(self) -> None:
-        self._cached.cache_clear()
+        self._exact.clear()
         self._shapes.clear()
+        self._skeletons.clear()
 
     # -- the shape cache -----------------------------------------------------------------
     #
@@ -93,7 +129,8 @@ class Analyzer:
     # normalised text (literals replaced by $n, which only a successful parse produces).
     # Statements whose facts do read literals (SET, set_config(), EXPLAIN options, COPY,
     # utility statements) and texts with comments or several statements are never cached
-    # this way.
+    # this way. Two texts with one key differ only inside literals, so their facts are
+    # equal and so is the normalised text of their statement (what ``sql:`` rules read).
 
     def shape_key(self, text: str) -> str | None:
         """The normalised text (literals as $n) when facts cannot depend on literals."""
@@ -105,54 +142,83 @@ class Analyzer:
         if len(text) * 4 > self.max_bytes and \
                 len(text.encode("utf-8", "surrogatepass")) > self.max_bytes:
             return None
-        body = text.strip()
-        semicolons = body.count(";")
-        if semicolons > 1 or (semicolons == 1 and not body.endswith(";")):
+        semicolons = text.count(";")
+        if semicolons > 1 or (semicolons == 1 and not text.rstrip().endswith(";")):
             return None
         try:
             return normalize(text)
         except Exception:
             return None
 
-    def _from_shape(self, text: str, key: str) -> Analysis | None:
-        shape = self._shapes.get(key)
-        if shape is None:
-            return None
-        body = text.strip()
-        if body.endswith(";"):
-            body = body[:-1].rstrip()
-        location = len(text) - len(text.lstrip())
-        return Analysis(text, (shape.replace(text=body, location=location),))
-
-    def _remember_shape(self, key: str, analysis: Analysis) -> None:
+    def _remember_shape(self, key: str, analysis: Analysis) -> StatementFacts | None:
         if len(analysis.statements) != 1:
-            return
+            return None
         facts = analysis.statements[0]
         if facts.statement_type not in _SHAPE_TYPES or facts.parse_error or \
                 facts.unanalysable or facts.lexing_risk or facts.wrapped or \
                 any(name.rpartition(".")[2].lower() == "set_config" for name in facts.functions):
-            return
-        if len(self._shapes) >= SHAPE_CACHE_SIZE:
-            try:
-                del self._shapes[next(iter(self._shapes))]
-            except (KeyError, StopIteration, RuntimeError):
-                self._shapes.clear()
-        self._shapes[key] = facts
+            return None
+        shapes = self._shapes
+        if len(shapes) >= SHAPE_CACHE_SIZE:
+            _drop_oldest(shapes)
+        facts._shape = Shape(key)
+        shapes[key] = facts
+        return facts
+
+    # -- skeletons: a key without parsing -------------------------------------------------
+    #
+    # normalize() parses the text, a third of what serving a new literal costs. A text
+    # made only of keywords, names, operators and integers (ASCII, no quote, dollar,
+    # backslash or comment) is lexed by PostgreSQL the same way whatever its integers'
+    # values: a run of at most 9 digits (always an integer constant, never a numeric one)
+    # that touches no name character or dot is one constant token. Its skeleton, those
+    # runs replaced by "$" (which such a text cannot otherwise hold), is linked to a shape
+    # only when normalize() replaced exactly those runs in the text that made the link;
+    # every text with that skeleton then has that shape's normalised text, and its facts.
+
+    def _skeleton(self, text: str) -> str | None:
+        if len(text) > SHAPE_MAX_CHARS or len(text) > self.max_bytes or \
+                not text.isascii() or "'" in text or '"' in text or "$" in text or \
+                "\\" in text or "--" in text or "/*" in text or "\x00" in text:
+            return None
+        semicolons = text.count(";")
+        if semicolons > 1 or (semicolons == 1 and not text.rstrip().endswith(";")):
+            return None
+        return _LONE_INTEGER.sub("$", text)
+
+    def _link(self, skeleton: str, key: str, facts: StatementFacts) -> None:
+        pieces = skeleton.split("$")
+        filled = pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
+        if filled != key:
+            return  # normalize() kept one of the runs (ORDER BY 1, varchar(10)), or more
+        skeletons = self._skeletons
+        if len(skeletons) >= SHAPE_CACHE_SIZE:
+            _drop_oldest(skeletons)
+        skeletons[skeleton] = facts
 
     # -- top level -----------------------------------------------------------------------
 
-    def _analyze_top(self, text: str) -> Analysis:
+    def _analyze_top(self, text: str) -> tuple[Analysis, bool]:
+        """(the analysis, whether it is worth keeping by its exact text)."""
+        started = time.perf_counter()
+        skeleton = self._skeleton(text)
+        if skeleton is not None:
+            shape = self._skeletons.get(skeleton)
+            if shape is not None:
+                return _located(text, shape, started), skeleton == text
         key = self._shape_key(text)
         if key is None:
-            return self._timed(text)
-        started = time.perf_counter()
-        found = self._from_shape(text, key)
-        if found is not None:
-            object.__setattr__(found, "elapsed_us", (time.perf_counter() - started) * 1e6)
-            return found
-        analysis = self._timed(text)
-        self._remember_shape(key, analysis)
-        return analysis
+            return self._timed(text), True
+        shape = self._shapes.get(key)
+        if shape is not None:
+            result = _located(text, shape, started), key == text
+        else:
+            analysis = self._timed(text)
+            shape = self._remember_shape(key, analysis)
+            result = analysis, True
+        if shape is not None and skeleton is not None:
+            self._link(skeleton, key, shape)
+        return result
 
     def _timed(self, text: str) -> Analysis:
         started = time.perf_counter()
@@ -369,6 +435,28 @@ class Analyzer:
                 query = "SELECT " + rhs
             facts.extend(self.body_facts(query, depth))
         return dynamic, facts
+
+
+# A run of 1-9 digits touching no name character or dot. Spelled to start with the digit
+# (the look-behind follows it) so that the regex engine can skip to digits quickly.
+_LONE_INTEGER = re.compile(r"[0-9](?<![A-Za-z0-9_.][0-9])[0-9]{0,8}(?![A-Za-z0-9_.])")
+
+
+def _located(text: str, shape: StatementFacts, started: float) -> Analysis:
+    """The shape's facts for ``text``: its one statement, located in it."""
+    body = text.strip()
+    if body.endswith(";"):
+        body = body[:-1].rstrip()
+    found = Analysis(text, (located(shape, body, len(text) - len(text.lstrip())),))
+    found.elapsed_us = (time.perf_counter() - started) * 1e6
+    return found
+
+
+def _drop_oldest(cache: dict[str, Any]) -> None:
+    try:
+        del cache[next(iter(cache))]
+    except (KeyError, StopIteration, RuntimeError):  # emptied meanwhile
+        cache.clear()
 
 
 def _failed(text: str, parse_error: str | None, unanalysable: str | None) -> Analysis:

@@ -56,7 +56,8 @@ class SessionSqlState:
     def observe(self, analysis: Analysis) -> None:
         """Record PREPARE / DEALLOCATE / DISCARD ALL of statements that were let through."""
         for facts in analysis.statements:
-            _apply_names(self.prepared, facts, self.max_prepared)
+            if facts.prepares is not None or facts.deallocates is not None:
+                _apply_names(self.prepared, facts, self.max_prepared)
 
     def on_parse(self, name: str, analysis: Analysis) -> None:
         """A protocol-level Parse of a named statement was let through."""

@@ -32,6 +32,31 @@ def touched(facts: dict[str, Any] | None) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(tables)), list(dict.fromkeys(columns))
 
 
+_MASKING_FACTS = (("sensitive_in_predicates", "decides rows on"),
+                  ("sensitive_copied", "copies"),
+                  ("sensitive_placeholders", "writes a masked value into"),
+                  ("sensitive_targets", "writes"),
+                  ("sensitive_opaque", "passes to code hoopops cannot see"))
+
+
+def masking_summary(facts: dict[str, Any] | None) -> str:
+    """What the statement does with masked columns (``masking`` in the facts), in words:
+    why an inference, copy or placeholder rule held it."""
+    if not facts:
+        return ""
+    parts = facts.get("statements") if isinstance(facts.get("statements"), list) else [facts]
+    found: dict[str, list[str]] = {}
+    for part in parts:
+        masking = part.get("masking") if isinstance(part, dict) else None
+        if not isinstance(masking, dict):
+            continue
+        for key, label in _MASKING_FACTS:
+            for name in masking.get(key) or ():
+                if str(name) not in found.setdefault(label, []):
+                    found[label].append(str(name))
+    return "; ".join(f"{label} {', '.join(names)}" for label, names in found.items() if names)
+
+
 class ApprovalDetail(VerticalScroll, can_focus=True):
     """The selected approval: pretty SQL, who, where, why, what it touches."""
 
@@ -88,6 +113,9 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
             head.add_row("tables", plain(", ".join(tables)))
         if columns:
             head.add_row("columns", plain(", ".join(columns)))
+        masking = masking_summary(self.facts)
+        if masking:
+            head.add_row("masked", plain(masking))
         if a.params:
             head.add_row("params", plain(", ".join(_param(p) for p in a.params), 400))
         keys = Text("a", style="bold reverse")

@@ -11,6 +11,7 @@ from textual.widgets import Static
 
 from hoopops.audit.records import StatementView
 from hoopops.tui.format import decision_text, highlighted_sql, plain, stamp
+from hoopops.tui.widgets.approval_detail import masking_summary
 
 
 def _approval(s: StatementView) -> Text:
@@ -87,6 +88,9 @@ class StepView(Static):
         grid.add_row("decision", decision)
         grid.add_row("approval", _approval(s))
         grid.add_row("masking", _masking(s))
+        sensitive = masking_summary(s.facts)
+        if sensitive:
+            grid.add_row("masked", plain(sensitive))
         grid.add_row("result", _outcome(s))
         grid.add_row("sha256", plain(s.result_sha256 or "—"))
         if s.params:
