@@ -78,6 +78,8 @@ class Subscription:
 class EventBus:
     def __init__(self) -> None:
         self._subscriptions: list[Subscription] = []
+        # wants() is asked once or more per statement; subscriptions change rarely.
+        self._wanted: dict[str, bool] = {}
 
     @property
     def has_listeners(self) -> bool:
@@ -85,16 +87,22 @@ class EventBus:
 
     def wants(self, kind: str) -> bool:
         """Whether anyone listens for ``kind`` (so building the event can be skipped)."""
-        return any(sub.kinds is None or kind in sub.kinds for sub in self._subscriptions)
+        wanted = self._wanted.get(kind)
+        if wanted is None:
+            wanted = self._wanted[kind] = any(
+                sub.kinds is None or kind in sub.kinds for sub in self._subscriptions)
+        return wanted
 
     def subscribe(self, kinds: Iterable[str] | None = None, maxsize: int = 10_000) -> Subscription:
         sub = Subscription(self, frozenset(kinds) if kinds is not None else None, maxsize)
         self._subscriptions.append(sub)
+        self._wanted.clear()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         if sub in self._subscriptions:
             self._subscriptions.remove(sub)
+            self._wanted.clear()
 
     def publish(self, kind: str, **data: Any) -> None:
         if not self._subscriptions:
