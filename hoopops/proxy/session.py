@@ -470,14 +470,8 @@ class Session:
             if done < 0:  # up to a message the lane finishes: forwarded up to it already
                 done = -done
             elif done:
-                transport = self._server.transport
-                if not transport.is_closing():
-                    transport.write(bytes(data[:done]) if done < len(data) or data is buf
-                                    else data)
-            if data is buf:
-                del buf[:done]
-            elif done < len(data):
-                buf += memoryview(data)[done:]
+                _write_head(self._server.transport, data, buf, done)
+            _keep_tail(data, buf, done)
             if not buf or lane.busy:
                 return
         else:
@@ -1074,16 +1068,8 @@ class Session:
             done = self._server_fast(data)
             if done:
                 self.info.stats.bytes_out += done
-                transport = self._client.transport
-                if not transport.is_closing():
-                    transport.write(bytes(data[:done]) if done < len(data) or data is buf
-                                    else data)
-                if data is buf:
-                    del buf[:done]
-                elif done < len(data):
-                    buf += memoryview(data)[done:]
-            elif data is not buf:
-                buf += data
+                _write_head(self._client.transport, data, buf, done)
+            _keep_tail(data, buf, done)
             if not buf:
                 return
         else:
@@ -1157,6 +1143,12 @@ class Session:
                 pos = seg = nxt
                 head = pending[0] if pending else None
                 run = head.run if head is not None else None
+                continue
+            if run is None and (mtype == 68 or mtype == 100) and head is not None and (
+                    head.kind == K_QUERY or head.kind == K_EXECUTE) and not head.swallow:
+                # Rows and COPY data of a statement nobody records or masks: relayed as
+                # bytes, not one coroutine per message (a 1M-row COPY is 1M messages).
+                pos = seg = nxt
                 continue
             if head is not None and head.run is None and head.plain:
                 # Replies that only move the expectation queue on, handled inline.
@@ -1363,6 +1355,22 @@ class Session:
 
 async def _ready(value: Any) -> Any:
     return value
+
+
+def _write_head(transport: asyncio.Transport, data: bytes | bytearray, buf: bytearray,
+                done: int) -> None:
+    """Send the first ``done`` bytes of a read (``data`` is the read, or ``buf`` holding it
+    behind earlier bytes); the read itself when it is all of it, so no copy is made."""
+    if not transport.is_closing():
+        transport.write(bytes(data[:done]) if done < len(data) or data is buf else data)
+
+
+def _keep_tail(data: bytes | bytearray, buf: bytearray, done: int) -> None:
+    """Keep what follows the first ``done`` bytes in ``buf`` for the next step."""
+    if data is buf:
+        del buf[:done]
+    elif done < len(data):
+        buf += memoryview(data)[done:]
 
 
 def new_session_id() -> str:
