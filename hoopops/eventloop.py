@@ -1,7 +1,8 @@
 """Run the gateway's event loop: uvloop when installed (``pip install 'hoopops[fast]'``).
 
-uvloop's libuv-based loop cuts the gateway's CPU per relayed statement by roughly a
-fifth (measured with benchmarks/bench_gateway.py --compare-uvloop); the standard loop
+uvloop's libuv-based loop cuts a Python relay's CPU per statement by roughly a quarter
+to a third (benchmarks/README.md, calibration: a bare Protocol relay 31 → 22 µs/tx; the
+gateway measured with benchmarks/bench_gateway.py --compare-uvloop); the standard loop
 works the same, only slower. ``HOOPOPS_EVENT_LOOP=asyncio`` forces the standard loop.
 """
 
