@@ -33,7 +33,7 @@ from hoopops.masking.inference import with_masking_facts
 from hoopops.policy import PolicyEngine
 from hoopops.proxy import protocol as p
 from hoopops.proxy.gate import ALLOW, StatementGate, Verdict
-from hoopops.sql import analyze, default_analyzer
+from hoopops.sql import Analysis, analyze, default_analyzer
 from hoopops.sql.session import SessionSqlState
 
 if TYPE_CHECKING:
@@ -102,6 +102,10 @@ class Enforcer(StatementGate):
         self._facts_text: dict[int, tuple[Any, str]] = {}
         self.masking = self._masking_rules()
         self.audits = self.audit_on
+        # (id(analyser source), subject, groups, target) -> (source, the ALLOW verdict, the
+        # analysis it was decided on); see _fast_verdict. Valid for one policy version.
+        self._verdicts: dict[tuple[Any, ...], tuple[Any, Verdict, Analysis]] = {}
+        self._verdicts_for: Any = None
 
     @property
     def masking(self) -> MaskingRules:
@@ -137,6 +141,7 @@ class Enforcer(StatementGate):
         except Exception as exc:  # a bad masking section keeps the rules in force
             log.error("masking rules in the new policy are invalid; the previous rules stay "
                       "in force: %s", exc)
+        self._verdicts.clear()
         for catalog in self.catalogs.values():
             catalog.invalidate()
         for column_catalog in self.column_catalogs.values():
@@ -146,8 +151,18 @@ class Enforcer(StatementGate):
         engine = self.engine
         if engine is None:
             return ALLOW
+        # Nothing records the facts (``audits``: a replay reads them too), masks, or hears
+        # of the decision, and no name is prepared: an ALLOW judged on the same facts can
+        # be handed back as it is.
+        quiet = not statement_name and not self.audits and not self._masking.active and \
+            not self.bus.wants(events.STATEMENT_DECIDED)
+        if quiet:
+            verdict = await self._fast_verdict(session, sql)
+            if verdict is not None:
+                return verdict
         state: SessionSqlState = session.sql_state
-        analysis = state.resolve(analyze(sql))
+        raw = analyze(sql)
+        analysis = state.resolve(raw)
         catalog = self.catalogs.get(session.target.name)
         if catalog is not None:
             analysis = await catalog.enrich(analysis)
@@ -206,14 +221,78 @@ class Enforcer(StatementGate):
         if action == "allow":
             # Positional (tests/test_policy_engine.py guards the order): from keywords this
             # frozen dataclass costs twice as much, and every allowed statement builds one.
-            return Verdict("allow", "42501", "", None, decision.rule_id, decision, approval_id,
-                           hints)
+            verdict = Verdict("allow", "42501", "", None, decision.rule_id, decision,
+                              approval_id, hints)
+            if quiet and approval_id is None and decision.action == "allow" and \
+                    analysis is raw and decision.analysis is raw:
+                self._remember_verdict(session, sql, raw, verdict)
+            return verdict
         hint = None
         if action == "block":
             hint = f"policy version {decision.policy_version or '?'}; ask an analyst if this " \
                    "statement is needed"
         return Verdict(action, "42501", decision.message, hint, decision.rule_id, decision,
                        masking_hints=hints)
+
+    # -- the verdict cache ------------------------------------------------------------------
+    #
+    # A plain SELECT / DML statement the analyser serves from its caches (the same text, or
+    # a new literal whose skeleton it linked to a shape) has the facts of that source; the
+    # policy's decision follows from those facts, the identity, the target and the policy
+    # version (the engine's own shape cache rests on the same), and the session state does
+    # not change them (no EXECUTE, PREPARE, DEALLOCATE or reset). What remains is the
+    # catalog, which can change its judgement of a name (a function turned VOLATILE): its
+    # enrich() is asked again on every hit and must hand back the facts untouched.
+
+    async def _fast_verdict(self, session: Session, sql: str) -> Verdict | None:
+        engine = self.engine
+        if engine is None or engine.policies is not self._verdicts_for:
+            return None
+        source = default_analyzer().source(sql)
+        if source is None:
+            return None
+        identity = session.info.identity
+        target = session.target.name
+        key = (id(source), identity.subject, identity.groups, target) if identity is not None \
+            else (id(source), None, None, target)
+        hit = self._verdicts.get(key)
+        if hit is None or hit[0] is not source:
+            return None
+        catalog = self.catalogs.get(target)
+        if catalog is not None and await catalog.enrich(hit[2]) is not hit[2]:
+            return None
+        if engine.policies is not self._verdicts_for:
+            return None  # reloaded while the catalog was consulted
+        return hit[1]
+
+    def _remember_verdict(self, session: Session, sql: str, analysis: Analysis,
+                          verdict: Verdict) -> None:
+        engine = self.engine
+        statements = analysis.statements
+        if engine is None or len(statements) != 1:
+            return
+        facts = statements[0]
+        shape = facts._shape
+        if shape is None or analysis.needs_session or analysis.changes_schema or \
+                facts.prepares is not None or facts.deallocates is not None:
+            return
+        source = default_analyzer().source(sql)
+        # The source must be what this analysis came from: the text's own cached analysis,
+        # or the shape facts its skeleton is linked to (normalisation agreed on the link).
+        if source is None or (source is not analysis and (
+                isinstance(source, Analysis) or source._shape is not shape)):
+            return
+        policies = engine.policies
+        if _decision_version(verdict) != policies.version:
+            return
+        if policies is not self._verdicts_for or len(self._verdicts) >= 4096:
+            self._verdicts.clear()
+            self._verdicts_for = policies
+        identity = session.info.identity
+        target = session.target.name
+        key = (id(source), identity.subject, identity.groups, target) if identity is not None \
+            else (id(source), None, None, target)
+        self._verdicts[key] = (source, verdict, analysis)
 
     def outdated(self, session: Session, verdict: Verdict) -> bool:
         decision = verdict.decision
@@ -691,6 +770,11 @@ class Enforcer(StatementGate):
                                            stats.bytes_in, stats.bytes_out, stats.statements)
         except AuditError as exc:
             log.error("cannot record session end: %s", exc)
+
+
+def _decision_version(verdict: Verdict) -> str | None:
+    decision = verdict.decision
+    return decision.policy_version if decision is not None else None
 
 
 def _forget(names: dict[tuple[str, str], Any], kind: str, name: str) -> None:

@@ -95,6 +95,9 @@ class Analyzer:
         self._exact: dict[str, Analysis] = {}
         self._shapes: dict[str, StatementFacts] = {}
         self._skeletons: dict[str, StatementFacts] = {}
+        # The last text skeletonised and its skeleton: the enforcer asks for a text's
+        # source just before analysing it, and the two must not pay for it twice.
+        self._last_skeleton: tuple[str | None, str | None] = (None, None)
 
     def analyze(self, text: str) -> Analysis:
         """Facts for every statement in ``text``; never raises."""
@@ -177,6 +180,14 @@ class Analyzer:
     # every text with that skeleton then has that shape's normalised text, and its facts.
 
     def _skeleton(self, text: str) -> str | None:
+        last = self._last_skeleton
+        if last[0] is text:
+            return last[1]
+        skeleton = self._skeleton_of(text)
+        self._last_skeleton = (text, skeleton)
+        return skeleton
+
+    def _skeleton_of(self, text: str) -> str | None:
         if len(text) > SHAPE_MAX_CHARS or len(text) > self.max_bytes or \
                 not text.isascii() or "'" in text or '"' in text or "$" in text or \
                 "\\" in text or "--" in text or "/*" in text or "\x00" in text:
@@ -185,6 +196,19 @@ class Analyzer:
         if semicolons > 1 or (semicolons == 1 and not text.rstrip().endswith(";")):
             return None
         return _LONE_INTEGER.sub("$", text)
+
+    def source(self, text: str) -> Analysis | StatementFacts | None:
+        """What :meth:`analyze` would serve ``text`` from without parsing: its exact-text
+        Analysis, or the shape facts its skeleton is linked to; None when it would parse.
+
+        Every text that has the same source (by identity) has the same facts, so a caller
+        may key what follows from the facts alone on it (the enforcer's verdict cache).
+        """
+        found = self._exact.get(text)
+        if found is not None:
+            return found
+        skeleton = self._skeleton(text)
+        return None if skeleton is None else self._skeletons.get(skeleton)
 
     def _link(self, skeleton: str, key: str, facts: StatementFacts) -> None:
         pieces = skeleton.split("$")
