@@ -177,6 +177,7 @@ class GatewaySpec:
     name: str = "gateway"
     policies: Path | None = None  # a policy folder (``policies:`` in hoopops.yaml)
     audit: bool = False  # full audit trail on (SQLite), else ``audit.enabled: false``
+    audit_synchronous: str = "FULL"  # audit.synchronous when audit is on
     extra_yaml: str = ""  # appended to hoopops.yaml verbatim (for example ``masking:``)
     python_args: tuple[str, ...] = ()  # before the program, e.g. ("-m", "cProfile", ...)
     uvloop: bool = False  # run on uvloop through _gateway_runner.py (an experiment)
@@ -207,6 +208,8 @@ def gateway_config_text(spec: GatewaySpec, pg: LocalPostgres, port: int, folder:
     lines += ["audit:", f"  path: {folder / f'audit-{_slug(spec.name)}.db'}"]
     if not spec.audit:
         lines.append("  enabled: false")
+    else:
+        lines.append(f"  synchronous: {spec.audit_synchronous}")
     return "\n".join(lines) + "\n" + spec.extra_yaml
 
 

@@ -521,6 +521,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--audit", action="store_true", help="run the gateway with audit on")
     parser.add_argument("--compare-audit", action="store_true",
                         help="also run a gateway with audit on beside one with audit off")
+    parser.add_argument("--audit-synchronous", choices=("FULL", "NORMAL"), default="FULL",
+                        help="audit.synchronous of the gateways with audit on (default FULL)")
     parser.add_argument("--gateway-yaml", type=Path, default=None, metavar="FILE",
                         help="YAML appended to every gateway's hoopops.yaml (e.g. masking)")
     parser.add_argument("--compare-uvloop", action="store_true",
@@ -557,14 +559,17 @@ def gateway_specs(args: argparse.Namespace) -> list[GatewaySpec]:
     extra = args.gateway_yaml.read_text() if args.gateway_yaml else ""
     policies = args.policies.resolve() if args.policies else None
     base = GatewaySpec("gateway", policies=None if args.compare_policy else policies,
-                       audit=args.audit and not args.compare_audit, extra_yaml=extra)
+                       audit=args.audit and not args.compare_audit, extra_yaml=extra,
+                       audit_synchronous=args.audit_synchronous)
     specs = [base]
     if args.compare_policy:
         specs.append(GatewaySpec("gateway+policy", policies=policies or REPO / "policies",
-                                 audit=base.audit, extra_yaml=extra))
+                                 audit=base.audit, extra_yaml=extra,
+                                 audit_synchronous=args.audit_synchronous))
     if args.compare_audit:
         specs.append(GatewaySpec("gateway+audit", policies=base.policies, audit=True,
-                                 extra_yaml=extra))
+                                 extra_yaml=extra,
+                                 audit_synchronous=args.audit_synchronous))
     if args.compare_uvloop:
         specs.append(GatewaySpec("gateway+uvloop", policies=base.policies, audit=base.audit,
                                  extra_yaml=extra, uvloop=True))
