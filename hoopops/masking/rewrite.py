@@ -20,6 +20,7 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from types import CodeType
+from typing import Any
 
 from hoopops.masking.codec import I16, I32, NULL_FIELD
 from hoopops.masking.detectors import SHAPE, DetectorSet
@@ -273,6 +274,31 @@ def _row_starts(rows: bytes, pieces: list[bytes] | None = None) -> list[int]:
         starts.append(pos)
         pos += 1 + _unpack_i32(rows, pos + 1)[0]
     return starts
+
+
+def probe_spans(probes: Sequence[tuple[Any, bool]] | None, text: bytes
+                ) -> list[tuple[int, int]] | None:
+    """Where the detectors' buffer probes match in ``text``: ``(first, end)`` spans, at
+    least one byte each, in order per probe; None when a detector has no probe (then
+    everything is a candidate). Probes on the shape (digits and letters folded to one
+    class each) search ``text`` translated once for all of them."""
+    if probes is None or any(search is None for search, _ in probes):
+        return None
+    spans: list[tuple[int, int]] = []
+    shape: bytes | None = None
+    for search, on_shape in probes:
+        if on_shape:
+            shape = text.translate(SHAPE) if shape is None else shape
+            haystack = shape
+        else:
+            haystack = text
+        span = search(haystack)
+        while span is not None:
+            first, end = span
+            end = max(end, first + 1)
+            spans.append((first, end))
+            span = search(haystack, end)
+    return spans
 
 
 class _Short(Exception):
@@ -578,31 +604,18 @@ class RowRewriter:
         ``pieces``: the header and payload of each row, in order, when the caller has
         them (where rows start is then summed up in C instead of walked in Python).
         """
-        probes = self._buffer_probes
-        starts: list[int] | None = None
+        spans = probe_spans(self._buffer_probes, rows)
+        if spans is not None and not spans:
+            return rows
+        starts = _row_starts(rows, pieces)
         flagged: set[int] = set()
-        shape: bytes | None = None
-        for search, on_shape in probes if probes is not None else ((None, False),):
-            if search is None:  # a detector without a probe: every row is a candidate
-                starts = _row_starts(rows, pieces)
-                flagged.update(range(len(starts)))
-                break
-            if on_shape:
-                shape = rows.translate(SHAPE) if shape is None else shape
-                text = shape
-            else:
-                text = rows
-            span = search(text)
-            while span is not None:
-                if starts is None:
-                    starts = _row_starts(rows, pieces)
-                first, end = span
-                end = max(end, first + 1)
-                index = bisect.bisect_right(starts, first) - 1
-                last = bisect.bisect_right(starts, end - 1) - 1
-                flagged.update(range(index, last + 1))
-                span = search(text, end)
-        if not flagged or starts is None:
+        if spans is None:  # a detector without a probe: every row is a candidate
+            flagged.update(range(len(starts)))
+        for first, end in spans or ():
+            index = bisect.bisect_right(starts, first) - 1
+            last = bisect.bisect_right(starts, end - 1) - 1
+            flagged.update(range(index, last + 1))
+        if not flagged:
             return rows
         out: list[bytes] = []
         copied = 0
@@ -957,27 +970,15 @@ class CopyRewriter:
         for why a match overlapping a row is enough)."""
         assert self.detector is not None
         text = b"\n".join(lines)
-        probes = self.detector.detectors.buffer_probes
+        spans = probe_spans(self.detector.detectors.buffer_probes, text)
         flagged: set[int] = set()
-        shape: bytes | None = None
-        for search, on_shape in probes:
-            if search is None:
-                flagged.update(range(len(lines)))
-                break
-            if on_shape:
-                shape = text.translate(SHAPE) if shape is None else shape
-                haystack = shape
-            else:
-                haystack = text
-            span = search(haystack)
-            counted = line = 0  # newlines in text[:counted]: matches come in order
-            while span is not None:
-                first, end = span
-                end = max(end, first + 1)
-                line += text.count(b"\n", counted, first)
-                counted = first
-                flagged.update(range(line, line + 1 + text.count(b"\n", first, end - 1)))
-                span = search(haystack, end)
+        if spans is None:
+            flagged.update(range(len(lines)))
+        counted = line = 0  # newlines in text[:counted]: spans come sorted
+        for first, end in sorted(spans or ()):
+            line += text.count(b"\n", counted, first)
+            counted = first
+            flagged.update(range(line, line + 1 + text.count(b"\n", first, end - 1)))
         delim = self.options.delimiter
         for index in sorted(flagged):
             if index >= len(lines):
