@@ -7,8 +7,10 @@ values are exactly what a direct connection returns."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import struct
 from pathlib import Path
 
 import asyncpg
@@ -139,3 +141,28 @@ async def test_audit_trail_counts_rows_and_keeps_them_masked(
     assert masked[(f"public.{TABLE}.ssn", "last4")] == ROWS
     assert masked[(f"public.{TABLE}.email", "email_domain")] == ROWS
     assert masked[("detector:credit_card", "redact")] == ROWS // 7 + ROWS // 1000 - ROWS // 7000
+
+
+async def test_audit_hash_of_a_masked_copy_is_over_what_the_client_got(
+        gateway_factory: object, tmp_path: Path, people: dict[int, str]) -> None:
+    """``result_sha256`` is the SHA-256 of the result messages exactly as sent: for a
+    masked COPY, the masked CopyData messages, not nothing."""
+    gw = await start(gateway_factory, tmp_path, audit=True)
+    sql = f"COPY ({QUERY}) TO STDOUT"
+    async with await psycopg.AsyncConnection.connect(gw.dsn()) as conn:
+        sent = hashlib.sha256()
+        async with conn.cursor().copy(sql) as copy:
+            async for block in copy:
+                sent.update(b"d" + struct.pack("!i", len(block) + 4) + bytes(block))
+
+    async def trail() -> list[dict]:
+        out = io.StringIO()
+        await gw.gateway.store.export(out)  # type: ignore[attr-defined]
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    async def recorded() -> bool:
+        return any(r["sql"] == sql and r["finished_record"] for r in await trail())
+
+    await poll(recorded, 10, what="the COPY's record")
+    [record] = [r for r in await trail() if r["sql"] == sql]
+    assert record["result_sha256"] == sent.hexdigest()

@@ -630,17 +630,21 @@ class Enforcer(StatementGate):
         except MaskingError as exc:
             run.plan = plan = _WithholdAll(0, str(exc))
             out, end = plan.rewrite_copy_at(data, start)
+        if run.hasher is not None:
+            run.hasher.update(out)
         return out, end
 
     async def rewrite_copy(self, session: Session, run: Run, message: bytes) -> bytes:
         plan = run.plan
-        if plan is None:
-            return message
-        try:
-            return p.frame(p.COPY_DATA, plan.rewrite_copy_data(message[5:]))
-        except MaskingError as exc:
-            run.plan = _WithholdAll(0, str(exc))
-            return p.frame(p.COPY_DATA, b"")
+        if plan is not None:
+            try:
+                message = p.frame(p.COPY_DATA, plan.rewrite_copy_data(message[5:]))
+            except MaskingError as exc:
+                run.plan = _WithholdAll(0, str(exc))
+                message = p.frame(p.COPY_DATA, b"")
+        if run.hasher is not None:
+            run.hasher.update(message)
+        return message
 
     async def on_error(self, session: Session, fields: dict[str, str], payload: bytes
                        ) -> bytes | None:

@@ -1112,24 +1112,16 @@ class Session:
                         self._sample(run, buf, pos, nxt)
                 pos = nxt
                 continue
-            if mtype == 68 and run is not None and head is not None and (
+            if (mtype == 68 or mtype == 100) and run is not None and head is not None and (
                     head.kind == K_EXECUTE or head.kind == K_QUERY):
-                # DataRows to mask: every whole one buffered goes to the plan in one call.
+                # DataRows / COPY TO STDOUT data to mask: every whole message buffered goes
+                # to the plan in one call (which hashes what it returns).
                 if run.hasher is not None and seg < pos:
                     run.hasher.update(memoryview(buf)[seg:pos])
                 if frozen is None:
                     frozen = bytes(buf[:end])
-                masked, stop = self.gate.rewrite_rows(self, run, frozen, pos)
-                out.append(bytes(buf[flushed:pos]))
-                out.append(masked)
-                pos = seg = flushed = stop
-                continue
-            if mtype == 100 and run is not None and head is not None and (
-                    head.kind == K_EXECUTE or head.kind == K_QUERY):
-                # COPY TO STDOUT data to mask: likewise, all the whole messages at once.
-                if frozen is None:
-                    frozen = bytes(buf[:end])
-                masked, stop = self.gate.rewrite_copy_rows(self, run, frozen, pos)
+                rewrite = self.gate.rewrite_rows if mtype == 68 else self.gate.rewrite_copy_rows
+                masked, stop = rewrite(self, run, frozen, pos)
                 out.append(bytes(buf[flushed:pos]))
                 out.append(masked)
                 pos = seg = flushed = stop
