@@ -591,15 +591,9 @@ class Enforcer(StatementGate):
         coroutines per row."""
         plan = run.plan
         before = plan.rows
-        try:
-            out, end = plan.rewrite_rows_at(data, start)
-            if end == start:
-                raise MaskingError("malformed DataRow")
-        except MaskingError as exc:
-            # Fail closed: this buffer's rows and every later one are withheld.
-            run.plan = plan = _WithholdAll(0, str(exc))
-            before = 0
-            out, end = plan.rewrite_rows_at(data, start)
+        out, end = _rewrite_batch(run, "rewrite_rows_at", data, start, "DataRow")
+        if run.plan is not plan:
+            plan, before = run.plan, 0
         run.rows += plan.rows - before
         if run.hasher is not None:
             run.hasher.update(out)
@@ -622,14 +616,7 @@ class Enforcer(StatementGate):
         """The batch form of :meth:`rewrite_copy` for a run with a masking plan: every
         complete CopyData in ``data`` from ``start`` → ``(messages to send, where they
         ended)``."""
-        plan = run.plan
-        try:
-            out, end = plan.rewrite_copy_at(data, start)
-            if end == start:
-                raise MaskingError("malformed CopyData")
-        except MaskingError as exc:
-            run.plan = plan = _WithholdAll(0, str(exc))
-            out, end = plan.rewrite_copy_at(data, start)
+        out, end = _rewrite_batch(run, "rewrite_copy_at", data, start, "CopyData")
         if run.hasher is not None:
             run.hasher.update(out)
         return out, end
@@ -774,6 +761,21 @@ class Enforcer(StatementGate):
                                            stats.bytes_in, stats.bytes_out, stats.statements)
         except AuditError as exc:
             log.error("cannot record session end: %s", exc)
+
+
+def _rewrite_batch(run: Run, method: str, data: bytes, start: int, what: str
+                   ) -> tuple[bytes, int]:
+    """``run.plan.<method>(data, start)``, failing closed: when the plan cannot mask the
+    batch, it and every later message of the result are withheld (``run.plan`` becomes
+    the plan that withholds everything)."""
+    try:
+        out, end = getattr(run.plan, method)(data, start)
+        if end == start:
+            raise MaskingError(f"malformed {what}")
+    except MaskingError as exc:
+        run.plan = _WithholdAll(0, str(exc))
+        out, end = getattr(run.plan, method)(data, start)
+    return out, end  # type: ignore[no-any-return]
 
 
 def _decision_version(verdict: Verdict) -> str | None:
