@@ -76,6 +76,15 @@ class ProtocolError(Exception):
 # -- framing ----------------------------------------------------------------------------
 
 
+def bad_length(length: int, limit: int) -> ProtocolError:
+    """The error for a message whose length field is below the minimum or above the
+    gateway's limit (checked on every framing path, so clients get one wording)."""
+    if length < 4:
+        return ProtocolError(f"invalid message length {length}")
+    return ProtocolError(f"message of {length} bytes exceeds the gateway limit of {limit} "
+                         "bytes (limits.max_message_size)", "54000")
+
+
 class MessageBuffer:
     """Accumulates bytes and yields complete typed messages.
 
@@ -110,12 +119,8 @@ class MessageBuffer:
             while len(buf) - pos >= 5:
                 end = len(buf)
                 mtype, length = _HEADER_UNPACK(buf, pos)
-                if length < 4:
-                    raise ProtocolError(f"invalid message length {length}")
-                if length > self._max:
-                    raise ProtocolError(
-                        f"message of {length} bytes exceeds the gateway limit of {self._max} "
-                        "bytes (limits.max_message_size)", "54000")
+                if length < 4 or length > self._max:
+                    raise bad_length(length, self._max)
                 if end - pos < 1 + length:
                     break
                 payload = bytes(buf[pos + 5:pos + 1 + length])
@@ -136,12 +141,8 @@ class MessageBuffer:
         try:
             while len(buf) - pos >= 5:
                 mtype, length = _HEADER_UNPACK(buf, pos)
-                if length < 4:
-                    raise ProtocolError(f"invalid message length {length}")
-                if length > limit:
-                    raise ProtocolError(
-                        f"message of {length} bytes exceeds the gateway limit of {limit} "
-                        "bytes (limits.max_message_size)", "54000")
+                if length < 4 or length > limit:
+                    raise bad_length(length, limit)
                 nxt = pos + 1 + length
                 if len(buf) < nxt:
                     break

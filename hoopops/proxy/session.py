@@ -515,12 +515,8 @@ class Session:
         try:
             while len(buf) - pos >= 5:
                 mtype, length = _HDR(buf, pos)
-                if length < 4:
-                    raise p.ProtocolError(f"invalid message length {length}")
-                if length > limit:
-                    raise p.ProtocolError(
-                        f"message of {length} bytes exceeds the gateway limit of {limit} "
-                        "bytes (limits.max_message_size)", "54000")
+                if length < 4 or length > limit:
+                    raise p.bad_length(length, limit)
                 nxt = pos + 1 + length
                 if len(buf) < nxt:
                     break
