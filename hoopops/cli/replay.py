@@ -12,7 +12,13 @@ from typing import Any
 
 from hoopops.cli.audit import when
 from hoopops.cli.common import add_config_argument, fail, load_config_or_exit, print_json
-from hoopops.replay import ReplayError, diff_policies_blocking, replay_session_blocking
+from hoopops.replay import (
+    PolicyDiffReport,
+    ReplayError,
+    ReplayReport,
+    diff_policies_blocking,
+    replay_session_blocking,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -71,11 +77,7 @@ def run_replay(args: argparse.Namespace) -> int:
                                          statement_timeout=args.timeout)
     except ReplayError as exc:
         return fail(f"replay: {exc}", 2)
-    if args.json:
-        print_json(report.to_json())
-    else:
-        print(report.render())
-    return report.exit_status
+    return _show(report, args.json)
 
 
 def run_policy_diff(args: argparse.Namespace) -> int:
@@ -86,7 +88,12 @@ def run_policy_diff(args: argparse.Namespace) -> int:
                                         target=args.target)
     except ReplayError as exc:
         return fail(f"policy diff: {exc}", 2)
-    if args.json:
+    return _show(report, args.json)
+
+
+def _show(report: ReplayReport | PolicyDiffReport, as_json: bool) -> int:
+    """Print a report for people or machines; its exit status says whether it drifted."""
+    if as_json:
         print_json(report.to_json())
     else:
         print(report.render())
