@@ -8,7 +8,7 @@ code follows a subtle rule.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PROTOCOL_3_0 = 196608  # 3 << 16
@@ -20,7 +20,6 @@ HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 _INT16 = struct.Struct("!h")
-_HEADER_UNPACK = struct.Struct("!BI").unpack_from
 
 # Backend message types (first byte), as ints for fast comparison against buffer bytes.
 AUTHENTICATION = ord("R")
@@ -77,86 +76,12 @@ class ProtocolError(Exception):
 
 
 def bad_length(length: int, limit: int) -> ProtocolError:
-    """The error for a message whose length field is below the minimum or above the
-    gateway's limit (checked on every framing path, so clients get one wording)."""
+    """The error for a client message whose length field is below the minimum or above
+    the gateway's limit (``limits.max_message_size``)."""
     if length < 4:
         return ProtocolError(f"invalid message length {length}")
     return ProtocolError(f"message of {length} bytes exceeds the gateway limit of {limit} "
                          "bytes (limits.max_message_size)", "54000")
-
-
-class MessageBuffer:
-    """Accumulates bytes and yields complete typed messages.
-
-    ``max_size`` bounds the length a peer may announce, so a hostile length cannot make us
-    buffer gigabytes before noticing.
-    """
-
-    __slots__ = ("_buf", "_max")
-
-    def __init__(self, max_size: int = 1 << 30) -> None:
-        self._buf = bytearray()
-        self._max = max_size
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    def __len__(self) -> int:
-        return len(self._buf)
-
-    def take_all(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
-
-    def messages(self) -> Iterator[tuple[int, bytes]]:
-        """Yield ``(type, payload)`` for each complete message, consuming them."""
-        buf = self._buf
-        pos = 0
-        try:
-            # len(buf) is re-read each time: the relay may feed more bytes mid-iteration
-            # (while a statement is held for approval).
-            while len(buf) - pos >= 5:
-                end = len(buf)
-                mtype, length = _HEADER_UNPACK(buf, pos)
-                if length < 4 or length > self._max:
-                    raise bad_length(length, self._max)
-                if end - pos < 1 + length:
-                    break
-                payload = bytes(buf[pos + 5:pos + 1 + length])
-                pos += 1 + length
-                yield mtype, payload
-        finally:
-            del buf[:pos]
-
-    def frames(self) -> Iterator[tuple[int, bytes]]:
-        """Yield ``(type, whole message)`` for each complete message, consuming them.
-
-        The relay forwards most client messages unchanged, so it takes them whole (one
-        copy) and slices the payload only when it must decode one.
-        """
-        buf = self._buf
-        pos = 0
-        limit = self._max
-        try:
-            while len(buf) - pos >= 5:
-                mtype, length = _HEADER_UNPACK(buf, pos)
-                if length < 4 or length > limit:
-                    raise bad_length(length, limit)
-                nxt = pos + 1 + length
-                if len(buf) < nxt:
-                    break
-                raw = bytes(buf[pos:nxt])
-                pos = nxt
-                yield mtype, raw
-        finally:
-            del buf[:pos]
-
-    def peek_header(self) -> tuple[int, int] | None:
-        if len(self._buf) < 5:
-            return None
-        mtype, length = _HEADER_UNPACK(self._buf, 0)
-        return mtype, length
 
 
 def frame(mtype: int | bytes, payload: bytes = b"") -> bytes:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 import struct
@@ -1363,10 +1362,6 @@ def _keep_tail(data: bytes | bytearray, buf: bytearray, done: int) -> None:
 
 def new_session_id() -> str:
     return uuid.uuid4().hex
-
-
-def result_hasher() -> Any:
-    return hashlib.sha256()
 
 
 _ROW_DESCRIPTIONS: dict[bytes, list[p.Field]] = {}
