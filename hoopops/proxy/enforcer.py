@@ -686,10 +686,8 @@ class Enforcer(StatementGate):
                                        "count": a.count} for a in actions])
         if self.audit_on and run is not None and run.audit_id is not None:
             records = [AuditMaskingAction(a.column, a.strategy, a.count) for a in actions]
-            task = asyncio.ensure_future(self.store.masking_actions(
-                run.audit_id, session.id, records, wait=False))
-            self._background.add(task)
-            task.add_done_callback(self._done)
+            self._spawn(self.store.masking_actions(run.audit_id, session.id, records,
+                                                   wait=False))
 
     # -- results -----------------------------------------------------------------------------
 
@@ -713,8 +711,8 @@ class Enforcer(StatementGate):
             log.error("could not record a statement's result: %s", exc)
 
     def _spawn(self, coro: Any) -> None:
-        # Completion records are not on the durability path (the statement was recorded
-        # before it ran), so the relay does not wait for them.
+        # Masking-action records are not on the durability path (the statement was
+        # recorded before it ran), so the relay does not wait for them.
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._done)
