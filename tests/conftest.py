@@ -38,9 +38,10 @@ def psql_path(pg: LocalPostgres) -> str:
 
 
 def write_config(folder: Path, pg: LocalPostgres, extra: str = "", policies: Path | None = None,
-                 audit: bool = False) -> Path:
+                 audit: bool = False, listen: str = "127.0.0.1:0",
+                 synchronous: str | None = None) -> Path:
     lines = [
-        "listen: 127.0.0.1:0",
+        f"listen: {listen}",
         "targets:",
         "  appdb:",
         f"    upstream: {pg.dsn()}",
@@ -53,6 +54,8 @@ def write_config(folder: Path, pg: LocalPostgres, extra: str = "", policies: Pat
         lines.append(f"policies: {policies}")
     if audit:
         lines += ["audit:", f"  path: {folder / 'audit.db'}"]
+        if synchronous is not None:
+            lines.append(f"  synchronous: {synchronous}")
     else:
         lines += ["audit:", "  enabled: false", f"  path: {folder / 'audit.db'}"]
     path = folder / "hoopops.yaml"

@@ -48,7 +48,7 @@ from hoopops.config import load_config
 from hoopops.devdb import SERVICE_USER, LocalPostgres, free_port
 from hoopops.identity import mint_token
 from tests.clients.util import admin, poll, psql_args, run
-from tests.conftest import AUDIENCE, ISSUER, JWT_SECRET, RunningGateway, psql_path
+from tests.conftest import RunningGateway, psql_path, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOPOPS = [sys.executable, "-m", "hoopops"]
@@ -498,24 +498,9 @@ async def _verify(gw: RunningGateway, db_path: Path, *more: str, expect_ok: bool
 
 
 def _serve_config(folder: Path, pg: LocalPostgres, port: int, synchronous: str) -> Path:
-    path = folder / "hoopops.yaml"
-    path.write_text("\n".join([
-        f"listen: 127.0.0.1:{port}",
-        "targets:",
-        "  appdb:",
-        f"    upstream: {pg.dsn()}",
-        "identity:",
-        f"  issuer: {ISSUER}",
-        f"  audience: {AUDIENCE}",
-        f"  hs256_secret: {JWT_SECRET}",
-        f"policies: {write_policy(folder)}",
-        "audit:",
-        f"  path: {folder / 'audit.db'}",
-        f"  synchronous: {synchronous}",
-        "limits:",
-        "  shutdown_grace: 1s",
-    ]) + "\n")
-    return path
+    return write_config(folder, pg, "limits:\n  shutdown_grace: 1s\n",
+                        policies=write_policy(folder), audit=True,
+                        listen=f"127.0.0.1:{port}", synchronous=synchronous)
 
 
 def _accepting(port: int) -> bool:
