@@ -210,13 +210,13 @@ async def test_a_kept_head_passes_on_an_intact_chain(populated) -> None:
 
 
 QUERY_TABLE_EDITS = {
-    "statement sql": ("UPDATE statements SET sql = 'SELECT 42' WHERE id = 3", 3, "sql"),
-    "statement result": ("UPDATE statements SET rows = 999 WHERE id = 3", 5, "rows"),
+    "statement sql": ("UPDATE statements SET sql = 'SELECT 42' WHERE received_seq = 3", 3, "sql"),
+    "statement result": ("UPDATE statements SET rows = 999 WHERE received_seq = 3", 5, "rows"),
     "session identity": ("UPDATE sessions SET subject = 'someone-else' "
                          "WHERE started_seq = 2", 2, "subject"),
     "approval decider": ("UPDATE approvals SET decided_by = 'mallory'", 13, "decided_by"),
     "masking deleted": ("DELETE FROM masking_actions WHERE seq = 4", 4, "deleted"),
-    "statement deleted": ("DELETE FROM statements WHERE id = 6", 6, "deleted"),
+    "statement deleted": ("DELETE FROM statements WHERE received_seq = 6", 6, "deleted"),
     "event inserted": ("INSERT INTO gateway_events VALUES (1000, 'x', 'gateway.x', '{}')",
                        1000, "not backed"),
 }

@@ -439,7 +439,7 @@ async def _tamper_checks(gw: RunningGateway, tmp_path: Path) -> None:
     # Only a query table edited: named through the chain record it must agree with.
     out = await _verify_broken(
         gw, tmp_path, "projection",
-        f"UPDATE statements SET sql = 'SELECT 1' WHERE id = {target}")
+        f"UPDATE statements SET sql = 'SELECT 1' WHERE received_seq = {target}")
     assert f"#{target}" in out and "statements" in out, out
 
     # Edited with its hash recomputed: the next record no longer links to it.
@@ -469,7 +469,7 @@ def _rewrite(db_path: Path, seq: int, through: int | None) -> None:
                      f"'q:a-innocent') WHERE seq = {seq}")
         conn.execute("UPDATE statements SET sql = replace(sql, 'q:a-insert', 'q:a-innocent'), "
                      "facts = replace(facts, 'q:a-insert', 'q:a-innocent') "
-                     f"WHERE id = {seq}")
+                     f"WHERE received_seq = {seq}")
         prev = conn.execute("SELECT hash FROM chain WHERE seq = ?", (seq - 1,)).fetchone()[0]
         last = through if through is not None else conn.execute(
             "SELECT max(seq) FROM chain").fetchone()[0]

@@ -14,13 +14,14 @@ scan. The triggers below define them, from the chain row being inserted, so:
 Since version 2 the live ``chain`` carries only the guard triggers, because every
 trigger on it ran for every record (about 5 µs each, WHEN clause or not), and the
 statement triggers ran ``json_extract`` once per column, re-parsing the whole payload
-each time. The two records every statement writes (``statement.received`` and
+each time. The records of statements (``statement``, or ``statement.received`` and
 ``statement.finished``) have their rows filled by the writer itself, in the same
-transaction, from the values it serialised (``STATEMENT_INSERT`` / ``STATEMENT_FINISH``);
-the rare ones are also inserted into the writer connection's in-memory ``INBOX`` table,
-which carries TEMP copies of their projection triggers (``inbox_statements``). Verify
-still rebuilds every projection with the triggers on a scratch ``chain``, so a writer
-that disagrees with the definition is caught like an edit.
+transaction, from the values it serialised (``STATEMENT_COMPLETE`` / ``STATEMENT_INSERT``
+/ ``STATEMENT_FINISH``); the rare ones are also inserted into the writer connection's
+in-memory ``INBOX`` table, which carries TEMP copies of their projection triggers
+(``inbox_statements``), and records recovered from a journal go through ``REPLAY``, which
+carries them all. Verify still rebuilds every projection with the triggers on a scratch
+``chain``, so a writer that disagrees with the definition is caught like an edit.
 
 Migrations: ``MIGRATIONS[n]`` upgrades a store from version n-1 to n and is applied inside
 one transaction that also sets ``PRAGMA user_version``. ``schema_statements`` is the
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 from hoopops.audit.chain import GENESIS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 CHAIN_COLUMNS = ("seq", "kind", "at", "session_id", "payload", "prev_hash", "hash")
 
@@ -138,17 +139,18 @@ def schema_statements(s: str, *, guards: bool = True) -> list[str]:
             sqlstate TEXT,
             error_message TEXT,
             result_sha256 TEXT,
-            result_sample TEXT)""",
+            result_sample TEXT,
+            received_seq INTEGER)""",
         f"CREATE INDEX {s}.statements_session ON statements(session_id, seq)",
         f"CREATE INDEX {s}.statements_received ON statements(received_at)",
         f"CREATE INDEX {s}.statements_decision ON statements(decision, session_id)",
         f"""CREATE TRIGGER {s}.project_statement_received AFTER INSERT ON chain
         WHEN NEW.kind = 'statement.received' BEGIN
             INSERT INTO statements (id, session_id, seq, received_at, sql, params, facts,
-                decision, rule_id, approval_id)
-            VALUES (NEW.seq, NEW.session_id, {_x('seq')}, {_x('received_at')}, {_x('sql')},
-                {_x('params')}, {_x('facts')}, {_x('decision')}, {_x('rule_id')},
-                {_x('approval_id')});
+                decision, rule_id, approval_id, received_seq)
+            VALUES (coalesce({_x('id')}, NEW.seq), NEW.session_id, {_x('seq')},
+                {_x('received_at')}, {_x('sql')}, {_x('params')}, {_x('facts')},
+                {_x('decision')}, {_x('rule_id')}, {_x('approval_id')}, NEW.seq);
         END""",
         f"""CREATE TRIGGER {s}.project_statement_finished AFTER INSERT ON chain
         WHEN NEW.kind = 'statement.finished' BEGIN
@@ -159,6 +161,22 @@ def schema_statements(s: str, *, guards: bool = True) -> list[str]:
                 result_sha256 = {_x('result_sha256')},
                 result_sample = {_x('result_sample')}
             WHERE id = {_x('statement_id')};
+        END""",
+        # A statement whose result was known by the time its record was chained: one
+        # record, ``result`` holding what its statement.finished record would.
+        f"""CREATE TRIGGER {s}.project_statement AFTER INSERT ON chain
+        WHEN NEW.kind = 'statement' BEGIN
+            INSERT INTO statements (id, session_id, seq, received_at, sql, params, facts,
+                decision, rule_id, approval_id, received_seq, finished_seq, started_at,
+                finished_at, duration_us, rows, command_tag, sqlstate, error_message,
+                result_sha256, result_sample)
+            VALUES (coalesce({_x('id')}, NEW.seq), NEW.session_id, {_x('seq')},
+                {_x('received_at')}, {_x('sql')}, {_x('params')}, {_x('facts')},
+                {_x('decision')}, {_x('rule_id')}, {_x('approval_id')}, NEW.seq, NEW.seq,
+                {_x('result.started_at')}, {_x('result.finished_at')},
+                {_x('result.duration_us')}, {_x('result.rows')}, {_x('result.command_tag')},
+                {_x('result.sqlstate')}, {_x('result.error_message')},
+                {_x('result.result_sha256')}, {_x('result.result_sample')});
         END""",
         f"""CREATE TABLE {s}.approvals (
             id INTEGER PRIMARY KEY,
@@ -259,11 +277,17 @@ GUARD_TRIGGERS = ("chain_no_update", "chain_no_delete", "chain_in_order", "chain
 
 # Statement records are projected by the writer (see the module docstring); these are
 # the triggers that define what it must write, used only by verify's rebuild.
-WRITER_PROJECTED = ("project_statement_received", "project_statement_finished")
+WRITER_PROJECTED = ("project_statement_received", "project_statement_finished",
+                    "project_statement")
 
 STATEMENT_INSERT = ("INSERT INTO statements (id, session_id, seq, received_at, sql, params, "
-                    "facts, decision, rule_id, approval_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-                    "?, ?)")
+                    "facts, decision, rule_id, approval_id, received_seq) VALUES (?, ?, ?, ?, "
+                    "?, ?, ?, ?, ?, ?, ?)")
+STATEMENT_COMPLETE = ("INSERT INTO statements (id, session_id, seq, received_at, sql, params, "
+                      "facts, decision, rule_id, approval_id, received_seq, started_at, "
+                      "finished_at, duration_us, rows, command_tag, sqlstate, error_message, "
+                      "result_sha256, result_sample, finished_seq) VALUES (?, ?, ?, ?, ?, ?, "
+                      "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 STATEMENT_FINISH = ("UPDATE statements SET finished_seq = ?, started_at = ?, finished_at = ?, "
                     "duration_us = ?, rows = ?, command_tag = ?, sqlstate = ?, "
                     "error_message = ?, result_sha256 = ?, result_sample = ? WHERE id = ?")
@@ -296,6 +320,22 @@ def inbox_statements() -> list[str]:
     return out
 
 
+REPLAY = "audit_replay"
+
+
+def replay_statements() -> list[str]:
+    """A TEMP table carrying every projection trigger, statements included: records
+    recovered from a journal are projected by the definition itself, not by the writer."""
+    out = [f"CREATE TEMP TABLE IF NOT EXISTS {REPLAY} (seq INTEGER, kind TEXT, at TEXT, "
+           "session_id TEXT, payload TEXT)"]
+    for name, ddl in _projection_triggers("main"):
+        head = f"CREATE TRIGGER main.{name} AFTER INSERT ON chain"
+        assert head in ddl, f"unexpected trigger shape: {name}"
+        out.append(ddl.replace(head, f"CREATE TEMP TRIGGER IF NOT EXISTS replay_{name} "
+                                     f"AFTER INSERT ON {REPLAY}", 1))
+    return out
+
+
 def _v2(s: str) -> list[str]:
     # An index keyed by session dirties one more page per session in every commit, and
     # 8 sessions commit together. chain_session served prune (which now asks the sessions
@@ -306,10 +346,40 @@ def _v2(s: str) -> list[str]:
             f"DROP INDEX {s}.statements_decision", f"DROP INDEX {s}.chain_session"]
 
 
+def _v3(s: str) -> list[str]:
+    # Statement ids are handed out by the gateway from reserved blocks, so a statement is
+    # named before its record is chained (see journal.py); ``received_seq`` keeps the link
+    # to the chain record the row comes from. New ids start past every old one, which were
+    # the records' seqs. (A store created at version 3 has the column already; the
+    # migration runner skips adding a column that exists.)
+    return [f"ALTER TABLE {s}.statements ADD COLUMN received_seq INTEGER",
+            f"UPDATE {s}.statements SET received_seq = id WHERE received_seq IS NULL",
+            f"""CREATE TABLE {s}.statement_ids (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                next INTEGER NOT NULL)""",
+            f"INSERT INTO {s}.statement_ids (id, next) "
+            f"SELECT 1, COALESCE(MAX(seq), 0) + 1 FROM {s}.chain",
+            # How far each gateway run's journal is in the chain: (file, offset past the
+            # last ingested line).
+            f"""CREATE TABLE {s}.journal_marks (
+                run TEXT PRIMARY KEY,
+                file_no INTEGER NOT NULL,
+                offset INTEGER NOT NULL)"""]
+
+
 MIGRATIONS: dict[int, Callable[[str], list[str]]] = {
     1: lambda s: schema_statements(s, guards=True),
     2: _v2,
+    3: _v3,
 }
+
+_ADD_COLUMN = re.compile(r"ALTER TABLE (\w+)\.(\w+) ADD COLUMN (\w+) ", re.IGNORECASE)
+
+
+def added_column(statement: str) -> tuple[str, str, str] | None:
+    """(schema, table, column) when ``statement`` adds a column, else None."""
+    match = _ADD_COLUMN.match(statement)
+    return None if match is None else (match.group(1), match.group(2), match.group(3))
 
 
 @dataclass(frozen=True)
@@ -331,7 +401,7 @@ PROJECTIONS: tuple[Projection, ...] = (
         **{c: "finished_seq" for c in (
             "finished_seq", "started_at", "finished_at", "duration_us", "rows",
             "command_tag", "sqlstate", "error_message", "result_sha256", "result_sample")},
-        "approval_id": "approval_id"}, "id"),
+        "approval_id": "approval_id"}, "received_seq"),
     Projection("approvals", ("id",), {c: "decided_seq" for c in (
         "status", "scope", "decided_seq", "decided_by", "decided_at", "comment")}, "id"),
     Projection("masking_actions", ("seq", "idx"), {}, "seq"),

@@ -1,26 +1,35 @@
-"""The SQLite audit store (WAL), with group commit.
+"""The SQLite audit store (WAL): a hash chain, its query tables, and the journal in front.
 
 Durability before forwarding is the whole point, and it must not serialise the gateway.
-So one writer task drains a list: callers append a record to it and await a future (a
-record nobody awaits, such as a statement's result, has none); the writer takes
-*everything* waiting, appends it to the chain in one ``BEGIN IMMEDIATE`` transaction (one
-fsync), and resolves every future after ``COMMIT``. While one batch commits, the next one
-gathers, so the batch size grows with load. The statement records, two per statement,
-are serialised once, by splicing pre-encoded parts in canonical key order, and the same
-values fill their query-table row (see ``schema.py``).
+The records every statement writes (received, finished, masking) are made durable by the
+journal (``journal.py``): one ``write(2)`` on the event loop, plus, under
+``synchronous=FULL``, an fdatasync shared by every session waiting at that moment. The
+statement's id comes from a block of ids reserved in the store beforehand, so nothing on
+the statement's path waits for SQLite. Those records are then chained in batches: one
+writer task drains a list and appends *everything* waiting to the chain in one
+``BEGIN IMMEDIATE`` transaction, at least every ``_INGEST_EVERY`` seconds, sooner when a
+thousand wait. The same transaction records how far the journal is chained, so a gateway
+that dies loses nothing: the next open chains the rest of its journal.
 
-The write connection is a plain ``sqlite3`` connection owned by one dedicated thread, and
-a whole batch (begin, read the head, insert, commit) is a single hand-off to it. Driving
-it through aiosqlite would cost one thread hop per call, six per batch, and those hops,
-not SQLite, were the bottleneck. Reads, verify, export and checkpoints use aiosqlite
-connections of their own: WAL readers never block the writer, and a long verify or export
-never stalls the console's reads.
+Rare records (sessions, approvals, events) are not journaled: their callers await the
+transaction that chains them, which the writer starts at once, taking every journaled
+record queued before them along, so the chain keeps the order things happened in. A read
+through this store first waits for everything queued before it to be chained, so the
+process that wrote a record always reads it back; another process (the CLI) sees
+journaled records once they are chained, a fraction of a second later.
 
-``synchronous=FULL`` is the default: in WAL mode that fsyncs the log at every commit, so a
-record the gateway was told is durable survives not only SIGKILL of the process (which
-NORMAL also survives, the WAL being in the OS page cache) but also a kernel panic or power
-loss, which NORMAL does not. Group commit pays that fsync once per batch instead of once
-per statement; ``benchmarks/bench_audit.py`` measures both settings.
+The statement records are serialised once, by splicing pre-encoded parts in canonical
+key order, and the same values fill their query-table row (see ``schema.py``). The write
+connection is a plain ``sqlite3`` connection owned by one dedicated thread, and a whole
+batch (begin, read the head, insert, commit) is a single hand-off to it. Reads, verify,
+export and checkpoints use aiosqlite connections of their own: WAL readers never block the
+writer, and a long verify or export never stalls the console's reads.
+
+``synchronous=FULL`` is the default: the journal is flushed before a statement is
+forwarded and SQLite fsyncs its log at every commit, so a recorded statement survives not
+only SIGKILL of the process (which NORMAL also survives: the journal and the log are in
+the OS page cache) but also a kernel panic or power loss, which NORMAL does not.
+``benchmarks/bench_audit.py`` measures both settings.
 """
 
 from __future__ import annotations
@@ -51,6 +60,16 @@ from hoopops.audit.chain import (
     json_text,
     record_hash_text,
 )
+from hoopops.audit.journal import (
+    Journal,
+    JournalError,
+    JournalLine,
+    OrphanRun,
+    encode,
+    journal_dir,
+    orphaned_runs,
+    read_lines,
+)
 from hoopops.audit.records import (
     ApprovalRequest,
     ApprovalView,
@@ -75,11 +94,15 @@ from hoopops.audit.schema import (
     INBOX,
     MIGRATIONS,
     PROJECTIONS,
+    REPLAY,
     SCHEMA_VERSION,
+    STATEMENT_COMPLETE,
     STATEMENT_FINISH,
     STATEMENT_INSERT,
     Projection,
+    added_column,
     inbox_statements,
+    replay_statements,
     schema_statements,
 )
 from hoopops.audit.store import (
@@ -98,9 +121,23 @@ _RESERVED_PREFIXES = ("session.", "statement.", "approval.", "masking.", "audit.
 _INSERT_CHAIN = f"INSERT INTO chain ({', '.join(CHAIN_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_INBOX = (f"INSERT INTO temp.{INBOX} (seq, kind, at, session_id, payload) "
                  "VALUES (?, ?, ?, ?, ?)")
+_INSERT_REPLAY = (f"INSERT INTO temp.{REPLAY} (seq, kind, at, session_id, payload) "
+                  "VALUES (?, ?, ?, ?, ?)")
+_SET_MARK = "INSERT OR REPLACE INTO journal_marks (run, file_no, offset) VALUES (?, ?, ?)"
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Bounded so one transaction (and the memory it holds) stays small under a flood.
 _MAX_BATCH = 2000
+# Journaled records (made durable by the journal, awaited by nobody) are chained in
+# batches at least this often, or as soon as this many wait, or at once when anyone
+# awaits a record or reads the store.
+_INGEST_EVERY = 0.1
+_INGEST_AT = 1000
+# Statement ids are reserved from the store this many at a time; a new block is fetched
+# in the background when fewer than half are left.
+_ID_BLOCK = 8192
+# After a failed batch, journaled records are retried this often (and new statements are
+# refused meanwhile: they could not be chained).
+_RETRY_EVERY = 1.0
 _CHECKPOINT_EVERY = 0.5
 _WAL_BACKSTOP_PAGES = 8000
 
@@ -132,6 +169,17 @@ class _Item:
     # STATEMENT_FINISH values after finished_seq.
     insert: tuple[Any, ...] | None = None
     finish: tuple[Any, ...] | None = None
+    # Where a journaled record's line ends in this run's journal: (file, offset past it).
+    mark: tuple[int, int] | None = None
+    # Not a record: resolved once everything queued before it is committed.
+    barrier: bool = False
+    # A statement.received record's payload splits here for a ``result`` member (before
+    # ``"rule_id"``, in canonical key order): see _pair_results.
+    split: int = 0
+    # Paired in one batch: the received record carries its first result (``partner``),
+    # and that result is not chained on its own (``merged``).
+    partner: _Item | None = None
+    merged: bool = False
 
 
 @dataclass
@@ -177,6 +225,19 @@ class SQLiteAuditStore(AuditStore):
         # statement id -> session id for statements received here and not yet finished,
         # so the hot path never has to read back a row it just wrote.
         self._open_statements: dict[int, str] = {}
+        # Created at the first journaled record, so reading the store writes no journal.
+        self._journal: Journal | None = None
+        self._urgent = 0  # awaited records and barriers waiting in _pending
+        self._committing = False  # a batch is on the writer thread
+        # The writer connection's synchronous setting now (see _durably) and the journal
+        # position of the newest committed record.
+        self._sync_now = synchronous
+        self._chained: tuple[int, int] | None = None
+        self._ingest_error: Exception | None = None
+        # The reserved statement ids not yet handed out: [next, end).
+        self._ids_next = self._ids_end = 0
+        self._ids_refill: asyncio.Future[None] | None = None
+        self._ids_spare: tuple[int, int] | None = None
 
     # --- opening and closing -------------------------------------------------------------
 
@@ -233,13 +294,15 @@ class SQLiteAuditStore(AuditStore):
             raise AuditError(f"the audit store {self.path} cannot use WAL mode (got {mode}); "
                              "put it on a local file system")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        self._sync_now = self.synchronous
         # Checkpoints (copying the log into the database, with an fsync of the database
         # under FULL) run on their own connection, so no batch waits for one; this is
         # only the backstop should that fall behind (pages of 4 KiB: about 32 MiB).
         db.execute(f"PRAGMA wal_autocheckpoint = {_WAL_BACKSTOP_PAGES}")
         self._migrate(db)
-        for statement in inbox_statements():
+        for statement in (*inbox_statements(), *replay_statements()):
             db.execute(statement)
+        self._recover(db)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -254,12 +317,88 @@ class SQLiteAuditStore(AuditStore):
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]("main"):
+                    adds = added_column(statement)
+                    if adds is not None and adds[2] in {r[1] for r in db.execute(
+                            f"PRAGMA {adds[0]}.table_info({adds[1]})")}:
+                        continue
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def _recover(self, db: sqlite3.Connection) -> None:
+        """Chain what the journals of dead gateway runs hold beyond their marks."""
+        for orphan in orphaned_runs(journal_dir(self.path)):
+            try:
+                recovered = self._recover_run(db, orphan)
+                # Ids the dead run reserved but whose reservation a power loss undid must
+                # not be handed out again.
+                db.execute("UPDATE statement_ids SET next = max(next, (SELECT "
+                           "COALESCE(MAX(id), 0) + 1 FROM statements)) WHERE id = 1")
+            except BaseException:
+                orphan.abandon()
+                self._rollback()
+                raise
+            db.execute("DELETE FROM journal_marks WHERE run = ?", (orphan.run,))
+            orphan.release()
+            if recovered:
+                log.warning("audit: recovered %d record(s) from the journal of a gateway that "
+                            "stopped before storing them (run %s)", recovered, orphan.run)
+
+    def _recover_run(self, db: sqlite3.Connection, orphan: OrphanRun) -> int:
+        row = db.execute("SELECT file_no, offset FROM journal_marks WHERE run = ?",
+                         (orphan.run,)).fetchone()
+        done = (0, 0) if row is None else (int(row[0]), int(row[1]))
+        recovered = 0
+        for file_no, path in orphan.files:
+            if file_no < done[0]:
+                continue
+            start = done[1] if file_no == done[0] else 0
+            lines = list(read_lines(path, start))
+            for chunk in range(0, len(lines), _MAX_BATCH):
+                part = lines[chunk:chunk + _MAX_BATCH]
+                try:
+                    recovered += self._replay(db, orphan.run, file_no, part)
+                except sqlite3.IntegrityError:
+                    # One record the store refuses must not cost the others.
+                    self._rollback()
+                    for one in part:
+                        try:
+                            recovered += self._replay(db, orphan.run, file_no, [one])
+                        except sqlite3.IntegrityError as exc:
+                            self._rollback()
+                            log.error("audit: a journal record of run %s could not be "
+                                      "stored (%s): %s %s", orphan.run, exc, one[0].kind,
+                                      one[0].at)
+        return recovered
+
+    def _replay(self, db: sqlite3.Connection, run: str, file_no: int,
+                lines: list[tuple[JournalLine, int]]) -> int:
+        db.execute("BEGIN IMMEDIATE")
+        seq, prev = self._head(db)
+        rows = []
+        for line, _ in lines:
+            seq += 1
+            digest = record_hash_text(seq, line.kind, line.at, line.session_id, line.payload,
+                                      prev)
+            rows.append((seq, line.kind, line.at, line.session_id, line.payload, prev, digest))
+            prev = digest
+        db.executemany(_INSERT_CHAIN, rows)
+        db.executemany(_INSERT_REPLAY, [r[:5] for r in rows])
+        db.execute(f"DELETE FROM temp.{REPLAY}")
+        db.execute(_SET_MARK, (run, file_no, lines[-1][1]))
+        db.execute("COMMIT")
+        return len(lines)
+
+    @staticmethod
+    def _head(db: sqlite3.Connection) -> tuple[int, str]:
+        head = db.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
+        if head is None:
+            raise AuditWriteError("the audit store has no chain head; run hoopops audit "
+                                  "verify")
+        return int(head[0]), str(head[1])
 
     @staticmethod
     async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -275,13 +414,21 @@ class SQLiteAuditStore(AuditStore):
             if db is None or self.stats.records == written:
                 continue
             written = self.stats.records
+            chained = self._chained
             try:
                 # PASSIVE never blocks the writer or readers; what it cannot copy now it
                 # copies next time.
-                async with db.execute("PRAGMA wal_checkpoint(PASSIVE)"):
-                    pass
+                async with db.execute("PRAGMA wal_checkpoint(PASSIVE)") as cursor:
+                    row = await cursor.fetchone()
             except sqlite3.Error as exc:
                 log.debug("audit checkpoint skipped: %s", exc)
+                continue
+            journal = self._journal
+            if row is not None and row[0] == 0 and row[1] == row[2] and \
+                    chained is not None and journal is not None and journal.sync:
+                # A whole checkpoint syncs the log and then the database: what was
+                # chained before it began is on disk, so its journal files can go.
+                journal.ingested(chained)
 
     async def close(self) -> None:
         if self._closed:
@@ -297,7 +444,26 @@ class SQLiteAuditStore(AuditStore):
             self._wake_writer()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+        if self._ids_refill is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._ids_refill
+        journal = self._journal
+        if journal is not None:
+            # Everything chained: the run leaves neither files nor a mark behind. Otherwise
+            # its files stay for the next start to recover.
+            clean = not self._pending and self._ingest_error is None
+            if clean:
+                with contextlib.suppress(sqlite3.Error, RuntimeError):
+                    await self._on_writer(self._forget_run, journal.run)
+            journal.close(all_ingested=clean)
         await self._shutdown()
+
+    def _forget_run(self, run: str) -> None:
+        # Committed durably, so everything before it is on disk: the run's journal files,
+        # deleted next, are no longer needed.
+        if self._wdb is not None:
+            self._durably(self._wdb, True)
+            self._wdb.execute("DELETE FROM journal_marks WHERE run = ?", (run,))
 
     async def _shutdown(self) -> None:
         for db in (self._reader, self._checkpoint_db):
@@ -316,13 +482,37 @@ class SQLiteAuditStore(AuditStore):
 
     # --- the writer ----------------------------------------------------------------------
 
-    def _queue_only(self, kind: str, at: str, session_id: str | None, payload: Any) -> None:
-        self._put(_Item(kind, at, session_id, _text_of(payload, kind), None))
+    def _journaled(self, item: _Item) -> tuple[int, int]:
+        """Make ``item`` durable through the journal and queue it for the chain; nobody
+        waits for the chain. Returns where its line ends, for ``Journal.synced``."""
+        if self._closed:
+            raise AuditWriteError("the audit store is closed")
+        if self._ingest_error is not None:
+            raise AuditWriteError(
+                f"the audit store cannot store records ({self._ingest_error}); the statement "
+                f"was not run. Check that {self.path} is writable and its disk has space")
+        journal = self._journal
+        try:
+            if journal is None:
+                journal = self._journal = Journal(journal_dir(self.path),
+                                                  sync=self.synchronous in ("FULL", "EXTRA"))
+            mark = journal.append(encode(item.kind, item.at, item.session_id,
+                                         item.payload_text))
+        except (JournalError, OSError, UnicodeError) as exc:
+            raise AuditWriteError(f"audit write failed ({exc}); the statement was not run")\
+                from exc
+        item.mark = mark
+        pending = self._pending
+        pending.append(item)
+        if len(pending) == 1 or len(pending) >= _INGEST_AT:
+            self._wake_writer()
+        return mark
 
     def _put(self, item: _Item) -> _Item:
         if self._closed:
             raise AuditWriteError("the audit store is closed")
         self._pending.append(item)
+        self._urgent += 1
         self._wake_writer()
         return item
 
@@ -346,35 +536,67 @@ class SQLiteAuditStore(AuditStore):
         return await self._awaitable(_Item(kind, at, session_id, _text_of(payload, kind),
                                            None, guard))
 
+    async def _settle(self) -> None:
+        """Return once everything queued so far is chained, so a read sees it."""
+        if (self._pending or self._committing) and not self._closed:
+            await self._awaitable(_Item("", "", None, "", None, barrier=True))
+
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending:
+            pending = self._pending
+            if not pending:
                 if self._stopping:
                     break
                 self._wake = loop.create_future()
                 await self._wake
                 self._wake = None
                 continue
-            batch = self._pending[:_MAX_BATCH]
-            del self._pending[:_MAX_BATCH]
+            if not (self._urgent or self._stopping or len(pending) >= _INGEST_AT):
+                # Only journaled records wait: give others a moment to join them, so that
+                # one transaction takes many. Whatever wakes us, the batch goes next.
+                self._wake = loop.create_future()
+                timer = loop.call_later(_INGEST_EVERY, self._wake_writer)
+                await self._wake
+                self._wake = None
+                timer.cancel()
+            batch = pending[:_MAX_BATCH]
+            del pending[:_MAX_BATCH]
+            self._urgent -= sum(1 for item in batch if item.future is not None)
+            self._committing = True
             try:
                 outcomes = await self._on_writer(self._commit, batch)
             except Exception as exc:
                 # Whatever it was (I/O error, full disk, a lock held too long), nothing of
-                # this batch is durable, so nobody may proceed as if it were.
+                # this batch is durable in the store, so nobody may proceed as if it were.
                 log.error("audit write failed: %s", exc)
                 self.stats.failed_batches += 1
-                _fail(batch, AuditWriteError(
+                error = AuditWriteError(
                     f"audit write failed ({exc}); the statement was not run. Check that "
-                    f"{self.path} is writable and its disk has space"))
+                    f"{self.path} is writable and its disk has space")
+                _fail(batch, error)
+                # Journaled records are safe in the journal: keep them for the next try,
+                # and refuse new statements until the store takes records again.
+                kept = [item for item in batch if item.mark is not None]
+                if kept:
+                    self._ingest_error = exc
+                    self._pending[:0] = kept
+                    if self._stopping:
+                        break  # they stay in the journal, for the next start to recover
+                    await asyncio.sleep(_RETRY_EVERY)
                 continue
-            written = sum(1 for _, o in outcomes if not isinstance(o, Exception))
+            finally:
+                self._committing = False
+            self._ingest_error = None
+            written = sum(1 for i, o in outcomes if not i.barrier and not isinstance(o, Exception))
             self.stats.records += written
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-            for pending, outcome in outcomes:
-                future = pending.future
+            mark = None
+            for pending_item, outcome in outcomes:
+                future = pending_item.future
+                if pending_item.mark is not None:
+                    mark = pending_item.mark
                 if future is None:
                     if isinstance(outcome, Exception):
                         log.error("audit write failed: %s", outcome)
@@ -384,6 +606,12 @@ class SQLiteAuditStore(AuditStore):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+            if mark is not None and self._journal is not None:
+                self._chained = mark
+                if not self._journal.sync:
+                    # Nothing is flushed in this mode, so the journal is no safer than the
+                    # store's own log: its chained files can go now.
+                    self._journal.ingested(mark)
 
     def _commit(self, batch: list[_Item]) -> list[Outcome]:
         """On the writer thread: the whole batch in one transaction, or each record alone
@@ -414,20 +642,32 @@ class SQLiteAuditStore(AuditStore):
             with contextlib.suppress(sqlite3.Error):
                 self._wdb.execute("ROLLBACK")
 
+    def _durably(self, db: sqlite3.Connection, needed: bool) -> None:
+        """Under ``synchronous=FULL``, fsync at commit only when the commit itself must
+        be durable: journaled records already are (the journal was flushed before their
+        statements ran), and their journal files are kept until a checkpoint has put them
+        on disk in the store (``_checkpoint_loop``). Awaited records (sessions, approvals,
+        reservations) are in no journal, so their commits still flush."""
+        want = self.synchronous if needed or self.synchronous not in ("FULL", "EXTRA") \
+            else "NORMAL"
+        if want != self._sync_now:
+            db.execute(f"PRAGMA synchronous = {want}")
+            self._sync_now = want
+
     def _transact(self, batch: list[_Item]) -> list[Outcome]:
         db = self._wdb
         if db is None:
             raise AuditWriteError("the audit store is closed")
+        self._durably(db, any(item.mark is None and not item.barrier for item in batch))
         db.execute("BEGIN IMMEDIATE")
         # Read the head under the write lock: another process (the CLI deciding an
         # approval) may have appended since our last batch.
-        head = db.execute("SELECT seq, hash FROM chain_head WHERE id = 1").fetchone()
-        if head is None:
-            raise AuditWriteError("the audit store has no chain head; run hoopops audit "
-                                  "verify")
-        seq, prev = int(head[0]), str(head[1])
+        seq, prev = self._head(db)
+        mark: tuple[int, int] | None = None
+        _pair_results(batch)
         rows: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
+        completes: list[tuple[Any, ...]] = []
         finishes: list[tuple[Any, ...]] = []
         inbox: list[tuple[Any, ...]] = []
         used_inbox = False
@@ -442,6 +682,9 @@ class SQLiteAuditStore(AuditStore):
             if inserts:
                 db.executemany(STATEMENT_INSERT, inserts)
                 inserts.clear()
+            if completes:
+                db.executemany(STATEMENT_COMPLETE, completes)
+                completes.clear()
             if finishes:
                 db.executemany(STATEMENT_FINISH, finishes)
                 finishes.clear()
@@ -451,6 +694,14 @@ class SQLiteAuditStore(AuditStore):
 
         outcomes: list[Outcome] = []
         for item in batch:
+            if item.barrier:
+                outcomes.append((item, 0))
+                continue
+            if item.mark is not None:
+                mark = item.mark
+            if item.merged:
+                outcomes.append((item, seq))  # chained with its statement, just before
+                continue
             session_id = item.session_id
             if item.guard is not None:
                 # The guard must see the records queued before its own.
@@ -466,11 +717,18 @@ class SQLiteAuditStore(AuditStore):
                 # before it (and so on): project in record order.
                 flush()
             seq += 1
-            digest = record_hash_text(seq, item.kind, item.at, session_id, item.payload_text,
-                                      prev)
-            rows.append((seq, item.kind, item.at, session_id, item.payload_text, prev, digest))
-            if item.insert is not None:
-                inserts.append((seq, *item.insert))
+            kind, text = item.kind, item.payload_text
+            result = item.partner
+            if result is not None:
+                kind = "statement"
+                text = f'{text[:item.split]},"result":{result.payload_text}{text[item.split:]}'
+            digest = record_hash_text(seq, kind, item.at, session_id, text, prev)
+            rows.append((seq, kind, item.at, session_id, text, prev, digest))
+            if result is not None:
+                assert item.insert is not None and result.finish is not None
+                completes.append((*item.insert, seq, *result.finish[:-1], seq))
+            elif item.insert is not None:
+                inserts.append((*item.insert, seq))
             elif item.finish is not None:
                 finishes.append((seq, *item.finish))
             else:
@@ -481,6 +739,8 @@ class SQLiteAuditStore(AuditStore):
         flush()
         if used_inbox:
             db.execute(f"DELETE FROM temp.{INBOX}")
+        if mark is not None and self._journal is not None:
+            db.execute(_SET_MARK, (self._journal.run, *mark))
         db.execute("COMMIT")
         return outcomes
 
@@ -517,19 +777,75 @@ class SQLiteAuditStore(AuditStore):
             json_params(statement.params), kind)
         session_id, sql, decision = statement.session_id, statement.sql, statement.decision
         seq, rule_id, approval_id = statement.seq, statement.rule_id, statement.approval_id
+        statement_id = self._next_id()
+        while statement_id is None:
+            await self._ids_reserved()
+            statement_id = self._next_id()
         # canonical_json of the payload, spliced from its parts in sorted key order: the
         # parts are what the statements row holds too, so nothing is serialised twice.
-        text = (f'{{"approval_id":{_scalar_text(approval_id, kind)},"decision":'
-                f'{_scalar_text(decision, kind)},"facts":{facts_text},"params":'
-                f'{params_text or "null"},"received_at":{json_string(received_at)},"rule_id":'
-                f'{_scalar_text(rule_id, kind)},"seq":{_scalar_text(seq, kind)},'
-                f'"session_id":{_scalar_text(session_id, kind)},"sql":{_scalar_text(sql, kind)}}}')
-        statement_id = await self._awaitable(_Item(
+        head = (f'{{"approval_id":{_scalar_text(approval_id, kind)},"decision":'
+                f'{_scalar_text(decision, kind)},"facts":{facts_text},"id":{statement_id},'
+                f'"params":{params_text or "null"},"received_at":{json_string(received_at)}')
+        text = (f'{head},"rule_id":{_scalar_text(rule_id, kind)},"seq":'
+                f'{_scalar_text(seq, kind)},"session_id":{_scalar_text(session_id, kind)},'
+                f'"sql":{_scalar_text(sql, kind)}}}')
+        mark = self._journaled(_Item(
             kind, received_at, session_id, text, None,
-            insert=(session_id, seq, received_at, sql, params_text, facts_text, decision,
-                    rule_id, approval_id)))
+            insert=(statement_id, session_id, seq, received_at, sql, params_text, facts_text,
+                    decision, rule_id, approval_id), split=len(head)))
         self._open_statements[statement_id] = session_id
+        journal = self._journal
+        if journal is not None and journal.sync:
+            try:
+                await journal.synced(mark)
+            except JournalError as exc:
+                raise AuditWriteError(f"audit write failed ({exc}); the statement was not "
+                                      "run") from exc
         return statement_id
+
+    def _next_id(self) -> int | None:
+        """A reserved statement id, or None when the reserve is empty."""
+        next_id = self._ids_next
+        if next_id >= self._ids_end:
+            spare = self._ids_spare
+            if spare is None:
+                return None
+            (next_id, self._ids_end), self._ids_spare = spare, None
+        self._ids_next = next_id + 1
+        if self._ids_spare is None and self._ids_refill is None and \
+                self._ids_end - next_id < _ID_BLOCK // 2:
+            self._ids_refill = asyncio.ensure_future(self._refill_ids())
+        return next_id
+
+    async def _ids_reserved(self) -> None:
+        if self._ids_refill is None:
+            self._ids_refill = asyncio.ensure_future(self._refill_ids())
+        try:
+            await asyncio.shield(self._ids_refill)
+        except (sqlite3.Error, OSError) as exc:
+            raise AuditWriteError(f"audit write failed (cannot reserve statement ids: {exc}); "
+                                  "the statement was not run") from exc
+
+    async def _refill_ids(self) -> None:
+        try:
+            self._ids_spare = await self._on_writer(self._take_ids, _ID_BLOCK)
+        finally:
+            self._ids_refill = None
+
+    def _take_ids(self, count: int) -> tuple[int, int]:
+        db = self._wdb
+        if db is None:
+            raise AuditWriteError("the audit store is closed")
+        self._durably(db, True)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            start = int(db.execute("SELECT next FROM statement_ids WHERE id = 1").fetchone()[0])
+            db.execute("UPDATE statement_ids SET next = ? WHERE id = 1", (start + count,))
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return start, start + count
 
     async def statement_finished(self, statement_id: int, result: StatementResult, *,
                                  wait: bool = True) -> int | None:
@@ -556,11 +872,12 @@ class SQLiteAuditStore(AuditStore):
                      finish=(started_at, finished_at, duration, rows, tag, sqlstate, error,
                              sha, sample_text, statement_id))
         if not wait:
-            self._put(item)
+            self._journaled(item)
             return None
         return await self._awaitable(item)
 
     async def _statement_session(self, statement_id: int) -> str:
+        await self._settle()
         async with self._read_lock:
             session_id = await self._scalar(self._reader_db(),
                                             "SELECT session_id FROM statements WHERE id = ?",
@@ -579,7 +896,8 @@ class SQLiteAuditStore(AuditStore):
             {"column": a.column_or_detector, "strategy": a.strategy, "count": int(a.count)}
             for a in actions]}
         if not wait:
-            self._queue_only("masking.applied", when, session_id, payload)
+            self._journaled(_Item("masking.applied", when, session_id,
+                                  _text_of(payload, "masking.applied"), None))
             return None
         return await self._append("masking.applied", when, session_id, payload)
 
@@ -648,6 +966,7 @@ class SQLiteAuditStore(AuditStore):
 
     async def close_orphaned_sessions(self, reason: str, at: float | None = None) -> int:
         when = time.time() if at is None else at
+        await self._settle()
         async with self._read_lock:
             db = self._reader_db()
             async with db.execute("SELECT id FROM approvals WHERE status = 'pending'") as cur:
@@ -677,6 +996,7 @@ class SQLiteAuditStore(AuditStore):
         if self._closed:
             raise AuditWriteError("the audit store is closed")
         # On the writer thread, so it is ordered with the batches like any other write.
+        await self._settle()
         report: PruneReport = await self._on_writer(self._prune, when, older_than, dry_run)
         if report.anchor_seq is not None:
             self.stats.records += 1
@@ -687,6 +1007,7 @@ class SQLiteAuditStore(AuditStore):
         if db is None:
             raise AuditWriteError("the audit store is closed")
         cutoff = iso(when - older_than)
+        self._durably(db, True)
         db.execute("BEGIN IMMEDIATE")
         try:
             report = self._prune_locked(db, cutoff, when, older_than, dry_run)
@@ -733,7 +1054,7 @@ class SQLiteAuditStore(AuditStore):
             return PruneReport(cutoff, True, records, sessions, through, through_hash, None)
         db.execute("UPDATE chain_head SET pruning = 1 WHERE id = 1")
         db.execute("DELETE FROM chain WHERE seq <= ?", (through,))
-        for table, column in (("sessions", "started_seq"), ("statements", "id"),
+        for table, column in (("sessions", "started_seq"), ("statements", "received_seq"),
                               ("approvals", "id"), ("masking_actions", "seq"),
                               ("gateway_events", "seq")):
             db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (through,))
@@ -761,6 +1082,7 @@ class SQLiteAuditStore(AuditStore):
 
     async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
                      ) -> list[sqlite3.Row]:
+        await self._settle()
         async with self._read_lock, self._reader_db().execute(sql, params) as cursor:
             return list(await cursor.fetchall())
 
@@ -781,6 +1103,7 @@ class SQLiteAuditStore(AuditStore):
         return _session_view(rows[0]) if rows else None
 
     async def session_statements(self, session_id: str) -> list[StatementView]:
+        await self._settle()
         async with self._read_lock:
             db = self._reader_db()
             # One snapshot, so a statement and its approval or masking never disagree.
@@ -840,6 +1163,7 @@ class SQLiteAuditStore(AuditStore):
         query tables. Runs on its own connection inside one read snapshot."""
         started = time.perf_counter()
         report = VerifyReport()
+        await self._settle()
         db = await self._connect()
         try:
             await db.execute("ATTACH DATABASE '' AS rebuilt")
@@ -965,6 +1289,7 @@ class SQLiteAuditStore(AuditStore):
         if what not in ("statements", "records"):
             raise ValueError("export what is 'statements' or 'records'")
         filters = filters or Filters()
+        await self._settle()
         if what == "statements":
             where, params = _statement_filters(filters)
             sql = f"{export_format.STATEMENT_EXPORT_SELECT} WHERE {where} ORDER BY t.id"
@@ -1012,6 +1337,27 @@ def _scalar_text(value: Any, kind: str) -> str:
     if type(value) is int:
         return str(value)
     return _text_of(value, kind)
+
+
+def _pair_results(batch: list[_Item]) -> None:
+    """Pair each statement.received record with its first result in the same batch, so
+    the two are chained as one ``statement`` record: half the hashing and inserting, and
+    no update of the row just inserted. Never across a record someone awaits (an approval,
+    a session's end), so the chain keeps the order things were decided in."""
+    for item in batch:  # a batch can be tried again, alone or whole
+        item.partner = None
+        item.merged = False
+    received: dict[int, _Item] = {}
+    for item in batch:
+        if item.future is not None or item.guard is not None:
+            received.clear()
+        elif item.insert is not None:
+            received[item.insert[0]] = item
+        elif item.finish is not None:
+            statement = received.pop(item.finish[-1], None)
+            if statement is not None:
+                statement.partner = item
+                item.merged = True
 
 
 def _consume(future: asyncio.Future[int]) -> None:

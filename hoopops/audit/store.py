@@ -3,7 +3,8 @@
 The gateway, the approvals broker, the console and the CLI use only this interface, so a
 PostgreSQL store (for several gateways sharing one trail) can follow the SQLite one
 without touching them. Writes return the chain sequence number of the record they added
-and return only after it is durably committed.
+and return only after it is durable; a statement's records are durable before they are
+chained (see ``journal.py``), so ``statement_received`` returns the statement's own id.
 """
 
 from __future__ import annotations
@@ -90,17 +91,17 @@ class AuditStore(abc.ABC):
 
     @abc.abstractmethod
     async def statement_received(self, statement: StatementRecord) -> int:
-        """Record a statement before it is forwarded; the returned number is its id."""
+        """Record a statement before it is forwarded; returns once the record is durable,
+        with the statement's id (which other records name it by)."""
 
     @abc.abstractmethod
     async def statement_finished(self, statement_id: int, result: StatementResult, *,
                                  wait: bool = True) -> int | None:
         """Record how a statement ended.
 
-        ``wait=False`` queues the record and returns at once (None). Records commit in
-        queue order, so it is durable no later than the next record anyone awaits, such as
-        the session's next ``statement_received``: the client is not held for it, and
-        nothing further runs before it is on disk.
+        ``wait=False`` journals the record and returns at once (None): a killed gateway
+        does not lose it, and under ``synchronous=FULL`` it reaches the disk with the next
+        flush any session waits for. The client is not held for it.
         """
 
     @abc.abstractmethod
