@@ -18,6 +18,18 @@ column is throughput relative to "frame only" measured in the same run.
     .venv/bin/python benchmarks/bench_masking.py            # 1,000,000 rows
     .venv/bin/python benchmarks/bench_masking.py --rows 200000
 
+``--people`` times the batch paths the relay uses (``rewrite_rows_at`` on 256 KiB
+buffers of DataRows, ``rewrite_copy_at`` on CopyData) on the ``--gateway`` table's rows
+(id, name, ssn → last4, email → email_domain, note with an md5 digest or, 1 in 100, a card
+number; detectors ssn, credit_card, email, iban), in text, binary and COPY text. With
+``--callgrind`` and one ``--formats`` entry, under ``valgrind --tool=callgrind
+--instr-atstart=no``, only the masking is instrumented: instructions per row, which the
+machine's other load does not move:
+
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.out \
+        .venv/bin/python benchmarks/bench_masking.py --people --rows 10000 \
+        --formats text --callgrind && callgrind_annotate /tmp/cg.out | grep TOTALS
+
 ``--gateway`` measures the same thing end to end instead: a private PostgreSQL, a table
 of 1,000,000 customer rows (id, name, ssn, email, note), and one run that streams it
 directly, through a gateway without masking, and through a gateway masking ssn (last4)
@@ -32,9 +44,12 @@ rows/s, the ratios to direct, the gateway's CPU per row and its peak RSS (~1-2 m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -166,7 +181,17 @@ def main() -> None:
                         help="end to end: direct vs gateway vs gateway+masking")
     parser.add_argument("--methods", default="select,copy,cursor",
                         help="with --gateway: select,copy,cursor")
+    parser.add_argument("--people", action="store_true",
+                        help="the relay's batch paths on the --gateway table's rows")
+    parser.add_argument("--formats", default="text,binary,copy",
+                        help="with --people: text,binary,copy")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="with --people: instrument only the masking (callgrind_control)")
     args = parser.parse_args()
+    if args.people:
+        args.repeat = args.repeat or 3
+        people_main(args)
+        return
     if args.gateway:
         args.repeat = args.repeat or 2
         gateway_main(args)
@@ -207,6 +232,104 @@ def main() -> None:
                               "rows_per_s": round(rate), "us_per_row": round(
                                   elapsed / count * 1e6, 3), "ratio_to_frame_only": round(
                                   ratio, 3)}), flush=True)
+
+
+# -- the relay's batch paths on the gateway table's rows (--people) -----------------------
+
+PEOPLE = [("id", 23), ("name", 25), ("ssn", 25), ("email", 25), ("note", 25)]
+PEOPLE_BUFFER = 256 * 1024
+
+
+def people_rules() -> MaskingRules:
+    return MaskingRules.from_sections([("bench.yaml", None, {
+        "columns": {"public.bench_people.ssn": "last4",
+                    "public.bench_people.email": "email_domain"},
+        "detectors": ["ssn", "credit_card", "email", "iban"]})])
+
+
+def people_values(g: int) -> list[bytes]:
+    """Row ``g`` of GATEWAY_SETUP's bench_people, as its text output."""
+    note = (b"card 4111 1111 1111 1111 on file" if g % 100 == 0
+            else b"regular customer " + hashlib.md5(str(g).encode()).hexdigest().encode())
+    return [str(g).encode(), b"Customer %d" % g, b"%03d-%02d-%04d" % (
+        100 + g % 800, 10 + g % 89, 1000 + g % 9000), b"user%d@example.com" % g, note]
+
+
+def people_stream(rows: int, fmt: str) -> list[bytes]:
+    """256 KiB buffers of whole DataRow (text, binary) or CopyData (copy) messages."""
+    out: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for g in range(1, rows + 1):
+        values = people_values(g)
+        if fmt == "copy":
+            line = b"\t".join(values) + b"\n"
+            message = b"d" + struct.pack("!i", len(line) + 4) + line
+        else:
+            if fmt == "binary":
+                values[0] = struct.pack("!i", g)
+            payload = build_data_row(values)
+            message = b"D" + struct.pack("!i", len(payload) + 4) + payload
+        current.append(message)
+        size += len(message)
+        if size >= PEOPLE_BUFFER:
+            out.append(b"".join(current))
+            current, size = [], 0
+    if current:
+        out.append(b"".join(current))
+    return out
+
+
+def people_plan(fmt: str) -> tuple[ResultPlan, str]:
+    from hoopops.masking import CopyOptions, StatementSources
+
+    rules = people_rules()
+    sources = [OutputSources.of(SourceColumn("public", "bench_people", name, "pg_catalog.text"))
+               for name, _ in PEOPLE]
+    if fmt == "copy":
+        response = b"\x00" + struct.pack(f"!h{len(PEOPLE)}h", len(PEOPLE), *[0] * len(PEOPLE))
+        plan = rules.plan_copy(AGENT, response, StatementSources(
+            "copy", tuple(sources), copy=CopyOptions()))
+        method = "rewrite_copy_at"
+    else:
+        code = 0 if fmt == "text" else 1
+        plan = rules.plan(AGENT, [ColumnInfo(name, 16400, i + 1, oid, code, origin=sources[i])
+                                  for i, (name, oid) in enumerate(PEOPLE)], None)
+        method = "rewrite_rows_at"
+    assert plan is not None
+    return plan, method
+
+
+def _callgrind(switch: str) -> None:
+    subprocess.run(["callgrind_control", "-i", switch, str(os.getpid())],
+                   capture_output=True, check=False)
+
+
+def people_main(args: argparse.Namespace) -> None:
+    """CPU per row of the batch paths (or, with --callgrind, instructions to count)."""
+    print(f"{args.rows:,} bench_people rows (ssn → last4, email → email_domain, detectors "
+          f"ssn, credit_card, email, iban), {PEOPLE_BUFFER // 1024} KiB buffers, best of "
+          f"{1 if args.callgrind else args.repeat}")
+    print(f"{'format':7} {'rows/s':>12} {'us/row':>8}")
+    for fmt in [f for f in args.formats.split(",") if f]:
+        stream = people_stream(args.rows, fmt)
+        best = float("inf")
+        for _ in range(1 if args.callgrind else args.repeat):
+            plan, method = people_plan(fmt)
+            rewrite = getattr(plan, method)
+            rewrite(stream[0][:1000], 0)  # the generated code compiled outside the count
+            if args.callgrind:
+                _callgrind("on")
+            start = time.process_time()
+            for buffer in stream:
+                _, end = rewrite(buffer, 0)
+                assert end == len(buffer), (fmt, end, len(buffer))
+            best = min(best, time.process_time() - start)
+            if args.callgrind:
+                _callgrind("off")
+        print(f"{fmt:7} {args.rows / best:12,.0f} {best / args.rows * 1e6:8.2f}")
+        print(json.dumps({"format": fmt, "rows": args.rows, "rows_per_s": round(
+            args.rows / best), "us_per_row": round(best / args.rows * 1e6, 3)}), flush=True)
 
 
 # -- through the gateway (--gateway) ------------------------------------------------------

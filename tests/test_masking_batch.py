@@ -139,6 +139,50 @@ def test_batch_rows_equal_row_at_a_time(seed: int) -> None:
     assert batch.rows == one.rows == len(rows)
 
 
+def binary_value(rng: random.Random, oid: int) -> bytes | None:
+    """A binary-format value of ``oid``: numbers that may or may not hold a card."""
+    if rng.random() < 0.1:
+        return None
+    if oid == INT8:
+        return struct.pack("!q", rng.choice((42, -7, 4111111111111111, 5500000000000004,
+                                             4111111111111112, 10 ** 12 + 1)))
+    if oid == NUMERIC:
+        # 4111111111111111 as base-10000 digit groups, or a small amount.
+        return rng.choice((struct.pack("!hhHh4H", 4, 3, 0, 0, 4111, 1111, 1111, 1111),
+                           struct.pack("!hhHh2H", 2, 0, 0, 2, 12, 5000)))
+    value = random_value(rng)
+    return value
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_batch_binary_rows_equal_row_at_a_time(seed: int) -> None:
+    """Binary results: int8 and numeric columns are checked inline (a card number in a
+    bigint), and what a strategy keeps is copied with the fields after it."""
+    rng = random.Random(500 + seed)
+    ncols = rng.randint(1, 7)
+    types = [rng.choice((TEXT, TEXT, INT8, NUMERIC)) for _ in range(ncols)]
+    rules, _ = random_rules(rng, ncols, detectors=rng.random() < 0.8)
+    cols = [ColumnInfo(c.name, c.table_oid, c.attnum, c.type_oid, 1, origin=c.origin)
+            for c in columns(ncols, types)]
+    rows = [build_data_row([binary_value(rng, types[i]) for i in range(ncols)])
+            for _ in range(rng.randint(1, 200))]
+    one = rules.plan(AGENT, cols, None)
+    batch = rules.plan(AGENT, cols, None)
+    if one is None:
+        assert batch is None
+        return
+    assert batch is not None
+    expected = b"".join(framed(b"D", one.rewrite_data_row(row)) for row in rows)
+    stream = b"".join(framed(b"D", row) for row in rows)
+    cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 12))))
+    got = feed_in_pieces(batch, stream, cuts)
+    assert messages(got) == messages(expected)
+    assert batch.take_actions() == one.take_actions()
+    for message in messages(got) if rules.detectors else ():
+        assert b"4111111111111111" not in message
+        assert struct.pack("!q", 4111111111111111) not in message
+
+
 def test_a_value_split_across_reads_is_masked_once_whole() -> None:
     rules = MaskingRules.from_sections([("t.yaml", None, {"detectors": ["credit_card"]})])
     cols = columns(2, [TEXT, TEXT])
@@ -251,3 +295,53 @@ def test_email_domain_keeps_nothing_but_a_domain(value: bytes, masked: bytes) ->
     sent, used = plan.rewrite_rows_at(stream, 0)
     assert used == len(stream)
     assert split_data_row(sent[5:]) == [masked, b"tail"]
+
+
+def detecting_rules() -> MaskingRules:
+    return MaskingRules.from_sections([("t.yaml", None, {
+        "columns": {"public.t.c0": "last4"},
+        "detectors": ["ssn", "credit_card", "email", "iban"]})])
+
+
+@pytest.mark.parametrize("size", [97, 0x61 * 256 + 0x62, 0x61 * 65536 + 0x62 * 256 + 0x63])
+def test_card_starting_a_value_whose_length_looks_like_letters_is_masked(size: int) -> None:
+    """The buffer probe passes over digit runs glued to a word; a value's own length
+    bytes (here ``a``, ``ab``, ``abc``) in front of a card are not a word."""
+    card = b"4111111111111111"
+    rows = [build_data_row([b"123-45-6789", card + b" " + b"x" * (size - len(card) - 1)]),
+            build_data_row([b"123-45-6789", b"deadbeefa1234567890123456"])]
+    plan = detecting_rules().plan(AGENT, columns(2, [TEXT, TEXT]), None)
+    assert plan is not None
+    stream = b"".join(framed(b"D", row) for row in rows)
+    sent, used = plan.rewrite_rows_at(stream, 0)
+    assert used == len(stream)
+    first, second = (split_data_row(m[5:]) for m in messages(sent))
+    assert first[1] is not None and card not in first[1] and first[1].startswith(b"****")
+    assert second[1] == b"deadbeefa1234567890123456"  # a hex token, not a card
+
+
+def test_hex_digest_runs_are_not_candidates_in_framed_buffers() -> None:
+    """Digits glued to a word cannot start a card, IBAN, SSN or phone match: the framed
+    probe (DataRows) passes over them, the plain one (any text) cannot."""
+    from hoopops.masking.rewrite import probe_spans
+
+    detectors = detecting_rules().detectors
+    digest = b"\x00\x00\x00\x19regular d7dca89a1678042477183b7ac"
+    assert probe_spans(detectors.buffer_probes, digest)
+    assert probe_spans(detectors.framed_probes, digest) == []
+    # The same run after a space, or at the start of a value, stays a candidate.
+    assert probe_spans(detectors.framed_probes, b"\x00\x00\x00\x10x 1678042477183")
+    assert probe_spans(detectors.framed_probes, b"\x00\x00\x00\x0d1678042477183")
+
+
+def test_copy_with_a_letter_delimiter_still_finds_cards_after_it() -> None:
+    """COPY text fields follow their delimiter, not a length: with a letter as the
+    delimiter a card after it looks glued to a word, so the plain probe is used."""
+    rules = detecting_rules()
+    options = CopyOptions.build("text", delimiter="x")
+    plan = copy_plan(rules, 3, options)
+    assert plan is not None
+    line = b"123-45-6789x12345x4111111111111111\n"
+    sent, used = plan.rewrite_copy_at(framed(b"d", line), 0)
+    assert used == len(line) + 5
+    assert b"4111111111111111" not in sent and b"x12345x****" in sent

@@ -198,3 +198,51 @@ def test_probe_answers_no_for_ordinary_rows() -> None:
     row = build_data_row([b"12345", b"Alice Smith", b"2024-01-15 10:22:33+00",
                           b"regular customer", b"1234.50", b"t"])
     assert not ds.may_match(row)
+
+
+def test_anchored_finder_returns_the_leftmost_needle() -> None:
+    """The buffer probe finds the separated layouts in one pass for a shared anchor; it
+    must return exactly what the leftmost of separate searches would, from any start
+    (that is what keeps the buffer probe from skipping a value)."""
+    needles = [b"000-00-0000", b"0000-0000-0000-0", b"0000-000000-0000"]
+    find = det._anchored_finder(needles)
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = bytes(rng.choice(b"00000--a*") for _ in range(rng.randint(0, 80)))
+        pos = rng.randint(0, 12)
+        starts = [(text.find(n, pos), len(n)) for n in needles]
+        found = [(s, s + size) for s, size in starts if s >= 0]
+        got = find(text, pos)
+        if not found:
+            assert got is None, (text, pos)
+        else:
+            assert got is not None and got[0] == min(s for s, _ in found), (text, pos, got)
+            assert text[got[0]:got[1]] in needles
+
+
+def test_default_detectors_share_one_pass_for_separated_layouts() -> None:
+    probes = det.DetectorSet([det.builtin(n) for n in ("ssn", "credit_card", "email",
+                                                       "iban")]).buffer_probes
+    assert len(probes) == 3  # separated layouts, digit runs, "@"
+
+
+def test_anchored_finder_falls_back_to_a_pass_per_needle_on_dense_anchors() -> None:
+    """Text made of anchors without needles costs a bounded number of Python steps per
+    search: the finder falls back to one C pass per needle, with the same answer."""
+    needles = [b"000-00-0000", b"0000-0000-0000-0", b"0000-000000-0000"]
+    find = det._anchored_finder(needles)
+    text = b"0-0000*" * 200_000 + b"000-00-0000" + b"0-0000*" * 100
+    assert find(text, 0) == (1_400_000, 1_400_011)
+    assert find(text, 1_400_001) is None
+
+
+def test_run_finder_passes_over_a_long_glued_run_at_once() -> None:
+    """A digit run glued to a word is skipped whole (found in C, not walked byte by
+    byte), and a run after a space is still reported, from any start inside it."""
+    find = det._run_finder(b"0" * 13)
+    glued = b"\x00\x00\x00\x05abcd" + b"0" * 5_000_000
+    assert find(glued, 0) is None
+    text = glued + b"-" + b"0" * 40
+    start = len(glued) + 1
+    assert find(text, 0) == (start, start + 13)
+    assert find(text, start + 13) == (start + 13, start + 26)  # rest of a reported run

@@ -647,8 +647,11 @@ async def test_breakglass_sees_raw_values_and_is_audited(piidb: PiiDb, pg: Local
 
 
 def _read_all(folder: Path, pattern: str) -> str:
-    """Every byte of the matching files (the SQLite store and its WAL), as text."""
-    return b"".join(path.read_bytes() for path in folder.glob(pattern)).decode("latin-1")
+    """Every byte of the matching files (the SQLite store, its WAL, and the files of its
+    journal directory), as text."""
+    paths = [p for path in folder.glob(pattern)
+             for p in ([path] if not path.is_dir() else sorted(path.rglob("*")))]
+    return b"".join(p.read_bytes() for p in paths if p.is_file()).decode("latin-1")
 
 
 @pytest.mark.parametrize("item", [c for c in CASES if c.id in (

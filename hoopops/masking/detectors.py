@@ -19,7 +19,10 @@ tried. Shapes whose run of four comes last (``000-00-0000``) are matched by fixe
 lookbehind from it. ``@`` (email) and ``+`` (international phone) are single-byte tests.
 A probe has no anchors, boundaries or lookaround beyond the characters of the value
 itself, so a match inside a field is also a match in a whole payload (length headers
-included); headers can only cause extra "maybe" answers, never a missed value.
+included); headers can only cause extra "maybe" answers, never a missed value. The one
+exception is the probe for framed buffers (``DetectorSet.framed_probes``), which passes
+over digit runs glued to a word where the value's own bytes, or its length, show that
+no detector could match there (see ``_run_finder``).
 """
 
 from __future__ import annotations
@@ -214,6 +217,9 @@ _PLUS_PROBE = re.compile(rb"\+[1-9]").search
 _BARE_PLUS = re.compile(rb"\+").search
 
 BUILTIN: dict[str, Detector] = {d.name: d for d in (_EMAIL, _IBAN, _CARD, _SSN, _PHONE)}
+# The patterns whose matches start after a byte that is not a letter or digit and hold no
+# lower-case letter (see _run_finder).
+_BOUNDED = frozenset(d.pattern for d in (_IBAN, _CARD, _SSN, _PHONE))
 # Longer, more specific shapes first: a phone pattern must not eat the middle of a card.
 _ORDER = ("email", "iban", "credit_card", "ssn", "phone")
 
@@ -267,15 +273,32 @@ class DetectorSet:
         #: buffer (``on_shape``: in ``buffer.translate(SHAPE)``), or ``(None, False)``
         #: when some detector has no probe and every value must be scanned.
         self.buffer_probes: tuple[tuple[Any, bool], ...] = self._buffer_probes()
+        #: :attr:`buffer_probes` for *framed* text: buffers where every value is preceded
+        #: by a byte that is not an ASCII letter or digit, or by an Int32 length whose
+        #: first byte is below ``0x30`` (DataRows, COPY text with such a delimiter).
+        #: There a run of digits glued to the end of a word (hex digests, tokens) can be
+        #: passed over: no built-in detector starts a match inside a word.
+        self.framed_probes: tuple[tuple[Any, bool], ...] = self._buffer_probes(framed=True)
 
-    def _buffer_probes(self) -> tuple[tuple[Any, bool], ...]:
+    def _buffer_probes(self, framed: bool = False) -> tuple[tuple[Any, bool], ...]:
         if self.always_scan:
             return ((None, False),)
         probes: list[tuple[Any, bool]] = []
         tails = [t for d in self.detectors for t in d.shape_tails]
         needles = _shape_needles(tails)
         if needles is not None:
-            probes += [(_finder(needle), True) for needle in needles]
+            # Every bytes.find is a pass over the whole buffer, and digit-heavy shapes
+            # make each pass slow: needles holding the anchor share one pass.
+            grouped = [n for n in needles if _ANCHOR in n]
+            if len(grouped) > 1:
+                probes.append((_anchored_finder(grouped), True))
+                needles = [n for n in needles if _ANCHOR not in n]
+            # Every shape probe here belongs to a built-in detector, whose matches begin
+            # after a byte that is not a letter or digit; a custom one could begin anywhere.
+            bounded = framed and all(d.pattern in _BOUNDED for d in self.detectors
+                                     if d.shape_tails)
+            probes += [(_run_finder(needle) if bounded and needle.strip(b"0") == b""
+                        else _finder(needle), True) for needle in needles]
         elif self._shape_rx is not None:
             probes.append((_span(self._shape_rx), True))
         # A buffer of masked rows holds an "@" in every masked email ("***@example.com"),
@@ -369,6 +392,104 @@ def _finder(needle: bytes) -> Callable[[bytes, int], tuple[int, int] | None]:
     def find(text: bytes, pos: int = 0) -> tuple[int, int] | None:
         at = text.find(needle, pos)
         return None if at < 0 else (at, at + size)
+    return find
+
+
+# Shape bytes of ASCII letters and digits (digits and capitals are "0").
+_WORD = frozenset(b"0abcdefghijklmnopqrstuvwxyz")
+_NOT_DIGIT = re.compile(rb"[^0]")  # in the shape: the end of a run of digits
+# A value at the start of a run is preceded by its Int32 length, whose first byte is below
+# 0x30 (not a letter or digit) for any value shorter than this, so a buffer shorter than
+# this cannot hold a value that looks glued to a word.
+_FRAMED_LIMIT = 0x30000000
+
+
+def _run_finder(needle: bytes) -> Callable[[bytes, int], tuple[int, int] | None]:
+    """:func:`_finder` for a needle of digits only (``0000000000000``) in framed text,
+    skipping runs glued to the end of a word: ``d7dca89a1678042477183b7ac``, where the
+    run ``1678042477183`` follows ``ca89a``.
+
+    Every built-in detector that a run of digits could trigger (card, IBAN, SSN, phone)
+    starts its match after a byte that is not a letter or digit (its first lookbehind)
+    and never takes a lower-case letter; so a match overlapping such a run cannot reach
+    back over the letter before it, and cannot start inside it or at its first byte.
+    That letter is part of the value too, unless the run starts the value: then the four
+    bytes before it are the value's length, and those four are not all letters and
+    digits in a buffer shorter than :data:`_FRAMED_LIMIT` (the length's first byte is
+    below 0x30). So a run is skipped only when the four bytes before it are all letters
+    or digits and the last of them a letter: the detectors on the value would not match
+    there either.
+    """
+    size = len(needle)
+    word = _WORD
+    run_end = _NOT_DIGIT.search
+
+    def find(text: bytes, pos: int = 0) -> tuple[int, int] | None:
+        at = text.find(needle, pos)
+        if len(text) >= _FRAMED_LIMIT:
+            return None if at < 0 else (at, at + size)
+        while at >= 0:
+            # The leftmost match starts its run, unless the run began before ``pos``: a
+            # run found before and not skipped, so this part is a candidate as well.
+            if at < 4 or text[at - 1] == 48 or text[at - 1] not in word or \
+                    text[at - 2] not in word or text[at - 3] not in word or \
+                    text[at - 4] not in word:
+                return at, at + size
+            after = run_end(text, at + size)  # past the run, in C however long it is
+            if after is None:
+                return None
+            at = text.find(needle, after.start())
+        return None
+
+    return find
+
+
+# Anchors one search looks at before it falls back to a pass per needle, which bounds
+# the Python work per search whatever the text holds.
+_ANCHOR_TRIES = 16
+# In the shape of every separated layout (SSN, grouped cards and IBANs, phone numbers),
+# rare in ordinary data (dates are ``0000-00-00``, masked SSNs ``***-**-0000``).
+_ANCHOR = b"0-0000"
+
+
+def _anchored_finder(needles: list[bytes]) -> Callable[[bytes, int], tuple[int, int] | None]:
+    """``find(text, pos)``: the leftmost occurrence of any of ``needles`` (each holding
+    :data:`_ANCHOR`) that starts at ``pos`` or later, as ``(start, end)``, found by one
+    pass for the anchor and a ``startswith`` per needle at each anchor found.
+
+    Leftmost over all needles is what keeps the buffer probe sound (see
+    ``RowRewriter._scan``): an occurrence at ``s`` is enumerated through the first anchor
+    inside it, at ``s + offset`` >= ``pos``; anchors further on cannot give an occurrence
+    starting before the best one found once they lie more than the largest offset past it.
+    """
+    table = [(needle, needle.find(_ANCHOR)) for needle in needles]
+    furthest = max(offset for _, offset in table)
+
+    def find(text: bytes, pos: int = 0) -> tuple[int, int] | None:
+        best = -1
+        size = 0
+        at = text.find(_ANCHOR, pos)
+        tries = _ANCHOR_TRIES
+        while at >= 0:
+            if best >= 0 and at - furthest > best:
+                break
+            tries -= 1
+            if not tries:
+                # Anchors without needles (text made of them): a pass per needle, in C.
+                found = [(start, len(needle)) for needle in needles
+                         if (start := text.find(needle, pos)) >= 0]
+                if not found:
+                    return None
+                start, length = min(found)
+                return start, start + length
+            for needle, offset in table:
+                start = at - offset
+                if start >= pos and (best < 0 or start < best) and text.startswith(
+                        needle, start):
+                    best, size = start, len(needle)
+            at = text.find(_ANCHOR, at + 1)
+        return None if best < 0 else (best, best + size)
+
     return find
 
 

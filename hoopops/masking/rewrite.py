@@ -165,6 +165,24 @@ def field_encoder(strategy: Strategy, klass: int) -> Callable[[bytes], bytes]:
     return as_json
 
 
+#: Domains :func:`_domain_ok` has seen to be host names. A result's emails share a few
+#: domains, and ``translate`` with deletions builds a 256-byte table on every call.
+_DOMAINS: set[bytes] = set()
+_DOMAINS_KEPT = 4096
+
+
+def _domain_ok(domain: bytes) -> bool:
+    """Whether ``domain`` (what follows the ``@``) is nothing but host-name characters,
+    which is what email_domain may keep; remembered in :data:`_DOMAINS` when it is. The
+    domains are what every masked email shows anyway, never a local part."""
+    if domain.translate(None, DOMAIN_CHARS):
+        return False
+    if len(_DOMAINS) >= _DOMAINS_KEPT:
+        _DOMAINS.clear()
+    _DOMAINS.add(domain)
+    return True
+
+
 # -- detectors on single values --------------------------------------------------------------
 
 
@@ -306,12 +324,19 @@ class _Short(Exception):
 
 
 def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, first: str,
-          last: str, pad: str) -> tuple[list[str], list[str], list[str], list[str]]:
+          last: str, pad: str, merge: bool = False
+          ) -> tuple[list[str], list[str], list[str], list[str]]:
     """Unrolled field walk over one DataRow in ``buf[first:last]``, fields from ``p``.
 
     Returns the source lines, the piece names (unmasked byte ranges ``r*`` alternating
     with masked fields ``f*``, so their concatenation is the new payload), the names of
     the ranges that hold fields, and the per-field length changes.
+
+    ``merge``: a masked field becomes a head ``f*`` and the offset ``c*`` where the copy
+    of the source resumes, so what a strategy keeps of the value (the last four of
+    ``last4``, the domain of ``email_domain``) is copied in one slice with the unmasked
+    fields after it, and a checked number that stays is not copied apart at all. The
+    per-field length changes are not returned then (the pieces are joined).
     """
     lines: list[str] = []
     pieces: list[str] = []
@@ -321,15 +346,27 @@ def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, fi
     for k, target in enumerate(targets):
         for _ in range(target - col):
             lines += [f"{pad}n = _u({buf}, p)[0]", f"{pad}p += 4 + n if n > 0 else 4"]
-        if k == 0 or target > col:
+        if merge:
+            start = first if k == 0 else f"c{k - 1}"
+            lines.append(f"{pad}r{k} = {buf}[{start}:p]")
+            pieces.append(f"r{k}")
+            if target > col:
+                regions.append(f"r{k}")
+        elif k == 0 or target > col:
             start = first if k == 0 else f"e{k - 1}"
             lines.append(f"{pad}r{k} = {buf}[{start}:p]")
             pieces.append(f"r{k}")
             if target > col:
                 regions.append(f"r{k}")
         value_of = f"{buf}[s{k} + 4:p]"
+        resume = [f"{pad}    c{k} = p"] if merge else []
         if kinds[k] == "const":
-            value = [f"{pad}    f{k} = _m{k}"]
+            value = [f"{pad}    f{k} = _m{k}", *resume]
+        elif kinds[k] == "check" and merge:
+            value = [f"{pad}    v = _m{k}({value_of})",
+                     f"{pad}    if v is None:", f"{pad}        f{k} = b''",
+                     f"{pad}        c{k} = s{k}", f"{pad}    else:",
+                     f"{pad}        f{k} = v", f"{pad}        c{k} = p"]
         elif kinds[k] == "check":
             value = [f"{pad}    v = _m{k}({value_of})",
                      f"{pad}    f{k} = {buf}[s{k}:p] if v is None else v"]
@@ -337,39 +374,48 @@ def _walk(kinds: Sequence[str], targets: Sequence[int], ncols: int, buf: str, fi
             # email_domain in place: the length prefix and "***" come from a table.
             value = [f"{pad}    a = {buf}.rfind(64, s{k} + 4, p)",
                      f"{pad}    if (s{k} + 4 < a < p - 1 and p - a <= {MAX_DOMAIN + 1}"
-                     f" and not {buf}[a + 1:p].translate(None, _DC)):",
-                     f"{pad}        f{k} = _LS[p - a + 3] + {buf}[a:p]",
-                     f"{pad}    else:",
-                     f"{pad}        f{k} = _m{k}({value_of})"]
+                     f" and ({buf}[a + 1:p] in _DC or _dok({buf}[a + 1:p]))):"]
+            if merge:
+                value += [f"{pad}        f{k} = _LS[p - a + 3]", f"{pad}        c{k} = a"]
+            else:
+                value += [f"{pad}        f{k} = _LS[p - a + 3] + {buf}[a:p]"]
+            value += [f"{pad}    else:", f"{pad}        f{k} = _m{k}({value_of})",
+                      *(f"    {line}" for line in resume)]
         elif kinds[k] == "keep":
             # keep_last: the value's shape decides the masked head and the cut.
             value = [f"{pad}    v = {value_of}",
                      f"{pad}    kc = _g{k}(v.translate(_KT))",
                      f"{pad}    if kc is None:",
                      f"{pad}        f{k} = _m{k}(v)",
+                     *(f"    {line}" for line in resume),
                      f"{pad}    elif kc[0] < 0:",
                      f"{pad}        f{k} = kc[1]",
-                     f"{pad}    else:",
-                     f"{pad}        f{k} = kc[1] + v[kc[0]:]"]
+                     *(f"    {line}" for line in resume),
+                     f"{pad}    else:"]
+            if merge:
+                value += [f"{pad}        f{k} = kc[1]", f"{pad}        c{k} = s{k} + 4 + kc[0]"]
+            else:
+                value += [f"{pad}        f{k} = kc[1] + v[kc[0]:]"]
         else:
-            value = [f"{pad}    f{k} = _m{k}({value_of})"]
+            value = [f"{pad}    f{k} = _m{k}({value_of})", *resume]
         # NULLs are counted, not masked values (masked = rows - NULLs): NULL is rare.
         lines += [f"{pad}s{k} = p", f"{pad}n = _u({buf}, p)[0]", f"{pad}if n >= 0:",
                   f"{pad}    p += 4 + n", *value, f"{pad}else:", f"{pad}    p += 4",
-                  f"{pad}    f{k} = _NULL", f"{pad}    _z[{k}] += 1", f"{pad}e{k} = p"]
+                  f"{pad}    f{k} = _NULL", *resume, f"{pad}    _z[{k}] += 1",
+                  f"{pad}e{k} = p"]
         pieces.append(f"f{k}")
         deltas.append(f"len(f{k}) - (e{k} - s{k})")
         col = target + 1
-    tail = f"t = {buf}[e{len(targets) - 1}:{last}]"
+    tail = f"t = {buf}[{'c' if merge else 'e'}{len(targets) - 1}:{last}]"
     pieces.append("t")
     if col < ncols:
         regions.append("t")
-    return [*lines, pad + tail], pieces, regions, deltas
+    return [*lines, pad + tail], pieces, regions, [] if merge else deltas
 
 
 _DEFAULTS = ("_u=_u, _z=_z, _rows=_rows, _NULL=_NULL, _hd=_hd, _COUNT=_COUNT, "
              "_probe=_probe, _slow=_slow, _bad=_bad, _error=_error, _Truncated=_Truncated, "
-             "_ih=_ih, _NC=_NC, _LS=_LS, _KT=_KT, _DC=_DC, _scan=_scan")
+             "_ih=_ih, _NC=_NC, _LS=_LS, _KT=_KT, _DC=_DC, _dok=_dok, _scan=_scan")
 
 
 def _probe_expr(regions: Sequence[str]) -> str:
@@ -436,7 +482,7 @@ def _rewriter_source(kinds: tuple[str, ...], targets: tuple[int, ...], ncols: in
                 f"        return _slow(payload, ({joined},))"]
     row.append(f"    return b''.join(({joined},))")
     lines, pieces, regions, _ = _walk(kinds, targets, ncols, "data", "pos + 5", "end",
-                                      "            ")
+                                      "            ", merge=True)
     run[1:1] = ["    out = []", "    extend = out.extend"]
     run += ["            p = pos + 7", *lines,
             "            if p > end:", "                raise _Truncated('truncated DataRow')",
@@ -534,7 +580,8 @@ class RowRewriter:
             "_probe": detector.detectors.may_match if detector is not None else None,
             "_slow": self._slow, "_bad": self._bad, "_error": struct.error,
             "_hd": _HEADER.pack, "_ih": _ROW_HEAD.unpack_from, "_NC": ncols,
-            "_LS": LENGTH_STARS, "_KT": KEEP_SHAPE, "_DC": DOMAIN_CHARS, "_scan": self._scan,
+            "_LS": LENGTH_STARS, "_KT": KEEP_SHAPE, "_DC": _DOMAINS, "_dok": _domain_ok,
+            "_scan": self._scan,
             "_Truncated": MaskingError,
             **{f"_m{k}": masks[t][1] for k, t in enumerate(targets)},
             **{f"_g{k}": masks[t][1].shapes.get  # type: ignore[attr-defined]
@@ -547,7 +594,8 @@ class RowRewriter:
         #: message from ``start`` on, up to the first other or incomplete message.
         self.rewrite_run: Callable[[bytes, int], tuple[bytes, int]] = namespace[
             "rewrite_run"]  # type: ignore[assignment]
-        self._buffer_probes = detector.detectors.buffer_probes if detector is not None \
+        # The buffer scan reads complete DataRows: every value follows its length.
+        self._buffer_probes = detector.detectors.framed_probes if detector is not None \
             else None
 
     def rewrite_messages(self, messages: bytes) -> bytes:
@@ -597,9 +645,11 @@ class RowRewriter:
 
         A probe match says "maybe" for every row it overlaps. That is sound although
         the buffer also holds framing bytes and masked values: a value a detector would
-        match holds a probe match of its own (probes have no context beyond the value),
-        so the search that passes over its first byte returns a match overlapping it,
-        and the search resumes only after the end of the match it found.
+        match holds a probe match of its own (probes have no context beyond the value,
+        except what the framed probes read before a digit run: bytes of the value, or
+        its length, see ``detectors._run_finder``), so the search that passes over its
+        first byte returns a match overlapping it, and the search resumes only after the
+        end of the match it found.
 
         ``pieces``: the header and payload of each row, in order, when the caller has
         them (where rows start is then summed up in C instead of walked in Python).
@@ -746,24 +796,52 @@ def split_text_row(line: bytes, delimiter: bytes) -> list[bytes]:
 
 
 @functools.lru_cache(maxsize=256)
-def _text_masker_source(indices: tuple[int, ...]) -> str:
+def _text_masker_source(indices: tuple[int, ...], kinds: tuple[str, ...]) -> str:
     """``mask_lines(lines) -> (lines, counts)`` for COPY text rows without escapes,
     unrolled for the masked column indices: each row is split only up to the last of
-    them and the strategies are called inline (see :meth:`CopyRewriter.feed_messages`)."""
+    them and the strategies are called inline (see :meth:`CopyRewriter.feed_messages`).
+    ``kinds``: ``keep`` and ``email`` are written inline as in the DataRow rewriters (a
+    call per value costs more than the masking); anything else calls its function."""
     last = indices[-1]
     args = "".join(f", _f{k}=_f{k}" for k in range(len(indices)))
+    args += "".join(f", _g{k}=_g{k}" for k, kind in enumerate(kinds) if kind == "keep")
     counters = [f"n{k}" for k in range(len(indices))]
-    lines = [f"def mask_lines(lines, _d=_d, _null=_null, _short=_short{args}):",
+    lines = [f"def mask_lines(lines, _d=_d, _null=_null, _short=_short, _KT=_KT, _DC=_DC, "
+             "_dok=_dok"
+             f"{args}):",
              "    out = []", "    append = out.append", f"    {' = '.join(counters)} = 0",
              "    for line in lines:", f"        f = line.split(_d, {last + 1})",
              f"        if len(f) <= {last}:", "            append(_short(f))",
              "            continue"]
-    for k, index in enumerate(indices):
-        lines += [f"        v = f[{index}]", "        if v != _null:", f"            n{k} += 1",
-                  f"            v = _f{k}(v)",
-                  f"            f[{index}] = _null if v is None else v"]
+    for k, (index, kind) in enumerate(zip(indices, kinds, strict=True)):
+        lines += [f"        v = f[{index}]", "        if v != _null:", f"            n{k} += 1"]
+        if kind == "keep":
+            # keep_last: the value's shape decides the masked head and the cut.
+            lines += [f"            kc = _g{k}(v.translate(_KT))",
+                      "            if kc is None:", f"                v = _f{k}(v)",
+                      "            elif kc[0] < 0:", "                v = kc[1]",
+                      "            else:", "                v = kc[1] + v[kc[0]:]",
+                      f"            f[{index}] = v"]
+        elif kind == "email":
+            lines += ["            a = v.rfind(64)",
+                      f"            if (0 < a < len(v) - 1 and len(v) - a <= {MAX_DOMAIN + 1}"
+                      " and (v[a + 1:] in _DC or _dok(v[a + 1:]))):",
+                      f"                f[{index}] = b'***' + v[a:]",
+                      "            else:", f"                f[{index}] = _f{k}(v)"]
+        else:
+            lines += [f"            v = _f{k}(v)",
+                      f"            f[{index}] = _null if v is None else v"]
     lines += ["        append(_d.join(f))", f"    return out, ({', '.join(counters)},)"]
     return "\n".join(lines)
+
+
+def _inline_kind(strategy: Strategy, function: Callable[[bytes], bytes | None]) -> str:
+    """How the COPY text masker writes a strategy: ``keep`` and ``email`` inline."""
+    if strategy.kind == "keep_last" and hasattr(function, "shapes"):
+        return "keep"
+    if strategy.kind == "email_domain":
+        return "email"
+    return "call"
 
 
 class CopyRewriter:
@@ -939,13 +1017,18 @@ class CopyRewriter:
     def _mask_text_lines(self, lines: list[bytes]) -> list[bytes]:
         if self._text_masker is None:
             indices = tuple(sorted(self.masks))
+            functions = [self.masks[index].value_function() for index in indices]
+            kinds = tuple(_inline_kind(self.masks[index], function)
+                          for index, function in zip(indices, functions, strict=True))
             namespace: dict[str, object] = {
                 "_d": self.options.delimiter, "_null": self.options.null,
-                "_short": self._mask_short_line,
-                **{f"_f{k}": self.masks[index].value_function()
-                   for k, index in enumerate(indices)}}
-            exec(_compiled(_text_masker_source(indices), f"<COPY text masker {indices}>"),
-                 namespace)
+                "_short": self._mask_short_line, "_KT": KEEP_SHAPE, "_DC": _DOMAINS,
+                "_dok": _domain_ok,
+                **{f"_f{k}": function for k, function in enumerate(functions)},
+                **{f"_g{k}": function.shapes.get  # type: ignore[attr-defined]
+                   for k, function in enumerate(functions) if kinds[k] == "keep"}}
+            exec(_compiled(_text_masker_source(indices, kinds),
+                           f"<COPY text masker {indices}>"), namespace)
             self._text_masker = namespace["mask_lines"]  # type: ignore[assignment]
         assert self._text_masker is not None
         out, counts = self._text_masker(lines)
@@ -970,7 +1053,10 @@ class CopyRewriter:
         for why a match overlapping a row is enough)."""
         assert self.detector is not None
         text = b"\n".join(lines)
-        spans = probe_spans(self.detector.detectors.buffer_probes, text)
+        detectors = self.detector.detectors
+        # Rows joined by newlines: framed unless the delimiter is a letter or digit.
+        spans = probe_spans(detectors.buffer_probes if self.options.delimiter.isalnum()
+                            else detectors.framed_probes, text)
         flagged: set[int] = set()
         if spans is None:
             flagged.update(range(len(lines)))
