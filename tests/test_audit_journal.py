@@ -31,11 +31,13 @@ WRITER = textwrap.dedent("""
     from hoopops.audit import (SQLiteAuditStore, SessionRecord, StatementRecord,
                                StatementResult)
 
-    async def main(path, sid, count, sync):
+    async def main(path, sid, count, sync, settle_at):
         store = await SQLiteAuditStore.open(path, synchronous=sync)
         await store.session_started(SessionRecord(sid, "agent", (), None, None, None, None,
                                                   None, None, "prod", False, time.time()))
         for i in range(count):
+            if i == settle_at:
+                await store.session_statements(sid)  # chains everything so far
             stmt = await store.statement_received(StatementRecord(
                 sid, i + 1, time.time(), f"SELECT {i} /* é\\t */", None, {"n": i}, "allow",
                 None))
@@ -45,7 +47,7 @@ WRITER = textwrap.dedent("""
             print(stmt, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
 """)
 
 
@@ -55,11 +57,11 @@ def session(sid: str | None = None) -> SessionRecord:
 
 
 async def run_writer(tmp_path: Path, path: Path, sid: str, count: int,
-                     sync: str = "NORMAL") -> list[int]:
+                     sync: str = "NORMAL", settle_at: int = -1) -> list[int]:
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(path), sid, str(count), sync,
+        sys.executable, str(script), str(path), sid, str(count), sync, str(settle_at),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -249,3 +251,91 @@ async def test_a_statement_and_its_result_are_chained_as_one_record(tmp_path: Pa
     assert not report.ok and report.first_problem is not None
     assert report.first_problem.seq == received_seq
     assert "sql" in report.first_problem.message
+
+
+async def test_recovery_starts_at_the_mark_of_what_was_chained(tmp_path: Path) -> None:
+    """A run killed after part of its journal was chained: the rest is recovered, and
+    nothing twice."""
+    path = tmp_path / "audit.db"
+    sid = str(uuid.uuid4())
+    acknowledged = await run_writer(tmp_path, path, sid, 120, "FULL", settle_at=70)
+    db = sqlite3.connect(path)
+    try:
+        [(chained,)] = db.execute("SELECT COUNT(*) FROM statements").fetchall()
+        [(marks,)] = db.execute("SELECT COUNT(*) FROM journal_marks").fetchall()
+    finally:
+        db.close()
+    assert chained >= 70 and marks == 1  # part of it chained, with its mark, before the kill
+    store = await SQLiteAuditStore.open(path)
+    try:
+        views = await store.session_statements(sid)
+        assert [v.id for v in views] == acknowledged
+        assert all(v.finished for v in views)
+        assert (await store.verify()).ok
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        kinds = [r[0] for r in db.execute("SELECT kind FROM chain WHERE session_id = ?",
+                                          (sid,))]
+    finally:
+        db.close()
+    assert kinds.count("statement") + kinds.count("statement.received") == 120
+    assert kinds.count("statement") + kinds.count("statement.finished") == 120
+
+
+async def test_statement_ids_come_in_reserved_blocks(tmp_path: Path, monkeypatch) -> None:
+    import hoopops.audit.sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_ID_BLOCK", 8)
+    path = tmp_path / "audit.db"
+    store = await SQLiteAuditStore.open(path, synchronous="NORMAL")
+    s = session()
+    try:
+        await store.session_started(s)
+        ids = []
+        for i in range(50):  # six blocks and then some, refilled as they run low
+            ids.append(await store.statement_received(StatementRecord(
+                s.id, i, time.time(), f"SELECT {i}", None, {}, "allow", None)))
+        assert len(set(ids)) == 50 and ids == sorted(ids)
+        assert (await store.verify()).ok
+    finally:
+        await store.close()
+    store = await SQLiteAuditStore.open(path, synchronous="NORMAL")
+    try:
+        later = await store.statement_received(StatementRecord(
+            s.id, 51, time.time(), "SELECT 51", None, {}, "allow", None))
+        assert later > max(ids)  # a new run never hands out an id again
+    finally:
+        await store.close()
+
+
+async def test_chained_journal_files_are_deleted(tmp_path: Path) -> None:
+    """Files wholly chained go: at once under NORMAL, after a checkpoint under FULL (not
+    before: until then the journal is what survives a power loss)."""
+    from hoopops.audit.journal import Journal
+
+    for sync in ("NORMAL", "FULL"):
+        path = tmp_path / f"audit-{sync}.db"
+        store = await SQLiteAuditStore.open(path, synchronous=sync)
+        store._journal = Journal(journal_dir(path), sync=sync == "FULL", rotate_bytes=2048)
+        try:
+            s = session()
+            await store.session_started(s)
+            for i in range(40):
+                await store.statement_received(StatementRecord(
+                    s.id, i, time.time(), f"SELECT {i}", None, {}, "allow", None))
+            assert len(list(journal_dir(path).glob("*.log"))) > 3
+            await store.session_statements(s.id)  # chained now
+            if sync == "NORMAL":
+                assert len(list(journal_dir(path).glob("*.log"))) == 1  # the one in use
+            else:
+                assert len(list(journal_dir(path).glob("*.log"))) > 3
+                for _ in range(50):  # the checkpoint runs every half second
+                    if len(list(journal_dir(path).glob("*.log"))) == 1:
+                        break
+                    await asyncio.sleep(0.1)
+                assert len(list(journal_dir(path).glob("*.log"))) == 1
+        finally:
+            await store.close()
+        assert not list(journal_dir(path).glob("*"))  # a clean stop leaves nothing
