@@ -58,6 +58,24 @@ TOKEN_TTL = 12 * 3600.0
 STREAM_SQL = "select g, md5(g::text) from generate_series(1, {rows}) g"
 
 
+@contextlib.contextmanager
+def pgbench_postgres(scale: int = 1) -> Iterator[LocalPostgres]:
+    """An embedded PostgreSQL holding pgbench's tables at ``scale``, removed afterwards."""
+    pg = LocalPostgres()
+    pg.start()
+    try:
+        init = subprocess.run(
+            [pg.tool("pgbench"), "-i", "-q", "-s", str(scale), "-h", "127.0.0.1", "-p",
+             str(pg.port), "-U", SERVICE_USER, "app"],
+            env={**os.environ, "PGPASSWORD": pg.service_password, "PGSSLMODE": "disable"},
+            capture_output=True, text=True, check=False)
+        if init.returncode != 0:
+            raise SystemExit(f"pgbench -i failed: {init.stderr.strip()}")
+        yield pg
+    finally:
+        pg.stop(remove=True)
+
+
 def log(message: str) -> None:
     """Progress goes to stderr so stdout stays a clean Markdown report."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -5,7 +5,8 @@
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.%p \\
         .venv/bin/python benchmarks/bench_relay_cpu.py --callgrind   # instructions/tx
 
-The gateway (no policy, no audit, no masking: the pass-through relay of issue 2) runs in
+The gateway (no policy, no audit, no masking: the pass-through relay of issue 2; with
+``--audit NORMAL`` or ``FULL``, the audit trail on, as issue 4 measures it) runs in
 this process on uvloop, next to the bare ``asyncio.Protocol`` relay of ``_relay.py`` as
 the calibration floor; ``pgbench -S -c 8 -j 2`` drives each in every protocol mode. CPU is
 ``getrusage(RUSAGE_SELF)`` around each pgbench run divided by its transactions: the proxy
@@ -14,13 +15,19 @@ still moves from run to run (cache and scheduler noise); ``--callgrind`` counts 
 instructions instead, which repeat to within a few percent: after a warm-up, each path
 runs twice (``-t 100`` and ``-t 400`` per client) with collection switched on only around
 pgbench, and the difference divided by the extra transactions leaves out logins (JWT,
-SCRAM).
+SCRAM). After each warm-up the heap is frozen (``gc.freeze``): otherwise the objects
+logins leave behind set off a full collection of the whole process (imports included)
+in one of the counted runs and not the other, ~5,000 instructions per transaction that
+belong to neither relay's steady state. With ``--audit`` the CPU figure is also split by
+thread (the event loop; the audit writer and the store's other threads), since the
+writer's SQLite work runs beside the relay.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import re
 import resource
@@ -30,7 +37,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from _common import log
+from _common import log, pgbench_postgres
 from _relay import _ClientSide
 
 from hoopops.config import load_config
@@ -99,7 +106,9 @@ async def _measure(args: argparse.Namespace, pg: LocalPostgres, folder: Path) ->
         "identity:", "  issuer: https://idp.bench.test", "  audience: hoopops",
         "  hs256_secret: bench-relay-cpu-0123456789-abcdefghijklmnop",
         "limits:", "  max_connections_per_identity: 500",
-        "audit:", "  enabled: false", f"  path: {folder / 'audit.db'}"]) + "\n")
+        "audit:", f"  enabled: {'false' if args.audit == 'off' else 'true'}",
+        f"  synchronous: {'FULL' if args.audit == 'off' else args.audit}",
+        f"  path: {folder / 'audit.db'}"]) + "\n")
     config = load_config(config_path)
     gateway = await build_gateway(config)
     await gateway.start()
@@ -115,7 +124,8 @@ async def _measure(args: argparse.Namespace, pg: LocalPostgres, folder: Path) ->
                       {**base_env, "PGPASSWORD": pg.service_password}))
     pgbench = pg.tool("pgbench")
     unit = "instructions/tx" if args.callgrind else "CPU µs/tx (user + kernel)"
-    print(f"{unit}, pgbench -S -c 8 -j 2, proxy in this process on {args.loop}:\n")
+    audit = "" if args.audit == "off" else f", audit on (synchronous {args.audit})"
+    print(f"{unit}, pgbench -S -c 8 -j 2, proxy in this process on {args.loop}{audit}:\n")
     print(f"| mode | {' | '.join(name for name, *_ in paths)} |")
     print(f"| --- |{' ---: |' * len(paths)}")
     try:
@@ -128,24 +138,58 @@ async def _measure(args: argparse.Namespace, pg: LocalPostgres, folder: Path) ->
                     return await _pgbench(pgbench, port, user, database, env, mode,
                                           args.duration, per_client)
                 cells.append(await (_count(run, name, mode) if args.callgrind
-                                    else _time(run)))
+                                    else _time(run, by_thread=args.audit != "off")))
             print(f"| {mode} | {' | '.join(cells)} |", flush=True)
     finally:
         relay.close()
         await gateway.stop(grace=1)
 
 
-async def _time(run: Callable[[int], Awaitable[int]]) -> str:
+def _settle() -> None:
+    """Collect, then keep what survived out of later collections (see the docstring)."""
+    gc.collect()
+    gc.freeze()
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of each thread of this process, by ``name:tid``."""
+    found: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # ended meanwhile
+        found[f"{name}:{task.name}"] = (int(stat[11]) + int(stat[12])) / tick
+    return found
+
+
+async def _time(run: Callable[[int], Awaitable[int]], by_thread: bool = False) -> str:
     await run(50)  # warm-up: first logins import and compile what the relay then reuses
+    _settle()
+    threads0 = _thread_cpu()
     user0, sys0 = _cpu()
     transactions = await run(0)
     user1, sys1 = _cpu()
+    threads1 = _thread_cpu()
     per = 1e6 / transactions
-    return f"{(user1 - user0 + sys1 - sys0) * per:.1f} ({(sys1 - sys0) * per:.1f} kernel)"
+    cell = f"{(user1 - user0 + sys1 - sys0) * per:.1f} ({(sys1 - sys0) * per:.1f} kernel)"
+    if by_thread:
+        # The event loop is this process's first thread; the rest are the audit writer,
+        # the store's reader and checkpoint connections, and the journal's flusher.
+        main = f"{os.getpid()}"
+        loop_s = sum(v - threads0.get(k, 0.0) for k, v in threads1.items()
+                     if k.endswith(f":{main}"))
+        others = sum(v - threads0.get(k, 0.0) for k, v in threads1.items()
+                     if not k.endswith(f":{main}"))
+        cell += f"; loop {loop_s * per:.1f}, other threads {others * per:.1f}"
+    return cell
 
 
 async def _count(run: Callable[[int], Awaitable[int]], name: str, mode: str) -> str:
     await run(50)  # warm-up (uncounted): one-time costs would otherwise fall on -t 100
+    _settle()
     totals = []
     for per_client in (100, 400):
         _callgrind("-i", "on")
@@ -163,27 +207,18 @@ def main() -> int:
     parser.add_argument("--callgrind", action="store_true",
                         help="count instructions (run under valgrind, see above)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--audit", choices=("off", "NORMAL", "FULL"), default="off",
+                        help="run the gateway with the audit trail on (issue 4's cost)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="hoopops-relay-cpu-"))
-    pg = LocalPostgres()
     log("starting PostgreSQL and pgbench -i -s 1")
-    pg.start()
-    try:
-        init = subprocess.run(
-            [pg.tool("pgbench"), "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p",
-             str(pg.port), "-U", SERVICE_USER, "app"],
-            env={**os.environ, "PGPASSWORD": pg.service_password, "PGSSLMODE": "disable"},
-            capture_output=True, text=True, check=False)
-        if init.returncode != 0:
-            raise SystemExit(f"pgbench -i failed: {init.stderr.strip()}")
+    with pgbench_postgres() as pg:
         if args.loop == "uvloop":
             import uvloop
 
             uvloop.run(_measure(args, pg, folder))
         else:
             asyncio.run(_measure(args, pg, folder))
-    finally:
-        pg.stop(remove=True)
     return 0
 
 

@@ -645,7 +645,9 @@ class PolicyEngine:
     def __init__(self, folder: Path | str, *, bus: EventBus | None = None) -> None:
         self.folder = Path(folder)
         self.bus = bus
-        self._policies = load_policies(self.folder)
+        # The policy in force: one attribute, replaced whole by a reload (read for every
+        # statement, so not behind a property).
+        self.policies: PolicySet = load_policies(self.folder)
         self._signature = _folder_signature(self.folder)
         self.last_error: YamlFileError | None = None
 
@@ -655,23 +657,19 @@ class PolicyEngine:
         engine = cls.__new__(cls)
         engine.folder = policies.folder
         engine.bus = bus
-        engine._policies = policies
+        engine.policies = policies
         engine._signature = _folder_signature(policies.folder)
         engine.last_error = None
         return engine
 
     @property
-    def policies(self) -> PolicySet:
-        return self._policies
-
-    @property
     def version(self) -> str:
-        return self._policies.version
+        return self.policies.version
 
     def decide(self, identity: Identity | None, target: str | None, analysis: Analysis
                ) -> Decision:
         started = time.perf_counter()
-        policies = self._policies
+        policies = self.policies
         statements = analysis.statements
         # One statement whose facts are its shape's (a new literal, or a text seen before):
         # the decision follows from the shape, the identity and this policy version alone.
@@ -736,12 +734,12 @@ class PolicyEngine:
             self._signature = signature
             self.last_error = error
             self._publish(None, error)
-            return ReloadResult(False, self._policies.version, error)
+            return ReloadResult(False, self.policies.version, error)
         self._signature = signature
         self.last_error = None
-        if policies.version == self._policies.version:
+        if policies.version == self.policies.version:
             return ReloadResult(False, policies.version)
-        self._policies = policies
+        self.policies = policies
         self._publish(policies, None)
         return ReloadResult(True, policies.version)
 
@@ -761,7 +759,7 @@ class PolicyEngine:
     def _publish(self, policies: PolicySet | None, error: YamlFileError | None) -> None:
         if self.bus is None:
             return
-        current = policies or self._policies
+        current = policies or self.policies
         self.bus.publish(POLICY_RELOADED, version=current.version,
                          files=[str(p) for p in current.files],
                          error=str(error) if error else None)

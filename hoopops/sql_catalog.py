@@ -212,12 +212,16 @@ class SqlCatalog:
                  max_depth: int = 4, analyzer: Analyzer | None = None) -> None:
         self._connect = connect
         self._conn: Any = None
+        self._loaded_at = time.monotonic()
         self.ttl = ttl
         self.timeout = timeout
         self.max_depth = max_depth
         self.analyzer = analyzer or default_analyzer()
         self._lock = asyncio.Lock()
-        self._loaded_at = time.monotonic()
+        # Moves on every invalidation (and whenever a cached judgement is dropped): what
+        # follows from judgements made at one epoch holds while it is current (see
+        # :meth:`current`), with no call into enrich().
+        self.epoch = 0
         self._funcs_by_name: dict[str, list[_Func]] = {}
         self._funcs_by_oid: dict[int, _Func] = {}
         self._rels_by_name: dict[str, list[_Rel]] = {}
@@ -239,6 +243,7 @@ class SqlCatalog:
 
     def invalidate(self) -> None:
         """Forget everything (after DDL, or when objects may have changed)."""
+        self.epoch += 1  # at once, even when the caches are cleared later
         if self._judging.locked():
             # A judgement is under way on what it loaded: clear when it ends.
             self._invalidate_later = True
@@ -247,13 +252,29 @@ class SqlCatalog:
 
     def _clear(self) -> None:
         self._invalidate_later = False
+        self.epoch += 1
         for cache in (self._funcs_by_name, self._funcs_by_oid, self._rels_by_name,
                       self._ops, self._types, self._rel_uses, self._func_effects,
                       self._rel_effects, self._statement_effects, self._no_effect_shapes):
             cache.clear()
         self._loaded_at = time.monotonic()
+        self.fresh_until = self._loaded_at + self._ttl
+
+    @property
+    def ttl(self) -> float:
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, value: float) -> None:
+        self._ttl = value
+        self.fresh_until = self._loaded_at + value  # what is cached is reloaded after this
 
     # -- public --------------------------------------------------------------------------
+
+    def current(self, epoch: int) -> bool:
+        """Whether judgements made at ``epoch`` still stand: nothing was invalidated or
+        dropped since, and the cache has not outlived its TTL (enrich() would reload)."""
+        return epoch == self.epoch and time.monotonic() <= self.fresh_until
 
     async def enrich(self, analysis: Analysis, search_path: str | None = None) -> Analysis:
         """``analysis`` with catalog knowledge added; fails closed on any lookup error.
@@ -265,7 +286,7 @@ class SqlCatalog:
         shape = statements[0]._shape if len(statements) == 1 and search_path is None \
             else None
         if shape is not None and shape in self._no_effect_shapes and \
-                time.monotonic() - self._loaded_at <= self.ttl:
+                time.monotonic() <= self.fresh_until:
             return analysis
         # What was looked up is only remembered for the shape if no invalidation (DDL,
         # expiry) came in while this call waited for the catalog.
@@ -278,7 +299,7 @@ class SqlCatalog:
             if shape is not None:
                 self._no_effect_shapes.add(shape)  # nothing to look up, ever
             return analysis
-        if time.monotonic() - self._loaded_at > self.ttl:
+        if time.monotonic() > self.fresh_until:
             self.invalidate()
         path = _parse_search_path(search_path)
         path_key = tuple(path) if path is not None else None
@@ -293,6 +314,7 @@ class SqlCatalog:
         if missing:
             if len(self._statement_effects) > 50_000:
                 self._statement_effects.clear()
+                self.epoch += 1
             try:
                 async with asyncio.timeout(self.timeout), self._judging:
                     try:
@@ -329,6 +351,7 @@ class SqlCatalog:
             # Every text of this shape reaches the same names: a new literal is a lookup.
             if len(self._no_effect_shapes) >= 50_000:
                 self._no_effect_shapes.clear()
+                self.epoch += 1
             self._no_effect_shapes.add(shape)
         return analysis
 

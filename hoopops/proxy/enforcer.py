@@ -33,6 +33,7 @@ from hoopops.masking.inference import with_masking_facts
 from hoopops.policy import PolicyEngine
 from hoopops.proxy import protocol as p
 from hoopops.proxy.gate import ALLOW, StatementGate, Verdict
+from hoopops.proxy.lane import resume
 from hoopops.sql import Analysis, analyze, default_analyzer
 from hoopops.sql.session import SessionSqlState
 
@@ -102,10 +103,18 @@ class Enforcer(StatementGate):
         self._facts_text: dict[int, tuple[Any, str]] = {}
         self.masking = self._masking_rules()
         self.audits = self.audit_on
-        # (id(analyser source), subject, groups, target) -> (source, the ALLOW verdict, the
-        # analysis it was decided on); see _fast_verdict. Valid for one policy version.
-        self._verdicts: dict[tuple[Any, ...], tuple[Any, Verdict, Analysis]] = {}
+        # (subject, groups, target) -> {id(analyser source): (source, the ALLOW verdict,
+        # the catalog epoch it was judged at)}; see decided(). Every table is for the
+        # policy version ``_verdicts_for``; a session keeps a handle on its own table.
+        self._verdicts: dict[tuple[Any, ...], dict[int, tuple[Any, Verdict, int | None]]] = {}
         self._verdicts_for: Any = None
+        # A subclass that decides differently (the replay) must not be answered from here.
+        self._own_decide = type(self).decide is Enforcer.decide
+        # Nor one that adds to the audit hooks (record_forward, record_result).
+        self._own_audit = type(self).before_forward is Enforcer.before_forward and \
+            type(self).after_result is Enforcer.after_result
+        # What the analyser would serve a text from without parsing (see decided()).
+        self._source = default_analyzer().source
 
     @property
     def masking(self) -> MaskingRules:
@@ -147,6 +156,36 @@ class Enforcer(StatementGate):
         for column_catalog in self.column_catalogs.values():
             column_catalog.invalidate()
 
+    def decided(self, session: Session, sql: str, statement_name: str | None
+                ) -> Verdict | None:
+        """The verdict when it is known without waiting or analysing (no policy, or an
+        ALLOW in the verdict cache), else None: the relay then awaits :meth:`decide`.
+        A plain function: the relay's hot path creates no coroutine for a cache hit, and
+        it runs for every statement, so it is written for as few steps as it can take.
+        """
+        # (policies, identity, table, catalog): set by _remember_verdict for this session,
+        # which only the policy's own decide() reaches.
+        mine = session.sql_state.verdicts
+        if mine is None:
+            return ALLOW if self.engine is None and self._own_decide else None
+        # Besides: the conditions of ``quiet`` in decide().
+        if statement_name or not self._own_decide or mine[0] is not self.engine.policies \
+                or mine[1] is not session.info.identity or self.audits or \
+                self._masking.active or self.bus.wants(events.STATEMENT_DECIDED):
+            return None
+        source = self._source(sql)
+        if source is None:
+            return None
+        hit = mine[2].get(id(source))
+        if hit is None or hit[0] is not source:
+            return None
+        catalog = mine[3]
+        # catalog.current(), inline.
+        if catalog is not None and (hit[2] != catalog.epoch or
+                                    time.monotonic() > catalog.fresh_until):
+            return None
+        return hit[1]
+
     async def decide(self, session: Session, sql: str, statement_name: str | None) -> Verdict:
         engine = self.engine
         if engine is None:
@@ -157,14 +196,18 @@ class Enforcer(StatementGate):
         quiet = not statement_name and not self.audits and not self._masking.active and \
             not self.bus.wants(events.STATEMENT_DECIDED)
         if quiet:
-            verdict = await self._fast_verdict(session, sql)
+            verdict = self.decided(session, sql, statement_name)
             if verdict is not None:
                 return verdict
         state: SessionSqlState = session.sql_state
         raw = analyze(sql)
-        analysis = state.resolve(raw)
+        analysis = resolved = state.resolve(raw)
         catalog = self.catalogs.get(session.target.name)
+        epoch = None
         if catalog is not None:
+            # Taken before the catalog is asked: an invalidation while it answers makes
+            # what is remembered below stale at once.
+            epoch = catalog.epoch
             analysis = await catalog.enrich(analysis)
         identity = session.info.identity
         hints = None
@@ -223,9 +266,12 @@ class Enforcer(StatementGate):
             # frozen dataclass costs twice as much, and every allowed statement builds one.
             verdict = Verdict("allow", "42501", "", None, decision.rule_id, decision,
                               approval_id, hints)
+            # Decided on the text's own facts as the catalog saw them (what the catalog
+            # adds depends only on the names, the same for every text of the source, and
+            # stays while its epoch does; see decided()), with nothing else added.
             if quiet and approval_id is None and decision.action == "allow" and \
-                    analysis is raw and decision.analysis is raw:
-                self._remember_verdict(session, sql, raw, verdict)
+                    resolved is raw and decision.analysis is analysis:
+                self._remember_verdict(session, sql, raw, verdict, epoch)
             return verdict
         hint = None
         if action == "block":
@@ -241,32 +287,16 @@ class Enforcer(StatementGate):
     # policy's decision follows from those facts, the identity, the target and the policy
     # version (the engine's own shape cache rests on the same), and the session state does
     # not change them (no EXECUTE, PREPARE, DEALLOCATE or reset). What remains is the
-    # catalog, which can change its judgement of a name (a function turned VOLATILE): its
-    # enrich() is asked again on every hit and must hand back the facts untouched.
-
-    async def _fast_verdict(self, session: Session, sql: str) -> Verdict | None:
-        engine = self.engine
-        if engine is None or engine.policies is not self._verdicts_for:
-            return None
-        source = default_analyzer().source(sql)
-        if source is None:
-            return None
-        identity = session.info.identity
-        target = session.target.name
-        key = (id(source), identity.subject, identity.groups, target) if identity is not None \
-            else (id(source), None, None, target)
-        hit = self._verdicts.get(key)
-        if hit is None or hit[0] is not source:
-            return None
-        catalog = self.catalogs.get(target)
-        if catalog is not None and await catalog.enrich(hit[2]) is not hit[2]:
-            return None
-        if engine.policies is not self._verdicts_for:
-            return None  # reloaded while the catalog was consulted
-        return hit[1]
+    # catalog, which can change its judgement of a name (a function turned VOLATILE).
+    # What enrich() adds to facts follows from the names they reach alone (its effects are
+    # cached by those names, the same for every text of one source), so a verdict decided
+    # on enriched facts holds for the whole source while the catalog keeps what it
+    # judged: it is served (by decided()) only while the catalog's epoch is the one taken
+    # before that enrich() (any invalidation, dropped judgement or expiry moves it), and a
+    # hit asks nothing of the catalog.
 
     def _remember_verdict(self, session: Session, sql: str, analysis: Analysis,
-                          verdict: Verdict) -> None:
+                          verdict: Verdict, epoch: int | None) -> None:
         engine = self.engine
         statements = analysis.statements
         if engine is None or len(statements) != 1:
@@ -276,7 +306,7 @@ class Enforcer(StatementGate):
         if shape is None or analysis.needs_session or analysis.changes_schema or \
                 facts.prepares is not None or facts.deallocates is not None:
             return
-        source = default_analyzer().source(sql)
+        source = self._source(sql)
         # The source must be what this analysis came from: the text's own cached analysis,
         # or the shape facts its skeleton is linked to (normalisation agreed on the link).
         if source is None or (source is not analysis and (
@@ -285,19 +315,29 @@ class Enforcer(StatementGate):
         policies = engine.policies
         if _decision_version(verdict) != policies.version:
             return
-        if policies is not self._verdicts_for or len(self._verdicts) >= 4096:
-            self._verdicts.clear()
+        tables = self._verdicts
+        if policies is not self._verdicts_for or len(tables) >= 1024:
+            # Sessions holding a handle on a dropped table see it is for another version
+            # (or still hold this version's verdicts for their own identity and target).
+            tables.clear()
             self._verdicts_for = policies
         identity = session.info.identity
         target = session.target.name
-        key = (id(source), identity.subject, identity.groups, target) if identity is not None \
-            else (id(source), None, None, target)
-        self._verdicts[key] = (source, verdict, analysis)
+        who = (identity.subject, identity.groups, target) if identity is not None \
+            else (None, None, target)
+        table = tables.get(who)
+        if table is None or len(table) >= 4096:
+            table = tables[who] = {}
+        table[id(source)] = (source, verdict, epoch)
+        catalog = self.catalogs.get(target)
+        if (catalog is None) != (epoch is None):
+            return  # (the catalogs are fixed at start; never serve without the check)
+        session.sql_state.verdicts = (policies, identity, table, catalog)
 
     def outdated(self, session: Session, verdict: Verdict) -> bool:
         decision = verdict.decision
         return (self.engine is not None and decision is not None
-                and decision.policy_version != self.engine.version)
+                and decision.policy_version != self.engine.policies.version)
 
     def session_allows(self, session: Session, verdict: Verdict) -> bool:
         if self.broker is None:
@@ -426,7 +466,21 @@ class Enforcer(StatementGate):
         except AuditError as exc:
             log.error("could not record a refused statement: %s", exc)
 
+    def record_forward(self, session: Session, run: Run) -> Any:
+        """:meth:`before_forward` as a plain call for the relay's fast paths: None
+        (recorded), a Verdict (refused), or an awaitable of one of those when the record
+        has to wait (under ``synchronous=FULL``, for the journal's fdatasync)."""
+        if self._own_audit:
+            return self._record_forward(session, run)
+        return self.before_forward(session, run)  # (a subclass adds to it: the replay)
+
     async def before_forward(self, session: Session, run: Run) -> Verdict | None:
+        outcome = self._record_forward(session, run)
+        if outcome is None or isinstance(outcome, Verdict):
+            return outcome
+        return await outcome  # type: ignore[no-any-return]
+
+    def _record_forward(self, session: Session, run: Run) -> Any:
         if not self.audit_on:
             return None
         verdict = run.decision if isinstance(run.decision, Verdict) else ALLOW
@@ -438,13 +492,31 @@ class Enforcer(StatementGate):
             # Let through by a session-scope approval granted after it was parsed.
             approval_id = self.broker.session_approval(session.id,
                                                        _fingerprint(verdict.decision))
-        try:
-            if held is not None:
-                run.audit_id = held.statement_id  # recorded, durably, before it was held
+        if held is not None:
+            run.audit_id = held.statement_id  # recorded, durably, before it was held
+        else:
+            # The store's coroutine is driven by hand: under synchronous=NORMAL it ends
+            # without suspending (one journal write), and no task or event-loop round
+            # trip is spent on it; when it does suspend, the caller awaits the rest.
+            received = self.store.statement_received(self._record(
+                session, run.sql, run.params, verdict, run.received_at, action,
+                approval_id=approval_id))
+            try:
+                yielded = received.send(None)
+            except StopIteration as done:
+                run.audit_id = done.value
+            except AuditError as exc:
+                log.error("audit write failed, statement refused: %s", exc)
+                return Verdict("block", "58030", AUDIT_FAILED)
             else:
-                run.audit_id = await self.store.statement_received(self._record(
-                    session, run.sql, run.params, verdict, run.received_at, action,
-                    approval_id=approval_id))
+                return self._received_later(run, resume(received, yielded))
+        run.hasher = hashlib.sha256()
+        run.sample = []
+        return None
+
+    async def _received_later(self, run: Run, rest: Any) -> Verdict | None:
+        try:
+            run.audit_id = await rest
         except AuditError as exc:
             log.error("audit write failed, statement refused: %s", exc)
             return Verdict("block", "58030", AUDIT_FAILED)
@@ -691,22 +763,46 @@ class Enforcer(StatementGate):
 
     # -- results -----------------------------------------------------------------------------
 
+    def record_result(self, session: Session, run: Run) -> Any:
+        """:meth:`after_result` as a plain call for the relay's fast paths: None when
+        done, else an awaitable that finishes it."""
+        if self._own_audit:
+            return self._record_result(session, run)
+        return self.after_result(session, run)  # (a subclass adds to it: the replay)
+
     async def after_result(self, session: Session, run: Run) -> None:
+        later = self._record_result(session, run)
+        if later is not None:
+            await later
+
+    def _record_result(self, session: Session, run: Run) -> Any:
         if self.bus.wants(events.STATEMENT_FINISHED):
             self.bus.publish(events.STATEMENT_FINISHED, session_id=session.id,
                              rows=run.rows, tag=run.tag, sqlstate=run.sqlstate,
                              duration_ms=(time.time() - run.started_at) * 1000)
         if not self.audit_on or run.audit_id is None:
-            return
+            return None
         result = StatementResult(
             started_at=run.started_at, finished_at=time.time(), rows=run.rows,
             command_tag=run.tag, sqlstate=run.sqlstate, error_message=run.error,
             result_sha256=run.hasher.hexdigest() if run.hasher is not None else None,
             result_sample=_sample(run))
         # Not on the durability path (the statement was recorded before it ran): queued,
-        # and committed in order before the session's next statement is forwarded.
+        # and committed in order before the session's next statement is forwarded. Driven
+        # by hand, as in _record_forward: with wait=False it does not suspend.
+        finished = self.store.statement_finished(run.audit_id, result, wait=False)
         try:
-            await self.store.statement_finished(run.audit_id, result, wait=False)
+            yielded = finished.send(None)
+        except StopIteration:
+            return None
+        except AuditError as exc:
+            log.error("could not record a statement's result: %s", exc)
+            return None
+        return self._finished_later(resume(finished, yielded))
+
+    async def _finished_later(self, rest: Any) -> None:
+        try:
+            await rest
         except AuditError as exc:
             log.error("could not record a statement's result: %s", exc)
 
@@ -789,31 +885,52 @@ def _forget(names: dict[tuple[str, str], Any], kind: str, name: str) -> None:
 def _sample(run: Run) -> dict[str, Any] | None:
     if run.sample is None:
         return None
-    fields = run.fields or []
-    columns = [f.name for f in fields]
-    # A statement's RowDescription always says text; the formats that apply are the ones
-    # the client asked for in Bind (none: text; one: all columns; else one per column).
-    formats = run.result_formats
-    if not formats:
-        binary = [f.format_code == 1 for f in fields]
-    elif len(formats) == 1:
-        binary = [formats[0] == 1] * len(fields)
-    else:
-        binary = [f == 1 for f in formats]
+    columns, kinds = _sample_shape(run.fields, run.result_formats)
     rows = []
+    count = len(kinds)
     for payload in run.sample:
-        values = p.decode_data_row(payload)
         row: list[str | None] = []
-        for index, value in enumerate(values):
+        for index, value in enumerate(p.decode_data_row(payload)):
             if value is None:
                 row.append(None)
-            elif index < len(binary) and binary[index]:
-                type_oid = fields[index].type_oid if index < len(fields) else 0
-                row.append(_binary_text(type_oid, value))
+            elif index < count and kinds[index] is not None:
+                row.append(_binary_text(kinds[index], value))  # type: ignore[arg-type]
             else:
                 row.append(value.decode("utf-8", "replace"))
         rows.append(row)
-    return {"columns": columns, "rows": rows, "truncated": run.rows > len(rows)}
+    return {"columns": list(columns), "rows": rows, "truncated": run.rows > len(rows)}
+
+
+# (id(fields), result formats) -> (fields, column names, per column: the type OID when
+# its values are binary, else None). Every statement's result sample needs this, and a
+# statement's fields are one cached list (session._row_description), kept here so its id
+# stays its own.
+_SAMPLE_SHAPES: dict[tuple[int, tuple[int, ...]],
+                     tuple[Any, list[str], tuple[int | None, ...]]] = {}
+
+
+def _sample_shape(fields: list[Any] | None, formats: tuple[int, ...]
+                  ) -> tuple[list[str], tuple[int | None, ...]]:
+    key = (id(fields), formats)
+    known = _SAMPLE_SHAPES.get(key)
+    if known is not None and known[0] is fields:
+        return known[1], known[2]
+    listed = fields or []
+    columns = [f.name for f in listed]
+    # A statement's RowDescription always says text; the formats that apply are the ones
+    # the client asked for in Bind (none: text; one: all columns; else one per column).
+    if not formats:
+        binary = [f.format_code == 1 for f in listed]
+    elif len(formats) == 1:
+        binary = [formats[0] == 1] * len(listed)
+    else:
+        binary = [f == 1 for f in formats]
+    kinds = tuple((listed[i].type_oid if i < len(listed) else 0) if is_binary else None
+                  for i, is_binary in enumerate(binary))
+    if len(_SAMPLE_SHAPES) >= 1024:
+        _SAMPLE_SHAPES.clear()
+    _SAMPLE_SHAPES[key] = (fields, columns, kinds)
+    return columns, kinds
 
 
 class _WithholdAll:

@@ -50,6 +50,12 @@ class StatementGate:
     async def decide(self, session: Session, sql: str, statement_name: str | None) -> Verdict:
         return ALLOW
 
+    def decided(self, session: Session, sql: str, statement_name: str | None
+                ) -> Verdict | None:
+        """What :meth:`decide` would answer, when that is known without waiting; None:
+        await decide. (The relay's hot path then creates no coroutine.)"""
+        return None
+
     def session_allows(self, session: Session, verdict: Verdict) -> bool:
         return True
 
@@ -71,12 +77,22 @@ class StatementGate:
         """Called just before a statement goes to the server; a Verdict refuses it."""
         return None
 
+    def record_forward(self, session: Session, run: Run) -> Any:
+        """:meth:`before_forward` for the relay's fast paths, as a plain call: None (go
+        ahead), a Verdict (refused), or an awaitable of one of those to wait for."""
+        return self.before_forward(session, run)
+
     def withdrawn_verdict(self, session: Session) -> Verdict:
         return Verdict("block", sqlstate="57014", message="canceling statement due to user "
                        "request; the pending approval was withdrawn")
 
     async def after_result(self, session: Session, run: Run) -> None:
         return None
+
+    def record_result(self, session: Session, run: Run) -> Any:
+        """:meth:`after_result` for the relay's fast paths, as a plain call: None when
+        done, else an awaitable that finishes it."""
+        return self.after_result(session, run)
 
     async def on_row_description(self, session: Session, run: Run) -> None:
         return None

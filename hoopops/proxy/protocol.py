@@ -379,8 +379,22 @@ def _name_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
     return buf[pos:zero].decode("utf-8", "surrogateescape"), zero + 1
 
 
+def name_at(buf: bytes | bytearray, pos: int, end: int) -> str:
+    """The name a Parse or Execute payload ``buf[pos:end]`` begins with."""
+    return _name_at(buf, pos, end)[0]
+
+
 def bind_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, str, tuple[int, ...]]:
     """``scan_bind`` of the Bind payload ``buf[pos:end]``."""
+    return bind_layout_at(buf, pos, end)[:3]  # type: ignore[return-value]
+
+
+def bind_layout_at(buf: bytes | bytearray, pos: int, end: int
+                   ) -> tuple[str, str, tuple[int, ...], int, int, int]:
+    """``bind_at``, and where its parts lie: the offset of the first parameter value's
+    length, the number of parameters, and the offset of the result-format count. What
+    precedes the values and what follows them fix every field but the values, so a
+    relay that saw those bytes before need not read them again (``params_end_at``)."""
     if pos < end and buf[pos] == 0:  # the unnamed portal
         portal, pos = "", pos + 1
     else:
@@ -391,18 +405,20 @@ def bind_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, str, tuple
         if count < 0:
             raise ProtocolError("malformed Bind message")
         pos += 2 + 2 * count
-        (count,) = _INT16_1(buf, pos)
-        if count < 0:
+        (nparams,) = _INT16_1(buf, pos)
+        if nparams < 0:
             raise ProtocolError("malformed Bind message")
         pos += 2
+        params_at = pos
         unpack = _INT32.unpack_from
-        for _ in range(count):
+        for _ in range(nparams):
             (size,) = unpack(buf, pos)
             if size < -1:
                 raise ProtocolError("malformed Bind parameter")
             pos += 4 if size == -1 else 4 + size
             if pos > end:
                 raise ProtocolError("malformed Bind parameter")
+        results_at = pos
         (count,) = _INT16_1(buf, pos)
         if count < 0:
             raise ProtocolError("malformed Bind message")
@@ -417,7 +433,24 @@ def bind_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, str, tuple
         raise ProtocolError("truncated Bind message") from None
     if pos != end:
         raise ProtocolError("trailing bytes in Bind message")
-    return portal, statement, results
+    return portal, statement, results, params_at, nparams, results_at
+
+
+def params_end_at(buf: bytes | bytearray, pos: int, count: int, end: int) -> int:
+    """Where ``count`` Bind parameter values starting at ``pos`` end, or -1 if they are
+    malformed or run past ``end``."""
+    unpack = _INT32.unpack_from
+    for _ in range(count):
+        if pos + 4 > end:
+            return -1
+        (size,) = unpack(buf, pos)
+        if size < 0:
+            if size != -1:
+                return -1
+            pos += 4
+        else:
+            pos += 4 + size
+    return pos if pos <= end else -1
 
 
 def execute_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:

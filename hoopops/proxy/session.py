@@ -27,11 +27,13 @@ import struct
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hoopops import events
 from hoopops.proxy import protocol as p
+from hoopops.proxy.gate import Verdict
 from hoopops.proxy.lane import Lane
 from hoopops.proxy.upstream import UpstreamConnection, send_cancel
 
@@ -45,8 +47,10 @@ log = logging.getLogger("hoopops.session")
 _HDR = struct.Struct("!BI").unpack_from
 _INT32 = struct.Struct("!i").unpack_from
 
-# What a forwarded request expects back (see protocol docs, "Extended Query").
-K_QUERY, K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC = range(7)
+# What a forwarded request expects back (see protocol docs, "Extended Query"). K_GROUP
+# stands for a whole run of requests up to and including a Sync whose replies nothing
+# inspects (see Session._client_fast): only its ReadyForQuery moves the queue on.
+K_QUERY, K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_GROUP = range(8)
 _EXTENDED = frozenset((K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE))
 
 _TX_STATES = {b"I": "idle", b"T": "in transaction", b"E": "failed transaction"}
@@ -135,13 +139,28 @@ class Pending:
 
 # Replies relayed without moving the queue on, and replies that answer the request at
 # its head, for a quick expectation: ``kind << 8 | reply type``.
-_RELAYED = frozenset(k << 8 | t for k, t in (
+# A group's replies: ParseComplete, BindComplete, CloseComplete, NoData,
+# ParameterDescription, RowDescription, DataRow, CommandComplete, EmptyQueryResponse.
+_GROUP_REPLIES = b"123ntTDCI"
+_RELAYED = frozenset([k << 8 | t for k, t in (
     (K_QUERY, 84), (K_QUERY, 68), (K_QUERY, 67), (K_QUERY, 73),  # T D C I
-    (K_EXECUTE, 68), (K_DESCRIBE, 116)))  # D t
+    (K_EXECUTE, 68), (K_DESCRIBE, 116))] + [K_GROUP << 8 | t for t in _GROUP_REPLIES])
 _ANSWERED = frozenset(k << 8 | t for k, t in (
-    (K_SYNC, 90), (K_QUERY, 90), (K_EXECUTE, 67), (K_EXECUTE, 73), (K_BIND, 50),
-    (K_PARSE, 49), (K_CLOSE, 51), (K_DESCRIBE, 84), (K_DESCRIBE, 110)))
+    (K_SYNC, 90), (K_QUERY, 90), (K_GROUP, 90), (K_EXECUTE, 67), (K_EXECUTE, 73),
+    (K_BIND, 50), (K_PARSE, 49), (K_CLOSE, 51), (K_DESCRIBE, 84), (K_DESCRIBE, 110)))
+# A group's replies that _server_run passes over: ParseComplete, BindComplete,
+# CloseComplete, NoData, ParameterDescription.
+_GROUP_ACKS = frozenset(b"123nt")
+# CommandComplete tags of a result _server_run may note itself; others (DDL, say) go to
+# the general path, which tells the gate (on_statement_complete).
+_PLAIN_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH", "MOVE",
+                         "BEGIN", "COMMIT", "ROLLBACK", "SET", "SHOW"))
 _DESCRIBE_QUICK = K_DESCRIBE << 8
+_GROUP_QUICK = K_GROUP << 8
+_QUERY_QUICK = K_QUERY << 8
+# Replies up to this size are remembered for the next one shaped alike (_server_fast):
+# small results, where framing each message is most of the relay's work.
+_REPLY_MEMO_MAX = 1024
 
 
 # Expectations that carry nothing but their kind, shared (never modified: only an
@@ -154,6 +173,7 @@ _CLOSE_PENDING = Pending(K_CLOSE)
 _QUERY_PENDING = Pending(K_QUERY)
 _EXECUTE_PENDING = Pending(K_EXECUTE)  # of the unnamed portal, with no row limit
 _DESCRIBE_PENDING = Pending(K_DESCRIBE)
+_GROUP_PENDING = Pending(K_GROUP)
 
 
 def _parse_pending(name: str) -> Pending:
@@ -322,6 +342,7 @@ class Session:
         # off the front; a partial one waits for the rest).
         self._cbuf = bytearray()
         self._sbuf = bytearray()
+        self._server_head = 0
         self._client = _Side(self._on_client_data, self._on_client_end)
         self._server = _Side(self._on_server_data, self._on_server_end)
         self._client.peer = self._server
@@ -331,6 +352,28 @@ class Session:
         # Whether the columns kept for statements and portals are current (see
         # _track_fields).
         self._fields_exact = True
+        # The last Bind and Parse _client_fast read, and the Describe/Execute/Sync that
+        # followed that Bind: a client repeats them byte for byte but for the parameter
+        # values, so matching bytes stand for reading the fields again (see _client_fast).
+        # (Compared as slices: ``startswith`` with an offset parses its arguments the slow
+        # way and costs more than the copy.) Bind: its bytes before the values and their
+        # length, portal, statement, parameter count, the bytes after the values and their
+        # length, result formats; tail: bytes, length, portal; Parse: bytes, length,
+        # statement, text.
+        self._bind_memo: tuple[bytes, int, str, str, int, bytes, int, tuple[int, ...]] | None \
+            = None
+        self._bind_tail: tuple[bytes, int, str] | None = None
+        # Which parameters of a Bind shaped as _bind_memo are binary (that memo, the set).
+        self._bind_binary: tuple[Any, frozenset[int]] | None = None
+        self._parse_memo: tuple[bytes, int, str, str] | None = None
+        # The messages before and after the rows of the last whole reply _server_fast
+        # read, the expectation it answered and its transaction status.
+        # (head, its length, tail, its length, quick, status)
+        self._reply_memo: tuple[bytes, int, bytes, int, int, bytes] | None = None
+        self._reply_misses = 0  # whole replies in a row that were not shaped like it
+        # The rest of a gate's after_result that _server_run began and that has to wait:
+        # the server lane finishes it before relaying anything more.
+        self._server_wait: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -343,6 +386,12 @@ class Session:
         # Read every time: a policy reload can turn masking on mid-session.
         gate = self.gate
         return gate.audits or gate.masks or gate.observes_results
+
+    @property
+    def _runs(self) -> bool:
+        """Whether each statement needs its Run (audit, or someone hears of results)."""
+        gate = self.gate
+        return gate.audits or gate.observes_results
 
     def startup_messages(self) -> bytes:
         """ParameterStatus from the server, then our own cancel key, then ReadyForQuery."""
@@ -451,8 +500,7 @@ class Session:
         lane = self._client_lane
         assert lane is not None
         buf = self._cbuf
-        gate = self.gate  # (as _inspects, inline: this runs for every chunk)
-        if gate.audits or gate.masks or gate.observes_results:
+        if self.gate.masks:  # (read every chunk: a policy reload can turn masking on)
             if not self._fields_exact:
                 self._track_fields()
             buf += data
@@ -465,6 +513,11 @@ class Session:
                 done = self._client_fast(data)
             except Exception as exc:
                 lane.fail(exc)
+                return
+            if done == len(data) and data is not buf:  # the whole read, as it came
+                transport = self._server.transport
+                if not transport.is_closing():
+                    transport.write(data)
                 return
             if done < 0:  # up to a message the lane finishes: forwarded up to it already
                 done = -done
@@ -504,7 +557,7 @@ class Session:
         """Handle every whole message buffered from the client, in order."""
         if self._stopped:
             return
-        if not self._fields_exact and self._inspects:
+        if not self._fields_exact and self.gate.masks:
             self._track_fields()
         buf = self._cbuf
         limit = self.max_message_size
@@ -722,6 +775,32 @@ class Session:
         out.append(raw)
         return True
 
+    def _bound_params(self, buf: bytes | bytearray, pos: int, nxt: int, hit: bool
+                      ) -> BoundParams:
+        """The values of the Bind at ``buf[pos:nxt]`` that ``_client_fast`` just read;
+        ``hit``: its bytes before the values are those of ``_bind_memo``, so the values
+        are where that says, and which are binary is known already."""
+        memo = self._bind_memo
+        binary = self._bind_binary
+        if hit and binary is not None and binary[0] is memo:
+            assert memo is not None
+            at = pos + 5 + memo[1]
+            values: list[bytes | None] = []
+            for _ in range(memo[4]):
+                size = _INT32(buf, at)[0]
+                at += 4
+                if size < 0:
+                    values.append(None)
+                else:
+                    values.append(bytes(buf[at:at + size]))
+                    at += size
+            params = BoundParams(values)
+            params.binary = binary[1]
+            return params
+        params = BoundParams.of(p.decode_bind(bytes(buf[pos + 5:nxt])))
+        self._bind_binary = (memo, params.binary)
+        return params
+
     def _bound(self, portal_name: str, stmt: PreparedInfo, result_formats: tuple[int, ...]
                ) -> None:
         """Remember a portal bound by a fast path."""
@@ -890,19 +969,59 @@ class Session:
 
     def _client_fast(self, buf: bytes | bytearray) -> int:
         """Handle the messages at the front of ``buf`` that need nothing awaited and
-        nothing rewritten (the steady state of a session nobody records or masks);
-        returns how many bytes were handled, which the caller forwards as they came.
+        nothing rewritten (the steady state of a session nothing masks); returns how many
+        bytes were handled, which the caller forwards as they came.
+
+        When results are recorded (``_runs``: audit, or results reported), each Query
+        and each group whose one Execute is last gets its run, and its audit record is
+        written before the call returns (``_query_run``, ``_group_run``); a group that
+        cannot be taken whole from this read is left to the general path from its first
+        request, so nothing of it is forwarded before its Execute is recorded.
 
         Stops at the first message the general path must see (``_client_step``). A
         message whose verdict is not a plain allow, or must be awaited, is finished on
         the lane's task (``Lane.adopt``), before anything that follows it: then what came
         before it is forwarded here, and the result is minus the bytes consumed (that
         message included, which only the lane may forward).
+
+        The requests up to a Sync get one expectation between them (K_GROUP) when at most
+        one of them is an Execute and it is the last: whatever the server answers, one
+        ReadyForQuery ends it, and a COPY FROM STDIN can only have come from that
+        Execute. Their expectations are queued one by one (``_queue_each``) only when a
+        group cannot be formed, so the common pipeline costs one queue entry, not five.
         """
         pending = self.pending
         end = len(buf)
         limit = self.max_message_size
+        # Results are recorded (audit) or reported: every Execute gets its run, and a
+        # group may hold only one, last (see _group_run).
+        runs = self._runs
+        if buf[0] == 81 and end > 6:
+            # The read is one Query (the simple protocol's steady state) that may run
+            # as it is: settled here; anything else about it, by the loop below.
+            length = _HDR(buf, 0)[1]
+            if length + 1 == end and length <= limit and buf[end - 1] == 0:
+                text = buf[5:end - 1]
+                if 0 not in text:
+                    try:
+                        sql = text.decode()
+                    except UnicodeDecodeError:
+                        sql = None
+                    if sql is not None:
+                        verdict = self.gate.decided(self, sql, None)
+                        if verdict is not None and verdict.action == "allow":
+                            info = self.info
+                            info.stats.statements += 1
+                            info.last_sql = sql
+                            if runs:
+                                return self._query_run(buf, 0, end, sql, verdict)
+                            pending.append(_QUERY_PENDING)
+                            return end
         pos = 0
+        start = 0  # buf[start:pos]: handled since the last Sync, expectations not queued
+        shape = 0  # of buf[start:pos]: 0 no Execute, 1 an Execute last, 2 anything else
+        bound_end = -1  # where the group's last Bind ended, if no Parse came after it
+        bound_name = executed = ""  # the portal that Bind bound, the one Executed
         try:
             while end - pos >= 5:
                 mtype, length = _HDR(buf, pos)
@@ -910,9 +1029,46 @@ class Session:
                 if nxt > end or length < 4 or length > limit:
                     break  # incomplete (or invalid: the general path says so)
                 if mtype == 83:  # Sync
-                    pending.append(_SYNC_PENDING)
+                    if shape == 2:
+                        self._queue_each(buf, start, pos)
+                        pending.append(_SYNC_PENDING)
+                    else:
+                        if shape and runs:
+                            done = self._group_run(buf, start, nxt, executed)
+                            if done < 0:
+                                return done
+                        else:
+                            pending.append(_GROUP_PENDING if start < pos else _SYNC_PENDING)
+                        if shape and bound_end >= 0 and executed == bound_name:
+                            self._bind_tail = (bytes(buf[bound_end:nxt]), nxt - bound_end,
+                                               bound_name)
+                    start = nxt
+                    shape = 0
+                    bound_end = -1
                 elif mtype == 66:  # Bind
-                    portal_name, statement_name, result_formats = p.bind_at(buf, pos + 5, nxt)
+                    if shape and runs:
+                        break
+                    memo = self._bind_memo
+                    hit = False
+                    if memo is not None and buf[pos + 5:pos + 5 + memo[1]] == memo[0]:
+                        at = pos + 5 + memo[1]
+                        if memo[4] == 1 and at + 4 <= nxt:  # (inline: one value is usual)
+                            size = _INT32(buf, at)[0]
+                            at = at + 4 + size if size >= 0 else at + 4 if size == -1 else -1
+                        else:
+                            at = p.params_end_at(buf, at, memo[4], nxt)
+                        hit = at >= 0 and at + memo[6] == nxt and buf[at:nxt] == memo[5]
+                    if hit:
+                        assert memo is not None
+                        portal_name = memo[2]
+                        statement_name = memo[3]
+                        result_formats = memo[7]
+                    else:
+                        portal_name, statement_name, result_formats, at, count, results_at = \
+                            p.bind_layout_at(buf, pos + 5, nxt)
+                        self._bind_memo = (bytes(buf[pos + 5:at]), at - pos - 5, portal_name,
+                                           statement_name, count, bytes(buf[results_at:nxt]),
+                                           nxt - results_at, result_formats)
                     stmt = self.statements.get(statement_name)
                     if stmt is None:
                         break
@@ -920,9 +1076,41 @@ class Session:
                     if verdict is not None and (verdict.action != "allow"
                                                 or self.gate.outdated(self, verdict)):
                         break
-                    self._bound(portal_name, stmt, result_formats)
-                    pending.append(_BIND_PENDING)
+                    portal = self.portals.get(portal_name)
+                    if runs:
+                        # The trail records the values each Execute ran with.
+                        params = self._bound_params(buf, pos, nxt, hit)
+                        if portal is None or portal.statement is not stmt or \
+                                portal.suspended is not None or \
+                                portal.result_formats != result_formats:
+                            self.portals[portal_name] = PortalInfo(stmt, params,
+                                                                   result_formats)
+                        else:  # (bound the same way again: only the values are new)
+                            portal.params = params
+                    elif portal is None or portal.statement is not stmt or \
+                            portal.params is not None or portal.suspended is not None or \
+                            portal.result_formats != result_formats:
+                        self._bound(portal_name, stmt, result_formats)
+                    tail = self._bind_tail
+                    if tail is not None and not shape and tail[2] == portal_name and \
+                            end - nxt == tail[1] and buf[nxt:end] == tail[0]:
+                        # The rest of the read is the Describe/Execute/Sync seen after this
+                        # Bind before, which executes the portal just bound: its effects,
+                        # without reading it again.
+                        if runs:
+                            return self._group_run(buf, start, end, portal_name)
+                        info = self.info
+                        info.stats.statements += 1
+                        info.last_sql = stmt.sql
+                        pending.append(_GROUP_PENDING)
+                        return end
+                    if shape:
+                        shape = 2
+                    bound_end = nxt
+                    bound_name = portal_name
                 elif mtype == 69:  # Execute
+                    if shape and runs:
+                        break
                     if length == 9 and buf[pos + 5] == 0:  # the unnamed portal
                         name = ""
                         max_rows = _INT32(buf, pos + 6)[0]
@@ -931,18 +1119,26 @@ class Session:
                     portal = self.portals.get(name)
                     if portal is None or portal.suspended is not None or max_rows:
                         break  # (a row limit may suspend the portal: the general path)
-                    info = self.info
-                    info.stats.statements += 1
-                    info.last_sql = portal.statement.sql
-                    pending.append(_EXECUTE_PENDING if not name
-                                   else Pending(K_EXECUTE, name=name))
+                    if not runs:  # (else counted when its group is complete: _group_run)
+                        info = self.info
+                        info.stats.statements += 1
+                        info.last_sql = portal.statement.sql
+                    shape = 2 if shape else 1
+                    executed = name
                 elif mtype == 68:  # Describe
+                    if runs and (shape or length < 6 or buf[pos + 5] == 83):
+                        # (a statement's columns, which the trail's samples name, are kept
+                        # by the general path; a portal's arrive with its run's rows)
+                        break
                     # Nothing masks, so what it answers is not kept (see _track_fields).
                     if length < 6 or buf[pos + 5] not in (83, 80) or buf[nxt - 1] != 0 or (
                             length != 6 and buf.find(0, pos + 6, nxt) != nxt - 1):
                         break  # (malformed: the general path refuses it)
-                    pending.append(_DESCRIBE_PENDING)
+                    if shape:
+                        shape = 2
                 elif mtype == 81:  # Query
+                    if runs and start < pos:
+                        break
                     text = buf[pos + 5:nxt - 1]
                     if buf[nxt - 1] != 0 or 0 in text:
                         break  # (the general path refuses it)
@@ -953,29 +1149,70 @@ class Session:
                     info = self.info
                     info.stats.statements += 1
                     info.last_sql = sql
-                    ready, verdict = self._client_lane.attempt(self.gate.decide(self, sql, None))
+                    if start < pos:
+                        self._queue_each(buf, start, pos)
+                    start = pos
+                    shape = 0
+                    verdict = self.gate.decided(self, sql, None)  # a cache hit: no coroutine
+                    ready = verdict is not None
+                    if not ready:
+                        ready, verdict = self._client_lane.attempt(
+                            self.gate.decide(self, sql, None))
                     if not ready or verdict.action != "allow":
                         self._forward_then_wait(buf, pos, self._later(
                             verdict if not ready else _ready(verdict), self._query_decided,
                             bytes(buf[pos:nxt]), sql, time.time()))
                         return -nxt
-                    pending.append(_QUERY_PENDING)
+                    if runs:
+                        done = self._query_run(buf, pos, nxt, sql, verdict)
+                        if done < 0:
+                            return done
+                    else:
+                        pending.append(_QUERY_PENDING)
+                    start = nxt
                 elif mtype == 80:  # Parse
-                    try:
-                        name, sql = p.parse_at(buf, pos + 5, nxt)
-                    except p.SqlTextError:
+                    if runs and start < pos:
                         break
-                    ready, verdict = self._client_lane.attempt(self.gate.decide(self, sql, name))
+                    parsed = self._parse_memo
+                    if parsed is not None and nxt - pos == parsed[1] and \
+                            buf[pos:nxt] == parsed[0]:
+                        name = parsed[2]
+                        sql = parsed[3]
+                    else:
+                        try:
+                            name, sql = p.parse_at(buf, pos + 5, nxt)
+                        except p.SqlTextError:
+                            break
+                        self._parse_memo = (bytes(buf[pos:nxt]), nxt - pos, name, sql)
+                    bound_end = -1
+                    verdict = self.gate.decided(self, sql, name)  # a cache hit: no coroutine
+                    ready = verdict is not None
+                    if not ready:
+                        ready, verdict = self._client_lane.attempt(
+                            self.gate.decide(self, sql, name))
                     if not ready or verdict.action == "block":
+                        if start < pos:
+                            self._queue_each(buf, start, pos)
+                        start = pos
                         self._forward_then_wait(buf, pos, self._later(
                             verdict if not ready else _ready(verdict), self._parse_decided,
                             bytes(buf[pos:nxt]), p.decode_parse(buf[pos + 5:nxt]),
                             time.time()))
                         return -nxt
-                    self._prepared(name, sql, verdict)
-                    pending.append(_parse_pending(name))
-                elif mtype == 100 or mtype == 72:  # CopyData, Flush
+                    known = self.statements.get(name)
+                    if known is not None and known.decision is verdict and known.sql is sql:
+                        known.fields = None  # (_prepared, inline: the memo's very text)
+                    else:
+                        self._prepared(name, sql, verdict)
+                    if shape:
+                        shape = 2
+                elif mtype == 72:  # Flush
                     pass
+                elif mtype == 100:  # CopyData
+                    if runs:
+                        break
+                    shape = 2
+                    bound_end = -1
                 else:
                     break
                 pos = nxt
@@ -983,22 +1220,216 @@ class Session:
                     break
         except p.ProtocolError:
             pass  # malformed: the general path answers it
+        if runs and start < pos:
+            # A group not complete here goes to the general path from its first request
+            # (what the loop did for it, it does again; an Execute is counted and recorded
+            # only at its Sync): forwarding part of it ahead of a step that may wait for
+            # the record would let the server answer, or fail, requests not yet queued.
+            pos = start
+        if start < pos:
+            self._queue_each(buf, start, pos)
         return pos
+
+    def _query_run(self, buf: bytes | bytearray, pos: int, nxt: int, sql: str, verdict: Any
+                   ) -> int:
+        """The Query in ``buf[pos:nxt]``, allowed and counted, gets its run and, when the
+        gate audits, its record, before anything is forwarded; returns ``nxt`` when that
+        took no waiting, else ``-nxt``: the lane finishes it (``_query_recorded``)."""
+        now = time.time()
+        run = Run(sql, verdict, None, received_at=now, started_at=now)
+        return self._recorded_run(buf, pos, nxt, run, K_QUERY, self._query_recorded)
+
+    def _recorded_run(self, buf: bytes | bytearray, start: int, nxt: int, run: Run,
+                      kind: int, finish: Callable[[bytes, Run, Any], Awaitable[None]]
+                      ) -> int:
+        """Queue ``run`` under a ``kind`` expectation for the requests ``buf[start:nxt]``
+        once the gate has recorded it, if it audits; returns ``nxt``, or ``-nxt`` when
+        recording must be waited for or refused the statement: ``finish`` then does the
+        rest on the lane."""
+        gate = self.gate
+        if gate.audits:
+            # Under synchronous=NORMAL the record is one journal write that never waits;
+            # under FULL the lane awaits the shared fdatasync before forwarding.
+            outcome = gate.record_forward(self, run)
+            if outcome is not None:
+                self._forward_then_wait(buf, start, finish(
+                    bytes(buf[start:nxt]), run, _outcome(outcome)))
+                return -nxt
+        self.pending.append(Pending(kind, run))
+        return nxt
+
+    async def _query_recorded(self, raw: bytes, run: Run, recorded: Any) -> None:
+        refusal = await recorded
+        if refusal is not None:
+            self._refuse_simple(refusal.sqlstate, refusal.message, refusal.hint)
+        else:
+            self.pending.append(Pending(K_QUERY, run))
+            self._server.write(raw)
+        await self._client_step()
+
+    def _group_run(self, buf: bytes | bytearray, start: int, nxt: int, name: str) -> int:
+        """The requests in ``buf[start:nxt]`` up to a Sync, whose last is the one Execute,
+        of portal ``name``: that statement's run and record, as ``_query_run`` (the group's
+        one expectation carries the run). Returns ``nxt``, or ``-nxt`` when the lane
+        finishes it (``_group_recorded``)."""
+        portal = self.portals[name]
+        statement = portal.statement
+        info = self.info
+        info.stats.statements += 1
+        info.last_sql = statement.sql
+        now = time.time()
+        run = Run(statement.sql, statement.decision, portal.params, received_at=now,
+                  started_at=now, fields=portal.fields or statement.fields,
+                  result_formats=portal.result_formats)
+        return self._recorded_run(buf, start, nxt, run, K_GROUP, self._group_recorded)
+
+    async def _group_recorded(self, group: bytes, run: Run, recorded: Any) -> None:
+        refusal = await recorded
+        out: list[bytes] = []
+        if refusal is None:
+            self.pending.append(Pending(K_GROUP, run))
+            out.append(group)
+        else:
+            # What the general path does: the requests before the Execute go as they
+            # are, the Execute is refused, and the server skips to the group's Sync.
+            at = 0
+            while group[at] != 69:  # Execute
+                at += 1 + _HDR(group, at)[1]
+            self._queue_each(group, 0, at)
+            out.append(group[:at])
+            self._refuse_extended(refusal.sqlstate, refusal.message, refusal.hint, out)
+            self.skip_until_sync = False
+            self.pending.append(_SYNC_PENDING)
+            out.append(group[-5:])  # the Sync (a Flush between is dropped, as it would be)
+        self._flush(out)
+        await self._client_step()
+
+    def _queue_each(self, buf: bytes | bytearray, pos: int, end: int) -> None:
+        """Queue one expectation per request in ``buf[pos:end]``, which ``_client_fast``
+        has handled (so it is well formed) without forming a group of it."""
+        pending = self.pending
+        while pos < end:
+            mtype, length = _HDR(buf, pos)
+            nxt = pos + 1 + length
+            if mtype == 80:  # Parse
+                pending.append(_parse_pending(p.name_at(buf, pos + 5, nxt)))
+            elif mtype == 66:  # Bind
+                pending.append(_BIND_PENDING)
+            elif mtype == 68:  # Describe
+                pending.append(_DESCRIBE_PENDING)
+            elif mtype == 69:  # Execute
+                name = p.name_at(buf, pos + 5, nxt)
+                pending.append(_EXECUTE_PENDING if not name else Pending(K_EXECUTE, name=name))
+            pos = nxt
 
     def _server_fast(self, buf: bytes | bytearray) -> int:
         """Relay bookkeeping for the messages at the front of ``buf`` that answer quick
-        expectations (no run to record, nothing injected); returns how many bytes were
+        expectations (no run to record, nothing injected) or a run's Query or group whose
+        result is relayed unchanged (``_server_run``); returns how many bytes were
         handled, which the caller relays as they came. Stops at the first message the
         general path must see (``_server_step``)."""
         pending = self.pending
-        if not pending:
-            return 0
+        pos = 0
+        while pending:
+            head = pending[0]
+            if head.quick >= 0:
+                return self._server_quick(buf, pos)
+            run = head.run
+            if run is None or run.plan is not None or run.finished or head.swallow or \
+                    head.injected_error or (head.kind != K_GROUP and head.kind != K_QUERY) \
+                    or self.gate.masks:
+                return pos
+            done = self._server_run(buf, pos, head, run)
+            if done == pos or not run.finished or self._server_wait is not None:
+                return done
+            pos = done
+        return pos
+
+    def _server_run(self, buf: bytes | bytearray, pos: int, head: Pending, run: Run) -> int:
+        """``_server_fast`` for the reply to a Query or a group (K_GROUP) with a run, which
+        nothing rewrites: its rows are counted, sampled and hashed (whole spans of
+        DataRows as relayed), its columns, tag and end noted, and the gate told of its
+        result. Stops at anything else (an error, a notice, COPY) for the general path,
+        with the hash settled up to there."""
+        end = len(buf)
+        hasher = run.hasher
+        seg = pos  # buf[seg:pos]: DataRows relayed and not yet hashed
+        group = head.kind == K_GROUP
+        while end - pos >= 5:
+            mtype, length = _HDR(buf, pos)
+            nxt = pos + 1 + length
+            if nxt > end:
+                break
+            if mtype == 68:  # DataRow
+                run.rows += 1
+                if run.sample is not None:
+                    self._sample(run, buf, pos, nxt)
+                pos = nxt
+                continue
+            if mtype == 67:  # CommandComplete
+                tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+                if tag.split(" ", 1)[0] not in _PLAIN_TAGS:
+                    break  # (the gate may want to hear of it: DDL changes the catalog)
+                run.tag = tag
+                if not group:
+                    run.statement_index += 1
+            elif mtype == 84:  # RowDescription
+                run.fields = _row_description(bytes(buf[pos + 5:nxt]))
+            elif mtype == 73:  # EmptyQueryResponse
+                if not group:
+                    run.statement_index += 1
+            elif mtype == 90:  # ReadyForQuery
+                if hasher is not None and seg < pos:
+                    hasher.update(memoryview(buf)[seg:pos])
+                seg = nxt
+                pending = self.pending
+                pending.popleft()
+                status = self.tx_status = _BYTE[buf[pos + 5]]
+                if not pending:
+                    state = _TX_STATES.get(status, "idle")
+                    if state != self.info.state:
+                        self._set_state(state)
+                run.finished = True
+                if self.gate.observes_results:
+                    # This queues the result record (it never waits for SQLite); should
+                    # it wait after all, the lane finishes it before going on.
+                    self._server_wait = self.gate.record_result(self, run)
+                return nxt
+            elif not (group and mtype in _GROUP_ACKS):
+                break
+            if hasher is not None and seg < pos:
+                hasher.update(memoryview(buf)[seg:pos])
+            pos = seg = nxt
+        if hasher is not None and seg < pos:
+            hasher.update(memoryview(buf)[seg:pos])
+        return pos
+
+    def _server_quick(self, buf: bytes | bytearray, pos: int) -> int:
+        """``_server_fast`` from ``pos``, where a quick expectation is at the head."""
+        pending = self.pending
         head = pending[0]
         quick = head.quick
-        if quick < 0:
-            return 0
         end = len(buf)
-        pos = 0
+        first = pos
+        reply = self._reply_memo
+        if not pos and reply is not None and reply[4] == quick and \
+                buf[end - reply[3]:] == reply[2] and buf[:reply[1]] == reply[0]:
+            # Shaped as the last reply read whole: the same messages before and after
+            # its rows, so only the rows between are framed.
+            pos = reply[1]
+            stop = end - reply[3]
+            while stop - pos >= 5 and buf[pos] == 68:  # DataRow
+                pos += 1 + _HDR(buf, pos)[1]
+            if pos == stop:
+                self._reply_misses = 0
+                pending.popleft()
+                status = self.tx_status = reply[5]
+                if not pending:
+                    state = _TX_STATES.get(status, "idle")
+                    if state != self.info.state:
+                        self._set_state(state)
+                return end
+        queued = len(pending)
         while end - pos >= 5:
             mtype, length = _HDR(buf, pos)
             nxt = pos + 1 + length
@@ -1013,6 +1444,14 @@ class Session:
             pending.popleft()
             if mtype == 90:  # ReadyForQuery
                 status = self.tx_status = _BYTE[buf[pos + 5]]
+                if nxt == end and end <= _REPLY_MEMO_MAX and len(pending) + 1 == queued \
+                        and quick in (_GROUP_QUICK, _QUERY_QUICK) and not first:
+                    # (the only expectation this read answered: it is one whole reply)
+                    misses = self._reply_misses = self._reply_misses + 1
+                    if misses <= 2 or not misses & 15:
+                        # (replies that keep changing shape are framed twice only now
+                        # and then)
+                        self._remember_reply(buf, end, quick, status)
                 if not pending:
                     state = _TX_STATES.get(status, "idle")
                     if state != self.info.state:
@@ -1028,6 +1467,28 @@ class Session:
             if quick < 0:
                 break
         return pos
+
+    def _remember_reply(self, buf: bytes | bytearray, end: int, quick: int, status: bytes
+                        ) -> None:
+        """Keep what precedes and follows the rows of ``buf``, one whole reply that
+        ``_server_fast`` has just relayed, for the next one shaped alike; not if its rows
+        are interleaved with other messages."""
+        pos = 0
+        first = after = -1
+        while pos < end:
+            mtype, length = _HDR(buf, pos)
+            nxt = pos + 1 + length
+            if mtype == 68:  # DataRow
+                if first < 0:
+                    first = pos
+                elif after != pos:
+                    return
+                after = nxt
+            pos = nxt
+        if first < 0:
+            first = after = 0
+        self._reply_memo = (bytes(buf[:first]), first, bytes(buf[after:end]), end - after,
+                            quick, status)
 
     def _forward_then_wait(self, buf: bytes | bytearray, pos: int, finish: Any) -> None:
         if pos:
@@ -1061,17 +1522,46 @@ class Session:
                 buf += data
                 data = buf  # type: ignore[assignment]
             done = self._server_fast(data)
-            if done:
+            waiting = self._server_wait
+            if waiting is not None:
+                self._server_wait = None
                 self.info.stats.bytes_out += done
                 _write_head(self._client.transport, data, buf, done)
-            _keep_tail(data, buf, done)
-            if not buf:
+                _keep_tail(data, buf, done)
+                lane.adopt(self._after_wait(waiting))
                 return
+            if done == len(data):  # the whole read (or backlog), as it came
+                self.info.stats.bytes_out += done
+                if data is buf:
+                    _write_head(self._client.transport, data, buf, done)
+                    _keep_tail(data, buf, done)
+                    return
+                transport = self._client.transport
+                if not transport.is_closing():
+                    transport.write(data)
+                return
+            end = len(data)
+            if end - done < 5 or done + 1 + _HDR(data, done)[1] > end:
+                # Only part of a message follows: it waits for the rest of it here.
+                if done:
+                    self.info.stats.bytes_out += done
+                    _write_head(self._client.transport, data, buf, done)
+                _keep_tail(data, buf, done)
+                return
+            # The step relays the head the fast path took along with what follows it, so
+            # a reply split between the two paths still reaches the client in one write
+            # (two would wake the client twice per statement).
+            _keep_tail(data, buf, 0)
+            self._server_head = done
         else:
             buf += data
             if len(buf) > _SERVER_BACKLOG:
                 self._server.pause(_BACKLOG)
         lane.kick()
+
+    async def _after_wait(self, waiting: Any) -> None:
+        await waiting
+        await self._server_step()
 
     def _on_server_end(self) -> None:
         if not self._stopped:
@@ -1085,14 +1575,15 @@ class Session:
         buf = self._sbuf
         pending = self.pending
         end = len(buf)
-        pos = 0
+        pos = self._server_head  # relayed by the fast path already, to be written with the rest
+        self._server_head = 0
         out: list[bytes] = []
         flushed = 0  # buf[flushed:pos] is relayed unchanged when the chunk ends
         run: Run | None = None
         head = pending[0] if pending else None
         if head is not None:
             run = head.run
-        seg = 0  # rows in buf[seg:pos] are relayed unchanged and not yet hashed
+        seg = pos  # rows in buf[seg:pos] are relayed unchanged and not yet hashed
         frozen: bytes | None = None  # buf[:end] as bytes, made once if rows are masked
         while end - pos >= 5:
             mtype, length = _HDR(buf, pos)
@@ -1132,7 +1623,8 @@ class Session:
                 run = head.run if head is not None else None
                 continue
             if run is None and (mtype == 68 or mtype == 100) and head is not None and (
-                    head.kind == K_QUERY or head.kind == K_EXECUTE) and not head.swallow:
+                    head.kind == K_QUERY or head.kind == K_EXECUTE or head.kind == K_GROUP
+                    ) and not head.swallow:
                 # Rows and COPY data of a statement nobody records or masks: relayed as
                 # bytes, not one coroutine per message (a 1M-row COPY is 1M messages).
                 pos = seg = nxt
@@ -1148,7 +1640,10 @@ class Session:
                     head = pending[0] if pending else None
                     run = head.run if head is not None else None
                     continue
-                if mtype == 90 and kind == K_SYNC:  # ReadyForQuery
+                if kind == K_GROUP and mtype != 90 and mtype in _GROUP_REPLIES:
+                    pos = seg = nxt
+                    continue
+                if mtype == 90 and kind in (K_SYNC, K_GROUP):  # ReadyForQuery
                     self.tx_status = bytes(buf[pos + 5:pos + 6])
                     pending.popleft()
                     if not pending:
@@ -1249,6 +1744,9 @@ class Session:
             return replacement
         if kind == K_QUERY:
             return await self._on_simple_reply(head, mtype, buf, pos, nxt)
+        if kind == K_GROUP:
+            await self._on_group_reply(head, mtype, buf, pos, nxt)
+            return None
         replacement = b"" if head.swallow else None
         if mtype == p.PARSE_COMPLETE or mtype == p.BIND_COMPLETE or mtype == p.CLOSE_COMPLETE:
             pending.popleft()
@@ -1306,6 +1804,34 @@ class Session:
         raise p.ProtocolError(f"server sent {chr(mtype)!r} where the gateway expected a "
                               f"reply to request kind {kind}")
 
+    async def _on_group_reply(self, head: Pending, mtype: int, buf: bytearray, pos: int,
+                              nxt: int) -> None:
+        """A reply inside a group (K_GROUP) that the fast paths did not take; an error
+        needs nothing here: the server skips to the group's Sync, and so does its
+        expectation (which finishes its run, if it has one)."""
+        run = head.run
+        if mtype == p.COPY_IN_RESPONSE:
+            # The group's one Execute (its last request: see _client_fast) started COPY FROM
+            # STDIN: from here on its Sync is the one the server ignores in copy mode.
+            pending = self.pending
+            pending.popleft()
+            pending.appendleft(_SYNC_PENDING)
+            pending.appendleft(Pending(K_EXECUTE, run, copy_in=True))
+            return
+        if run is not None and not run.finished:
+            # (its rows are counted and hashed by _server_step)
+            if mtype == p.ROW_DESCRIPTION:
+                run.fields = _row_description(bytes(buf[pos + 5:nxt]))
+            elif mtype == p.COMMAND_COMPLETE:
+                run.tag = p.decode_command_tag(bytes(buf[pos + 5:nxt]))
+                await self.gate.on_statement_complete(self, run)
+            elif mtype == p.COPY_OUT_RESPONSE:
+                await self.gate.on_copy_out(self, run, bytes(buf[pos + 5:nxt]))
+        if mtype in _GROUP_REPLIES or mtype in (p.COPY_OUT_RESPONSE, p.COPY_DATA, p.COPY_DONE):
+            return
+        raise p.ProtocolError(f"server sent {chr(mtype)!r} where the gateway expected a "
+                              "reply to an extended-query pipeline")
+
     async def _on_simple_reply(self, head: Pending, mtype: int, buf: bytearray, pos: int,
                                nxt: int) -> bytes | None:
         if mtype == p.COPY_BOTH_RESPONSE:
@@ -1342,6 +1868,11 @@ class Session:
 
 async def _ready(value: Any) -> Any:
     return value
+
+
+def _outcome(outcome: Any) -> Any:
+    """What ``StatementGate.record_forward`` answered, as something to await."""
+    return _ready(outcome) if isinstance(outcome, Verdict) else outcome
 
 
 def _write_head(transport: asyncio.Transport, data: bytes | bytearray, buf: bytearray,

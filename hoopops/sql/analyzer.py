@@ -95,6 +95,7 @@ class Analyzer:
         self._exact: dict[str, Analysis] = {}
         self._shapes: dict[str, StatementFacts] = {}
         self._skeletons: dict[str, StatementFacts] = {}
+        self._digit_keys: dict[bytes, StatementFacts] = {}
         # The last text skeletonised and its skeleton: the enforcer asks for a text's
         # source just before analysing it, and the two must not pay for it twice.
         self._last_skeleton: tuple[str | None, str | None] = (None, None)
@@ -123,6 +124,7 @@ class Analyzer:
         self._exact.clear()
         self._shapes.clear()
         self._skeletons.clear()
+        self._digit_keys.clear()
 
     # -- the shape cache -----------------------------------------------------------------
     #
@@ -197,9 +199,23 @@ class Analyzer:
             return None
         return _LONE_INTEGER.sub("$", text)
 
+    # Digit keys: the skeleton's regex is most of what a new literal costs once the
+    # skeleton is linked. A text whose every digit sits in a lone integer (none in a name,
+    # none in a run the skeleton kept) is keyed, when linked, by its bytes with each digit
+    # turned into "$" and each "$" into NUL (one C pass). A linked text has neither "$"
+    # nor NUL, so an equal key means the same text up to the values of its digits, run for
+    # run: the same lone integers, the same skeleton, the same shape.
+
+    def _digit_key_of(self, text: str) -> bytes | None:
+        try:
+            return text.encode().translate(_DIGIT_KEY)
+        except UnicodeEncodeError:  # lone surrogates: never linked
+            return None
+
     def source(self, text: str) -> Analysis | StatementFacts | None:
         """What :meth:`analyze` would serve ``text`` from without parsing: its exact-text
-        Analysis, or the shape facts its skeleton is linked to; None when it would parse.
+        Analysis, or the shape facts its digit key or skeleton is linked to; None when it
+        would parse.
 
         Every text that has the same source (by identity) has the same facts, so a caller
         may key what follows from the facts alone on it (the enforcer's verdict cache).
@@ -207,10 +223,24 @@ class Analyzer:
         found = self._exact.get(text)
         if found is not None:
             return found
-        skeleton = self._skeleton(text)
-        return None if skeleton is None else self._skeletons.get(skeleton)
+        try:
+            facts = self._digit_keys.get(text.encode().translate(_DIGIT_KEY))
+        except UnicodeEncodeError:
+            return None
+        if facts is not None:
+            return facts
+        return self._by_skeleton(text, self._skeleton(text))
 
-    def _link(self, skeleton: str, key: str, facts: StatementFacts) -> None:
+    def _by_skeleton(self, text: str, skeleton: str | None) -> StatementFacts | None:
+        """The shape facts ``skeleton`` is linked to; the text's digit key joins them."""
+        if skeleton is None:
+            return None
+        facts = self._skeletons.get(skeleton)
+        if facts is not None:
+            self._link_digits(text, skeleton, facts)
+        return facts
+
+    def _link(self, text: str, skeleton: str, key: str, facts: StatementFacts) -> None:
         pieces = skeleton.split("$")
         filled = pieces[0] + "".join(f"${n}{piece}" for n, piece in enumerate(pieces[1:], 1))
         if filled != key:
@@ -219,17 +249,33 @@ class Analyzer:
         if len(skeletons) >= SHAPE_CACHE_SIZE:
             _drop_oldest(skeletons)
         skeletons[skeleton] = facts
+        self._link_digits(text, skeleton, facts)
+
+    def _link_digits(self, text: str, skeleton: str, facts: StatementFacts) -> None:
+        """Key ``text``'s digit key to the facts its linked skeleton has."""
+        if _DIGIT.search(skeleton) is not None:
+            return  # a digit outside the lone integers (t1, 1.5, 1234567890): no key
+        digit_key = self._digit_key_of(text)
+        if digit_key is not None:
+            digit_keys = self._digit_keys
+            if len(digit_keys) >= SHAPE_CACHE_SIZE:
+                _drop_oldest(digit_keys)
+            digit_keys[digit_key] = facts
 
     # -- top level -----------------------------------------------------------------------
 
     def _analyze_top(self, text: str) -> tuple[Analysis, bool]:
         """(the analysis, whether it is worth keeping by its exact text)."""
         started = time.perf_counter()
+        digit_key = self._digit_key_of(text)
+        if digit_key is not None:
+            linked = self._digit_keys.get(digit_key)
+            if linked is not None:
+                return _located(text, linked, started), b"$" not in digit_key
         skeleton = self._skeleton(text)
-        if skeleton is not None:
-            shape = self._skeletons.get(skeleton)
-            if shape is not None:
-                return _located(text, shape, started), skeleton == text
+        shape = self._by_skeleton(text, skeleton)
+        if shape is not None:
+            return _located(text, shape, started), skeleton == text
         key = self._shape_key(text)
         if key is None:
             return self._timed(text), True
@@ -241,7 +287,7 @@ class Analyzer:
             shape = self._remember_shape(key, analysis)
             result = analysis, True
         if shape is not None and skeleton is not None:
-            self._link(skeleton, key, shape)
+            self._link(text, skeleton, key, shape)
         return result
 
     def _timed(self, text: str) -> Analysis:
@@ -464,6 +510,8 @@ class Analyzer:
 # A run of 1-9 digits touching no name character or dot. Spelled to start with the digit
 # (the look-behind follows it) so that the regex engine can skip to digits quickly.
 _LONE_INTEGER = re.compile(r"[0-9](?<![A-Za-z0-9_.][0-9])[0-9]{0,8}(?![A-Za-z0-9_.])")
+_DIGIT = re.compile(r"[0-9]")
+_DIGIT_KEY = bytes.maketrans(b"0123456789$", b"$$$$$$$$$$\x00")
 
 
 def _located(text: str, shape: StatementFacts, started: float) -> Analysis:

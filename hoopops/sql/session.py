@@ -9,6 +9,8 @@ use keeps the old statement (the server refuses to replace it); ``DEALLOCATE`` a
 
 from __future__ import annotations
 
+from typing import Any
+
 from hoopops.sql.analyzer import RESET_REASON
 from hoopops.sql.effects import EffectTable
 from hoopops.sql.facts import Analysis, StatementFacts, add_effects, merge_facts
@@ -27,6 +29,9 @@ class SessionSqlState:
         self.lexing_defaults_verified = lexing_defaults_verified
         self.max_prepared = max_prepared
         self.prepared: dict[str, StatementFacts] = {}
+        # The gate's handle on the verdicts its policy gave this session's identity and
+        # target (hoopops.proxy.enforcer keeps it), so a cache hit needs no key built.
+        self.verdicts: Any = None
 
     # -- judging -------------------------------------------------------------------------
 
