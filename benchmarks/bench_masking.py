@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,22 +102,27 @@ def row(i: int, fmt: int) -> bytes:
     return b"D" + struct.pack("!i", len(payload) + 4) + payload
 
 
-def buffers(rows: int, fmt: int) -> list[bytes]:
-    """The stream as the relay reads it: 64 KiB buffers of whole DataRow messages."""
-    out = []
+def reads(messages: Iterable[bytes], limit: int) -> list[bytes]:
+    """``messages`` as the relay reads them: buffers of whole messages of about ``limit``
+    bytes each."""
+    out: list[bytes] = []
     current: list[bytes] = []
     size = 0
-    distinct = [row(i, fmt) for i in range(10_000)]
-    for i in range(rows):
-        message = distinct[i % len(distinct)]
+    for message in messages:
         current.append(message)
         size += len(message)
-        if size >= BUFFER:
+        if size >= limit:
             out.append(b"".join(current))
             current, size = [], 0
     if current:
         out.append(b"".join(current))
     return out
+
+
+def buffers(rows: int, fmt: int) -> list[bytes]:
+    """The stream as the relay reads it: 64 KiB buffers of whole DataRow messages."""
+    distinct = [row(i, fmt) for i in range(10_000)]
+    return reads((distinct[i % len(distinct)] for i in range(rows)), BUFFER)
 
 
 def messages(buffer: bytes) -> Iterator[bytes]:
@@ -255,29 +260,21 @@ def people_values(g: int) -> list[bytes]:
         100 + g % 800, 10 + g % 89, 1000 + g % 9000), b"user%d@example.com" % g, note]
 
 
+def people_message(g: int, fmt: str) -> bytes:
+    """Row ``g`` as a DataRow (text, binary) or CopyData (copy) message."""
+    values = people_values(g)
+    if fmt == "copy":
+        line = b"\t".join(values) + b"\n"
+        return b"d" + struct.pack("!i", len(line) + 4) + line
+    if fmt == "binary":
+        values[0] = struct.pack("!i", g)
+    payload = build_data_row(values)
+    return b"D" + struct.pack("!i", len(payload) + 4) + payload
+
+
 def people_stream(rows: int, fmt: str) -> list[bytes]:
     """256 KiB buffers of whole DataRow (text, binary) or CopyData (copy) messages."""
-    out: list[bytes] = []
-    current: list[bytes] = []
-    size = 0
-    for g in range(1, rows + 1):
-        values = people_values(g)
-        if fmt == "copy":
-            line = b"\t".join(values) + b"\n"
-            message = b"d" + struct.pack("!i", len(line) + 4) + line
-        else:
-            if fmt == "binary":
-                values[0] = struct.pack("!i", g)
-            payload = build_data_row(values)
-            message = b"D" + struct.pack("!i", len(payload) + 4) + payload
-        current.append(message)
-        size += len(message)
-        if size >= PEOPLE_BUFFER:
-            out.append(b"".join(current))
-            current, size = [], 0
-    if current:
-        out.append(b"".join(current))
-    return out
+    return reads((people_message(g, fmt) for g in range(1, rows + 1)), PEOPLE_BUFFER)
 
 
 def people_plan(fmt: str) -> tuple[ResultPlan, str]:
