@@ -672,25 +672,18 @@ class SQLiteAuditStore(AuditStore):
         inbox: list[tuple[Any, ...]] = []
         used_inbox = False
 
+        # Chain rows first (their guard triggers check the order), then what they
+        # project, in record order: statement inserts before the updates that may finish
+        # them; only one of statement rows and inbox is pending at a time.
+        in_order = ((_INSERT_CHAIN, rows), (STATEMENT_INSERT, inserts),
+                    (STATEMENT_COMPLETE, completes), (STATEMENT_FINISH, finishes),
+                    (_INSERT_INBOX, inbox))
+
         def flush() -> None:
-            # Chain rows first (their guard triggers check the order), then what they
-            # project, in record order: statement inserts before the updates that may
-            # finish them; only one of statement rows and inbox is pending at a time.
-            if rows:
-                db.executemany(_INSERT_CHAIN, rows)
-                rows.clear()
-            if inserts:
-                db.executemany(STATEMENT_INSERT, inserts)
-                inserts.clear()
-            if completes:
-                db.executemany(STATEMENT_COMPLETE, completes)
-                completes.clear()
-            if finishes:
-                db.executemany(STATEMENT_FINISH, finishes)
-                finishes.clear()
-            if inbox:
-                db.executemany(_INSERT_INBOX, inbox)
-                inbox.clear()
+            for sql, values in in_order:
+                if values:
+                    db.executemany(sql, values)
+                    values.clear()
 
         outcomes: list[Outcome] = []
         for item in batch:
