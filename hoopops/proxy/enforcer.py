@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -933,6 +934,21 @@ def _sample_shape(fields: list[Any] | None, formats: tuple[int, ...]
     return columns, kinds
 
 
+def _whole_messages(data: bytes, start: int, mtype: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each complete message of type ``mtype`` from ``start`` on, up to the
+    first of another type or an incomplete one. (The masking plans' per-row loops frame
+    inline instead: a generator step per row is too dear there; this serves the rare
+    fail-closed plan.)"""
+    pos = start
+    size = len(data)
+    while size - pos >= 5 and data[pos] == mtype:
+        nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+        if nxt > size:
+            return
+        yield pos, nxt
+        pos = nxt
+
+
 class _WithholdAll:
     """The fail-closed plan: every value of the result becomes NULL (never the raw value)."""
 
@@ -952,16 +968,11 @@ class _WithholdAll:
     def rewrite_rows_at(self, data: bytes, start: int) -> tuple[bytes, int]:
         """Every complete DataRow from ``start`` with all its values NULL."""
         out = []
-        pos = start
-        size = len(data)
-        while size - pos >= 5 and data[pos] == 68:
-            nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
-            if nxt > size:
-                break
-            out.append(self.rewrite_message(data[pos:nxt]))
+        end = start
+        for begin, end in _whole_messages(data, start, p.DATA_ROW):
+            out.append(self.rewrite_message(data[begin:end]))
             self.rows += 1
-            pos = nxt
-        return b"".join(out), pos
+        return b"".join(out), end
 
     def rewrite_copy_data(self, chunk: bytes) -> bytes:
         self.count += 1
@@ -969,15 +980,9 @@ class _WithholdAll:
 
     def rewrite_copy_at(self, data: bytes, start: int) -> tuple[bytes, int]:
         """Every complete CopyData from ``start`` withheld (nothing is sent)."""
-        pos = start
-        size = len(data)
-        while size - pos >= 5 and data[pos] == 100:
-            nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
-            if nxt > size:
-                break
-            self.count += 1
-            pos = nxt
-        return b"", pos
+        spans = list(_whole_messages(data, start, p.COPY_DATA))
+        self.count += len(spans)
+        return b"", spans[-1][1] if spans else start
 
     def take_actions(self) -> list[Any]:
         from hoopops.masking import MaskingAction
