@@ -98,7 +98,7 @@ class Catalog:
         self.max_entries = max_entries
         # One query at a time: an asyncpg Connection cannot run two concurrently.
         self._lock = asyncio.Lock()
-        self._by_oid: dict[int, _Relation | None] = {}
+        self._by_oid: dict[int, _Relation] = {}
         self._by_name: dict[RelationName, list[RelationInfo]] = {}
         self._functions: dict[str, frozenset[str]] = {}
         self._types: dict[int, int] = {}
@@ -186,8 +186,10 @@ class Catalog:
         missing = sorted(o for o in oids if o not in self._by_oid)
         if not missing:
             return
-        for oid in missing:
-            self._by_oid[oid] = None
+        # A miss is not remembered: the service connection sees committed catalog rows
+        # only, so a relation a client created in a transaction still open is missing
+        # here until that commits, and a remembered miss would mask its columns (as
+        # untraceable) for every session until the cache expired.
         for relation in _group(await self._fetch(_BY_OID, missing)):
             self._by_oid[relation.info.oid] = relation
 
@@ -222,10 +224,11 @@ class Catalog:
             for relation in found:
                 self._by_oid.setdefault(relation.info.oid, relation)
             for schema, name in missing:
-                self._by_name[(schema, name)] = [
-                    r.info for r in found if r.info.name == name and _schema_matches(
-                        schema, r.info.schema)]
-        return {n: self._by_name[n] for n in names}
+                infos = [r.info for r in found if r.info.name == name and _schema_matches(
+                    schema, r.info.schema)]
+                if infos:  # (a miss is not remembered: see _load_oids)
+                    self._by_name[(schema, name)] = infos
+        return {n: self._by_name.get(n, []) for n in names}
 
     async def functions(self, names: Collection[str]) -> Mapping[str, frozenset[str]]:
         """Schemas defining a function or operator of each name (unknown names absent)."""
@@ -235,8 +238,8 @@ class Catalog:
             found: dict[str, set[str]] = {}
             for row in await self._fetch(_FUNCTIONS, missing):
                 found.setdefault(row["name"], set()).add(row["schema"])
-            for name in missing:
-                self._functions[name] = frozenset(found.get(name, ()))
+            for name, schemas in found.items():  # (misses are not remembered: _load_oids)
+                self._functions[name] = frozenset(schemas)
         return {n: self._functions[n] for n in names if self._functions.get(n)}
 
 

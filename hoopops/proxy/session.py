@@ -733,6 +733,11 @@ class Session:
             await self.gate.record_refusal(self, msg.sql, None, verdict, received)
             self._refuse_extended(verdict.sqlstate, verdict.message, verdict.hint, out,
                                   drop_unnamed=msg.name == "")
+            if msg.name:
+                # Pipelining clients (pg's pipeline mode, batches) bind the name before they
+                # hear of the refusal: those Binds are refused too, where the server, which
+                # never saw the Parse, would answer 26000 (no such statement).
+                self.statements[msg.name] = PreparedInfo(msg.sql, verdict)
             return
         # "review" is held at Bind, when the parameters it would run with are known.
         self._prepared(msg.name, msg.sql, verdict)
