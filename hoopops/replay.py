@@ -435,8 +435,9 @@ class _ReplayGate(Enforcer):
             verdict = dataclasses.replace(verdict, action="allow", message="", hint=None)
         return verdict
 
-    async def before_forward(self, session: Session, run: Run) -> Verdict | None:
-        refusal = await super().before_forward(session, run)
+    async def before_forward(self, session: Session, run: Run, *, flushed: bool = True
+                             ) -> Verdict | None:
+        refusal = await super().before_forward(session, run, flushed=flushed)
         attempt = self.current
         if refusal is None and attempt is not None and run.sql == attempt.view.sql \
                 and run.sql not in self.control:

@@ -159,6 +159,7 @@ class Journal:
         self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.file_no = 0
+        self._kept_from = 1  # the oldest file ``ingested`` has not deleted
         self._fd = -1
         self._size = 0
         self._open_next()
@@ -191,6 +192,11 @@ class Journal:
             finally:
                 os.close(dir_fd)
             self._synced = (self.file_no, 0)
+
+    @property
+    def end(self) -> tuple[int, int]:
+        """Where the next line will start: the mark of everything written so far."""
+        return self.file_no, self._size
 
     def append(self, data: bytes) -> tuple[int, int]:
         """Write one encoded line; returns (file number, offset past it). Raises
@@ -254,10 +260,13 @@ class Journal:
             self._syncer = None
 
     def ingested(self, mark: tuple[int, int]) -> None:
-        """Everything up to ``mark`` is in the store: delete the files wholly before it."""
-        for file_no in range(1, mark[0]):
+        """Everything up to ``mark`` is in the store: delete the files wholly before it.
+        Each file is deleted once (the store calls this after every batch, and trying
+        every earlier file each time would cost more the longer the gateway runs)."""
+        for file_no in range(self._kept_from, mark[0]):
             with contextlib.suppress(FileNotFoundError):
                 self._path(file_no).unlink()
+        self._kept_from = max(self._kept_from, mark[0])
 
     def close(self, *, all_ingested: bool) -> None:
         """Stop writing; with ``all_ingested`` the run leaves nothing behind."""

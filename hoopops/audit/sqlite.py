@@ -761,7 +761,8 @@ class SQLiteAuditStore(AuditStore):
             del self._open_statements[statement_id]
         return seq
 
-    async def statement_received(self, statement: StatementRecord) -> int:
+    async def statement_received(self, statement: StatementRecord, *,
+                                 flushed: bool = True) -> int:
         kind = "statement.received"
         received_at = iso(statement.received_at)
         facts = statement.facts
@@ -787,6 +788,21 @@ class SQLiteAuditStore(AuditStore):
             insert=(statement_id, session_id, seq, received_at, sql, params_text, facts_text,
                     decision, rule_id, approval_id), split=len(head)))
         self._open_statements[statement_id] = session_id
+        if flushed:
+            await self._synced(mark)
+        return statement_id
+
+    @property
+    def journal_flushes(self) -> int:
+        """How many times this run's journal was flushed to disk (``synchronous=FULL``)."""
+        return self._journal.syncs if self._journal is not None else 0
+
+    async def records_flushed(self) -> None:
+        journal = self._journal
+        if journal is not None:
+            await self._synced(journal.end)
+
+    async def _synced(self, mark: tuple[int, int]) -> None:
         journal = self._journal
         if journal is not None and journal.sync:
             try:
@@ -794,7 +810,6 @@ class SQLiteAuditStore(AuditStore):
             except JournalError as exc:
                 raise AuditWriteError(f"audit write failed ({exc}); the statement was not "
                                       "run") from exc
-        return statement_id
 
     def _next_id(self) -> int | None:
         """A reserved statement id, or None when the reserve is empty."""

@@ -90,9 +90,20 @@ class AuditStore(abc.ABC):
                             statements: int | None) -> int: ...
 
     @abc.abstractmethod
-    async def statement_received(self, statement: StatementRecord) -> int:
+    async def statement_received(self, statement: StatementRecord, *,
+                                 flushed: bool = True) -> int:
         """Record a statement before it is forwarded; returns once the record is durable,
-        with the statement's id (which other records name it by)."""
+        with the statement's id (which other records name it by).
+
+        ``flushed=False`` returns once the record is written but maybe not yet on disk:
+        the caller must await :meth:`records_flushed` before it forwards the statement.
+        A pipeline of statements read at once then shares one flush instead of waiting
+        for one per statement."""
+
+    async def records_flushed(self) -> None:
+        """Return once every record written so far is as durable as ``statement_received``
+        makes one; raises AuditWriteError when that cannot be done."""
+        return None
 
     @abc.abstractmethod
     async def statement_finished(self, statement_id: int, result: StatementResult, *,
@@ -197,7 +208,8 @@ class NullAuditStore(AuditStore):
                             statements: int | None) -> int:
         return next(self._seq)
 
-    async def statement_received(self, statement: StatementRecord) -> int:
+    async def statement_received(self, statement: StatementRecord, *,
+                                 flushed: bool = True) -> int:
         return next(self._seq)
 
     async def statement_finished(self, statement_id: int, result: StatementResult, *,

@@ -475,13 +475,18 @@ class Enforcer(StatementGate):
             return self._record_forward(session, run)
         return self.before_forward(session, run)  # (a subclass adds to it: the replay)
 
-    async def before_forward(self, session: Session, run: Run) -> Verdict | None:
-        outcome = self._record_forward(session, run)
+    async def before_forward(self, session: Session, run: Run, *, flushed: bool = True
+                             ) -> Verdict | None:
+        outcome = self._record_forward(session, run, flushed)
         if outcome is None or isinstance(outcome, Verdict):
             return outcome
         return await outcome  # type: ignore[no-any-return]
 
-    def _record_forward(self, session: Session, run: Run) -> Any:
+    async def records_flushed(self, session: Session) -> None:
+        if self.audit_on:
+            await self.store.records_flushed()
+
+    def _record_forward(self, session: Session, run: Run, flushed: bool = True) -> Any:
         if not self.audit_on:
             return None
         verdict = run.decision if isinstance(run.decision, Verdict) else ALLOW
@@ -501,7 +506,7 @@ class Enforcer(StatementGate):
             # trip is spent on it; when it does suspend, the caller awaits the rest.
             received = self.store.statement_received(self._record(
                 session, run.sql, run.params, verdict, run.received_at, action,
-                approval_id=approval_id))
+                approval_id=approval_id), flushed=flushed)
             try:
                 yielded = received.send(None)
             except StopIteration as done:

@@ -73,8 +73,16 @@ class StatementGate:
                              received_at: float) -> None:
         return None
 
-    async def before_forward(self, session: Session, run: Run) -> Verdict | None:
-        """Called just before a statement goes to the server; a Verdict refuses it."""
+    async def before_forward(self, session: Session, run: Run, *, flushed: bool = True
+                             ) -> Verdict | None:
+        """Called just before a statement goes to the server; a Verdict refuses it.
+        ``flushed=False``: the record may not be on disk yet, and the session awaits
+        :meth:`records_flushed` before forwarding (statements of a pipeline share it)."""
+        return None
+
+    async def records_flushed(self, session: Session) -> None:
+        """Return once what ``before_forward(flushed=False)`` recorded is durable; raises
+        hoopops.audit.AuditWriteError when it cannot be made so."""
         return None
 
     def record_forward(self, session: Session, run: Run) -> Any:

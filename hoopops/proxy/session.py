@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hoopops import events
+from hoopops.audit.store import AuditError
 from hoopops.proxy import protocol as p
 from hoopops.proxy.gate import Verdict
 from hoopops.proxy.lane import Lane
@@ -374,6 +375,9 @@ class Session:
         # The rest of a gate's after_result that _server_run began and that has to wait:
         # the server lane finishes it before relaying anything more.
         self._server_wait: Any = None
+        # Statements recorded by the general path whose records may not be on disk yet:
+        # nothing more goes to the server before _durable() (see _flush).
+        self._unflushed = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -576,6 +580,7 @@ class Session:
                 pos = nxt
                 if mtype == p.TERMINATE:
                     if out:
+                        await self._durable()
                         upstream.write(b"".join(out))
                     self.end_reason = "client terminated the session"
                     raise ClientGone
@@ -595,6 +600,7 @@ class Session:
                     return
         except p.ProtocolError as exc:
             if out:
+                await self._durable()
                 upstream.write(b"".join(out))
             self.end_reason = f"protocol error: {exc}"
             self._fatal(exc.sqlstate, f"hoopops: {exc}")
@@ -602,6 +608,7 @@ class Session:
         finally:
             del buf[:pos]
         if out:
+            await self._durable()
             upstream.write(b"".join(out))
         if self._client.ended:
             self.end_reason = "client closed the connection"
@@ -648,7 +655,7 @@ class Session:
                 self._drop_syncs_ignored_in_copy()
             out.append(raw)
         elif mtype == p.FUNCTION_CALL:
-            self._flush(out)
+            await self._flush(out)
             self._refuse_simple("0A000", "the fastpath function-call protocol is not allowed "
                                 "through hoopops; call the function with SELECT instead")
         else:
@@ -667,17 +674,38 @@ class Session:
             pending.append(head)
             pending.extend(kept)
 
-    def _flush(self, out: list[bytes]) -> None:
+    async def _flush(self, out: list[bytes]) -> None:
         if out:
+            await self._durable()
             self._server.write(b"".join(out))
             out.clear()
+
+    async def _durable(self) -> None:
+        """Wait until the records of the statements about to be forwarded are durable.
+
+        The general path records a pipeline's statements without waiting for the disk
+        each time, and waits here once, before the first byte of them goes on: under
+        ``synchronous=FULL`` a batch of a thousand inserts shares one flush instead of
+        waiting for a thousand in turn. If the records cannot be made durable, nothing
+        is forwarded and the session ends (fail closed): the statements cannot be
+        refused one by one any more."""
+        if not self._unflushed:
+            return
+        self._unflushed = False
+        try:
+            await self.gate.records_flushed(self)
+        except AuditError as exc:
+            self.end_reason = "audit trail unavailable"
+            self._fatal("58030", "hoopops: the audit trail could not be written, so the "
+                        f"statements just sent were not run (fail closed): {exc}")
+            raise ClientGone from None
 
     async def _on_query(self, raw: bytes, out: list[bytes]) -> None:
         received = time.time()
         try:
             sql = p.decode_query(raw[5:])
         except p.SqlTextError as exc:
-            self._flush(out)
+            await self._flush(out)
             self._refuse_simple(exc.sqlstate, f"hoopops refused the statement: {exc} "
                                 "(the gateway cannot read it exactly as the server would)")
             return
@@ -689,10 +717,10 @@ class Session:
     async def _query_decided(self, raw: bytes, sql: str, verdict: Any, received: float,
                              out: list[bytes]) -> None:
         if verdict.action == "review":
-            self._flush(out)
+            await self._flush(out)
             verdict = await self._hold(verdict, sql, None)
         if verdict.action != "allow":
-            self._flush(out)
+            await self._flush(out)
             await self.gate.record_refusal(self, sql, None, verdict, received)
             self.info.stats.blocked += 1
             self._refuse_simple(verdict.sqlstate, verdict.message, verdict.hint)
@@ -704,11 +732,12 @@ class Session:
             return
         run = Run(sql, verdict, None, received_at=received, started_at=received)
         if self.gate.audits:
-            refusal = await self.gate.before_forward(self, run)
+            refusal = await self.gate.before_forward(self, run, flushed=False)
             if refusal is not None:
-                self._flush(out)
+                await self._flush(out)
                 self._refuse_simple(refusal.sqlstate, refusal.message, refusal.hint)
                 return
+            self._unflushed = True
         self.pending.append(Pending(K_QUERY, run))
         out.append(raw)
 
@@ -717,7 +746,7 @@ class Session:
         try:
             msg = p.decode_parse(raw[5:])
         except p.SqlTextError as exc:
-            self._flush(out)
+            await self._flush(out)
             self._refuse_extended(exc.sqlstate, f"hoopops refused the statement: {exc}",
                                   None, out)
             return
@@ -760,7 +789,7 @@ class Session:
         verdict = await decided
         out: list[bytes] = []
         await then(*args[:2], verdict, *args[2:], out)
-        self._flush(out)
+        await self._flush(out)
         await self._client_step()
 
     def _bind_fast(self, raw: bytes, out: list[bytes]) -> bool:
@@ -859,7 +888,7 @@ class Session:
         if verdict is not None and verdict.action == "review" and not (
                 self.gate.session_allows(self, verdict)):
             params = BoundParams.of(p.decode_bind(payload))
-            self._flush(out)
+            await self._flush(out)
             verdict = await self._hold(verdict, stmt.sql, params)
             if verdict.action != "allow":
                 self.info.stats.statements += 1
@@ -899,10 +928,11 @@ class Session:
                   result_formats=portal.result_formats)
         gate = self.gate
         if gate.audits:
-            refusal = await gate.before_forward(self, run)
+            refusal = await gate.before_forward(self, run, flushed=False)
             if refusal is not None:
                 self._refuse_extended(refusal.sqlstate, refusal.message, refusal.hint, out)
                 return
+            self._unflushed = True
         if gate.masks:
             if run.fields is None:
                 # The client executes without describing; masking needs to know the
@@ -1306,7 +1336,7 @@ class Session:
             self.skip_until_sync = False
             self.pending.append(_SYNC_PENDING)
             out.append(group[-5:])  # the Sync (a Flush between is dropped, as it would be)
-        self._flush(out)
+        await self._flush(out)
         await self._client_step()
 
     def _queue_each(self, buf: bytes | bytearray, pos: int, end: int) -> None:
