@@ -16,36 +16,20 @@ java, javac or the jar the tests skip and say which is missing.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import jwt
 import pytest
 
 from hoopops.devdb import LocalPostgres, write_self_signed_cert
+from tests.clients.guarded import REFUSAL, expired_token, people_table, policy_folder
 from tests.clients.util import run
-from tests.conftest import AUDIENCE, ISSUER, JWT_SECRET, RunningGateway
+from tests.conftest import RunningGateway
 
 PROBE = Path(__file__).resolve().parent / "clients" / "jdbc" / "Probe.java"
 JAR_PATHS = (os.environ.get("HOOPOPS_PGJDBC_JAR", ""), "/usr/share/java/postgresql.jar")
-
-# A policy folder for the refusal and masking tests: everything runs except DROP TABLE,
-# and one column of the test's own table is masked ({table} is filled in).
-POLICY = """\
-default: allow
-rules:
-  - id: no-drop-table
-    description: dropping tables is not allowed here
-    when: {{statement_types: [DropStmt]}}
-    action: block
-masking:
-  columns:
-    "*.{table}.ssn": last4
-"""
 
 
 class Jdbc:
@@ -85,12 +69,6 @@ def jdbc(tmp_path_factory: pytest.TempPathFactory) -> Jdbc:
     return Jdbc(java, jar, classes)
 
 
-def expired_token(gw: RunningGateway) -> str:
-    """A correctly signed token that expired an hour ago (well past the leeway)."""
-    now = int(time.time())
-    return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "agent-1", "groups": ["agents"],
-                       "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600},
-                      JWT_SECRET, algorithm="HS256")
 
 
 def url(gw: RunningGateway, **params: str) -> str:
@@ -101,20 +79,13 @@ def url(gw: RunningGateway, **params: str) -> str:
 @pytest.fixture(scope="module")
 def people(pg: LocalPostgres) -> str:
     """A table in the target database with one person whose ssn masking covers."""
-    table = f"jdbc_people_{secrets.token_hex(4)}"
-    pg.psql(f"CREATE TABLE public.{table} (id int PRIMARY KEY, name text, ssn text);"
-            f"INSERT INTO public.{table} VALUES (1, 'Ann', '123-45-6789');"
-            f"GRANT ALL ON public.{table} TO hoopops_svc;", database="app")
-    return table
+    return people_table(pg, "jdbc")
 
 
 @pytest.fixture
 async def guarded(gateway_factory, tmp_path: Path, people: str
                   ) -> AsyncIterator[RunningGateway]:
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    (folder / "policy.yaml").write_text(POLICY.format(table=people))
-    yield await gateway_factory(policies=folder)
+    yield await gateway_factory(policies=policy_folder(tmp_path, people))
 
 
 # Default settings, and named server-side statements from the first execution.
@@ -225,7 +196,7 @@ async def test_jdbc_tls(jdbc: Jdbc, gateway_factory, gateway: RunningGateway,
 async def test_jdbc_refused_tokens(jdbc: Jdbc, gateway: RunningGateway) -> None:
     got = await jdbc.probe("connect", url(gateway), gateway.token())
     assert got["connected"] == "yes"
-    got = await jdbc.probe("connect", url(gateway), expired_token(gateway))
+    got = await jdbc.probe("connect", url(gateway), expired_token())
     assert got["connect.sqlstate"] == "28P01"
     assert "token expired" in got["connect.message"], got
     bad = gateway.token()[:-4] + "AAAA"
@@ -242,11 +213,9 @@ async def test_jdbc_refused_tokens(jdbc: Jdbc, gateway: RunningGateway) -> None:
 async def test_jdbc_policy_refusal_and_masking(jdbc: Jdbc, guarded: RunningGateway,
                                                people: str, params: dict[str, str]) -> None:
     got = await jdbc.probe("policy", url(guarded, **params), guarded.token())
-    refusal = "hoopops blocked this statement (rule no-drop-table: dropping tables is not " \
-              "allowed here)"
     for key in ("simple", "prepared0", "prepared1", "in_tx"):
         assert got[f"{key}.sqlstate"] == "42501", (key, got)
-        assert refusal in got[f"{key}.message"], (key, got)
+        assert REFUSAL in got[f"{key}.message"], (key, got)
     assert got["aborted.sqlstate"] == "25P02"
     assert got["batch.sqlstate"] == "42501"
     # The table is still there and the session went on after every refusal.

@@ -18,37 +18,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import jwt
 import pytest
 
 from hoopops.devdb import LocalPostgres, write_self_signed_cert
+from tests.clients.guarded import REFUSAL, expired_token, people_table, policy_folder
 from tests.clients.util import run
-from tests.conftest import AUDIENCE, ISSUER, JWT_SECRET, RunningGateway
+from tests.conftest import RunningGateway
 
 PROBE = Path(__file__).resolve().parent / "clients" / "node" / "probe.js"
 PG_VERSION = "8.23.1"
-
-# Everything runs except DROP TABLE, and one column of the test's own table is masked.
-POLICY = """\
-default: allow
-rules:
-  - id: no-drop-table
-    description: dropping tables is not allowed here
-    when: {{statement_types: [DropStmt]}}
-    action: block
-masking:
-  columns:
-    "*.{table}.ssn": last4
-"""
-
-REFUSAL = "hoopops blocked this statement (rule no-drop-table: dropping tables is not allowed here)"
 
 
 class Node:
@@ -122,31 +105,18 @@ def node_pg() -> Node:
     return Node(node, cache / "node_modules")
 
 
-def expired_token() -> str:
-    """A correctly signed token that expired an hour ago (well past the leeway)."""
-    now = int(time.time())
-    return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "agent-1", "groups": ["agents"],
-                       "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600},
-                      JWT_SECRET, algorithm="HS256")
 
 
 @pytest.fixture(scope="module")
 def people(pg: LocalPostgres) -> str:
     """A table in the target database with one person whose ssn masking covers."""
-    table = f"node_people_{secrets.token_hex(4)}"
-    pg.psql(f"CREATE TABLE public.{table} (id int PRIMARY KEY, name text, ssn text);"
-            f"INSERT INTO public.{table} VALUES (1, 'Ann', '123-45-6789');"
-            f"GRANT ALL ON public.{table} TO hoopops_svc;", database="app")
-    return table
+    return people_table(pg, "node")
 
 
 @pytest.fixture
 async def guarded(gateway_factory, tmp_path: Path, people: str
                   ) -> AsyncIterator[RunningGateway]:
-    folder = tmp_path / "policies"
-    folder.mkdir()
-    (folder / "policy.yaml").write_text(POLICY.format(table=people))
-    yield await gateway_factory(policies=folder)
+    yield await gateway_factory(policies=policy_folder(tmp_path, people))
 
 
 def _assert_basic(got: dict[str, str]) -> None:
