@@ -259,6 +259,19 @@ async def test_one_bad_record_does_not_sink_its_batch(store: SQLiteAuditStore) -
     assert (await store.verify()).ok
 
 
+async def test_a_record_that_cannot_be_encoded_fails_alone(store: SQLiteAuditStore) -> None:
+    """Event data with a lone surrogate cannot be stored as UTF-8: that record is refused,
+    and the session starts waiting in the same batch are written all the same."""
+    starts = [session_record() for _ in range(3)]
+    bad = store.gateway_event("gateway.error", {"detail": "bad \ud800 text"})
+    results = await asyncio.gather(bad, *(store.session_started(s) for s in starts),
+                                   return_exceptions=True)
+    assert isinstance(results[0], AuditWriteError), results[0]
+    assert all(isinstance(r, int) for r in results[1:]), results
+    assert {v.id for v in await store.list_sessions()} >= {s.id for s in starts}
+    assert (await store.verify()).ok
+
+
 async def test_statement_finished_from_another_store_instance(tmp_path: Path) -> None:
     first = await SQLiteAuditStore.open(tmp_path / "audit.db")
     s = session_record()

@@ -135,6 +135,9 @@ _INGEST_AT = 1000
 # Statement ids are reserved from the store this many at a time; a new block is fetched
 # in the background when fewer than half are left.
 _ID_BLOCK = 8192
+# What one record can fail with on its own (the others of its batch are then written
+# one by one); anything else (I/O, locks) fails the whole batch.
+_RECORD_ERRORS = (sqlite3.IntegrityError, UnicodeError)
 # After a failed batch, journaled records are retried this often (and new statements are
 # refused meanwhile: they could not be chained).
 _RETRY_EVERY = 1.0
@@ -615,10 +618,12 @@ class SQLiteAuditStore(AuditStore):
 
     def _commit(self, batch: list[_Item]) -> list[Outcome]:
         """On the writer thread: the whole batch in one transaction, or each record alone
-        if one of them breaks a constraint (one bad record must not sink the others)."""
+        if one of them is refused (one bad record must not sink the others, which may be
+        other sessions' starts or approvals): a constraint it breaks, or text it carries
+        that cannot be encoded (a lone surrogate in event data, say)."""
         try:
             return self._transact(batch)
-        except sqlite3.IntegrityError as exc:
+        except _RECORD_ERRORS as exc:
             self._rollback()
             if len(batch) == 1:
                 return [(batch[0], AuditWriteError(f"audit write refused: {exc}"))]
@@ -629,7 +634,7 @@ class SQLiteAuditStore(AuditStore):
         for item in batch:
             try:
                 outcomes += self._transact([item])
-            except sqlite3.IntegrityError as single:
+            except _RECORD_ERRORS as single:
                 self._rollback()
                 outcomes.append((item, AuditWriteError(f"audit write refused: {single}")))
             except BaseException:
