@@ -80,7 +80,6 @@ _JWE_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-
                         r"\.[A-Za-z0-9_-]+")
 # Header values end up in error messages and logs; only echo ones that look harmless.
 _SAFE_ECHO = re.compile(r"[A-Za-z0-9+._:/-]{1,64}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _JWK_LOADERS: dict[str, Any] = {"RSA": RSAAlgorithm, "EC": ECAlgorithm, "OKP": OKPAlgorithm}
 _PRIVATE_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
                   ed448.Ed448PrivateKey)
@@ -359,6 +358,15 @@ def _echo(value: Any) -> str:
     return "(unprintable)"
 
 
+def _hidden(text: str) -> bool:
+    """Whether ``text`` has characters that do not show as themselves: controls (C0, and
+    C1, where an 8-bit CSI starts a terminal escape), bidi overrides and zero-width
+    characters, line separators, spaces other than the ASCII one. Identity text lands in
+    logs, the audit trail and the analyst's terminal as is, where "agent\u202eevil"
+    would read as another name."""
+    return not text.isprintable()
+
+
 def _unknown_kid_reason(kid: str | None) -> str:
     return f"unknown signing key id {_echo(kid)}" if kid else "unknown signing key"
 
@@ -378,15 +386,21 @@ def _b64url(segment: str) -> bytes:
 def _claim(payload: Mapping[str, Any], name: str) -> Any:
     """``payload[name]``, or a dotted path into nested objects (``realm_access.roles``).
 
-    The literal name wins so URL-style claim names containing dots keep working.
+    The literal name is read so URL-style claim names containing dots keep working; a
+    token that has both, the literal name and the nested path, says two things at once
+    (a mapper copying a user-set attribute into a top-level claim, say) and is refused.
     """
-    if name in payload:
-        return payload[name]
     node: Any = payload
     for part in name.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            node = None
+            break
         node = node[part]
+    if name in payload:
+        if node is not None and "." in name:
+            raise AuthError(f"token has both a claim named {_echo(name)} and that path "
+                            "into nested claims; refused as ambiguous")
+        return payload[name]
     return node
 
 
@@ -421,8 +435,9 @@ def parse_groups(value: Any, claim: str = "groups") -> tuple[str, ...]:
         name = item.strip()
         if not name or name in groups:
             continue
-        if _CONTROL.search(name):
-            raise AuthError(f"token claim {claim} has a group name with control characters")
+        if _hidden(name):
+            raise AuthError(f"token claim {claim} has a group name with control "
+                            "characters or invisible characters")
         groups.append(name)
     return tuple(groups)
 
@@ -690,9 +705,10 @@ class TokenVerifier:
             raise AuthError(f"token has no subject (claim {config.subject_claim})")
         if not isinstance(subject, str):
             raise AuthError(f"token subject (claim {config.subject_claim}) is not text")
-        if _CONTROL.search(subject) or len(subject) > _MAX_SUBJECT_CHARS:
+        if _hidden(subject) or len(subject) > _MAX_SUBJECT_CHARS:
             # The subject lands in audit records, logs and the console as is.
-            raise AuthError("token subject has control characters or is too long")
+            raise AuthError("token subject has control characters, invisible characters "
+                            "or is too long")
         groups = parse_groups(_claim(payload, config.groups_claim), config.groups_claim)
         jti = payload.get("jti")
         return Identity(
@@ -823,13 +839,13 @@ def mint_token(config: IdentityConfig, subject: str, groups: Sequence[str],
     URL the keys cannot be checked offline, so give ``kid`` yourself. ``extra_claims`` are
     added last and may override the standard ones. Raises MintError or KeySourceError.
     """
-    if not isinstance(subject, str) or not subject.strip() or _CONTROL.search(subject):
+    if not isinstance(subject, str) or not subject.strip() or _hidden(subject):
         raise MintError("the subject must be a non-empty name without control characters")
     if not math.isfinite(ttl_seconds) or ttl_seconds <= 0:
         raise MintError("the lifetime (ttl) must be a positive duration, like 15m")
     names = [g.strip() for g in groups if g.strip()]
-    if any(_CONTROL.search(g) for g in names):
-        raise MintError("group names cannot contain control characters")
+    if any(_hidden(g) for g in names):
+        raise MintError("group names cannot contain control or invisible characters")
 
     verifier = TokenVerifier(config)
     signing_key: Any

@@ -910,8 +910,10 @@ class CopyRewriter:
         size = len(data)
         if (self._started or not self.options.header) and not self.masks and (
                 self.detector is None or not self.detector.detectors.may_match(data)) and (
-                self.options.format != "csv" and data.endswith(b"\n")):
-            # Nothing to mask and no detector can match: whole text rows pass as they are.
+                self.options.format != "csv" and data.endswith(b"\n")) and (
+                self.detector is None or b"\\" not in data):
+            # Nothing to mask and no detector can match (escapes may hide a value from the
+            # probe): whole text rows pass as they are.
             self._started = True
             self.rows += data.count(b"\n")
             return data, size
@@ -965,10 +967,13 @@ class CopyRewriter:
         for index, value in enumerate(fields):
             if index in self.masks or value == null or not self._detects(index):
                 continue
-            if self.detector.detectors.may_match(value):
-                new = self.detector.value(D_TEXT, value)
-                if new is not value and new is not None:
-                    fields[index] = new
+            # Detectors read the value, not its escaped form: with DELIMITER '-' an SSN
+            # arrives as 123\-45\-6789.
+            raw = unescape_text(value)
+            if self.detector.detectors.may_match(raw):
+                new = self.detector.value(D_TEXT, raw)
+                if new is not raw and new is not None:
+                    fields[index] = escape_text(new, self.options.delimiter)
                     changed = True
         return changed
 
@@ -1232,16 +1237,24 @@ _KEY_VALUES = re.compile(rb"(=\(|row contains \().*?(\)(?:\s|\.|$))", re.S)
 # Input echoed after a position: JSON's "JSON data, line 1: <input>..." context and
 # libxml's "line 1: <message>\n<input>\n^" detail quote the value unquoted.
 _ECHO = re.compile(rb"(line \d+: ).*", re.S)
+# Numbers a message prints unquoted ("index 504931791 out of valid range", "date out of
+# range: 504931791-01-01", "0xe2 0x80"): any word with a digit, quoted spans passed over.
+# (Words are matched whole and tested for a digit after: \w*\d\w* would backtrack.)
+_NUMBER_WORDS = re.compile(rb"\"(?:[^\"]|\"\")*\"|'(?:[^']|'')*'|\w+")
+_DIGIT = re.compile(rb"\d")
 WITHHELD = (b"hoopops withheld this message's text: the statement passes values to code "
             b"the gateway cannot see through (a function or prepared statement it could "
             b"not trace), which could put a sensitive value in it")
 
 
-def redact_quoted(text: bytes, names: frozenset[bytes] = frozenset()) -> tuple[bytes, int]:
+def redact_quoted(text: bytes, names: frozenset[bytes] = frozenset(), numbers: bool = False
+                  ) -> tuple[bytes, int]:
     """Quoted literals and ``Key (...)=(...)``/``Failing row contains (...)`` value lists
     replaced by ``****``: how error texts carry the values they failed on. ``names`` are
     quoted strings to keep: the object names the same message carries in its own schema,
-    table, column, type and constraint fields (``relation "leak_sink"``)."""
+    table, column, type and constraint fields (``relation "leak_sink"``). ``numbers``:
+    unquoted words holding a digit go too (``chr()``, ``set_byte()``, ``make_date()`` and
+    many more print the number they failed on bare), unless they are among ``names``."""
     count = 0
 
     def quoted(match: re.Match[bytes]) -> bytes:
@@ -1263,9 +1276,19 @@ def redact_quoted(text: bytes, names: frozenset[bytes] = frozenset()) -> tuple[b
         count += 1
         return match.group(1) + REDACTED
 
+    def number(match: re.Match[bytes]) -> bytes:
+        nonlocal count
+        whole = match.group(0)
+        if whole[:1] in b"\"'" or whole in names or _DIGIT.search(whole) is None:
+            return whole
+        count += 1
+        return REDACTED
+
     out = _KEY_VALUES.sub(values, text)
     out = _QUOTED.sub(quoted, out)
     out = _ECHO.sub(echo, out)
+    if numbers:
+        out = _NUMBER_WORDS.sub(number, out)
     return out, count
 
 
@@ -1281,13 +1304,17 @@ def raised_in_function(fields: list[tuple[int, bytes]]) -> bool:
 
 def rewrite_fields(fields: list[tuple[int, bytes]], detectors: DetectorSet | None,
                    counts: dict[str, int], strict: bool, withhold: bool = False,
-                   keep: frozenset[bytes] = frozenset()) -> bool:
+                   keep: frozenset[bytes] = frozenset(), numbers: bool = True) -> bool:
     """Mask the text fields of an ErrorResponse/NoticeResponse in place; True if changed.
 
     ``withhold``: the message may carry any value in any form (user code raised it), so
     its texts go entirely: the message becomes :data:`WITHHELD`, the detail, hint,
     context and internal query are dropped; severity, SQLSTATE and positions stay.
-    ``keep``: quoted strings that strict mode leaves (names the statement spelled).
+    ``keep``: quoted strings that strict mode leaves (names the statement spelled), for
+    a message with a statement position only: that is an error of parse analysis, which
+    reads no row. A statement may spell any name as an alias (``AS "5a"``), so a message
+    raised while rows are read could otherwise quote a value back as a kept "name".
+    ``numbers``: strict mode also redacts unquoted words holding a digit.
     """
     if withhold:
         kept: list[tuple[int, bytes]] = []
@@ -1305,13 +1332,15 @@ def rewrite_fields(fields: list[tuple[int, bytes]], detectors: DetectorSet | Non
             fields[:] = kept
         return bool(dropped)
     changed = False
-    names = keep | {value for code, value in fields if code in _NAME_FIELDS and value}
+    positioned = any(code == 80 for code, _ in fields)  # 'P'
+    names = (keep if positioned else frozenset()) | {
+        value for code, value in fields if code in _NAME_FIELDS and value}
     for index, (code, value) in enumerate(fields):
         if code in _STRUCTURAL_FIELDS:
             continue
         new = value
         if strict and code in _VALUE_FIELDS:
-            new, hits = redact_quoted(new, names)
+            new, hits = redact_quoted(new, names, numbers)
             if hits:
                 counts["error_text"] = counts.get("error_text", 0) + hits
         if detectors and detectors.may_match(new):

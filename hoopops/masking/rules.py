@@ -515,14 +515,16 @@ class MaskingRules:
 
     def rewrite_error(self, payload: bytes, identity: Identity | None = None,
                       strict: bool = False, withhold: bool = False,
-                      keep: Collection[str] = ()) -> tuple[bytes, list[MaskingAction]]:
+                      keep: Collection[str] = (), numbers: bool = True
+                      ) -> tuple[bytes, list[MaskingAction]]:
         """An ErrorResponse or NoticeResponse payload with values masked in its texts.
 
         Detectors run over every field but severity, SQLSTATE, positions and source
         location. ``strict`` (use :meth:`touches_sensitive`) also redacts quoted values and
         ``Key (...)=(...)`` / ``Failing row contains (...)`` lists in the message, detail,
         context, hint and internal-query fields, which is how errors quote the value they
-        failed on; that catches values no detector recognises. ``withhold`` (use
+        failed on; that catches values no detector recognises; with ``numbers`` (use
+        :meth:`touches_sensitive`), unquoted words holding a digit too. ``withhold`` (use
         :meth:`untraceable`) replaces those texts entirely: code the analysis cannot see
         (``RAISE NOTICE '%', reverse(card)`` in a user function) can word a value any way.
         In strict mode a message whose context says it was raised in a function (PL/pgSQL,
@@ -542,7 +544,8 @@ class MaskingRules:
         # security... whatever statement ran, its text may word a value any way.
         withhold = withhold or (strict and raised_in_function(fields))
         names = frozenset(n.encode("utf-8", "surrogateescape") for n in keep)
-        if not rewrite_fields(fields, self.detectors or None, counts, strict, withhold, names):
+        if not rewrite_fields(fields, self.detectors or None, counts, strict, withhold, names,
+                              numbers):
             return payload, []
         redacted = counts.pop("error_text", 0)
         actions = self._detector_actions(counts)

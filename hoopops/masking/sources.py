@@ -42,7 +42,8 @@ OPAQUE_SYSTEM_FUNCTIONS = frozenset({
     "cursor_to_xml", "cursor_to_xmlschema", "table_to_xml", "table_to_xmlschema",
     "table_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema",
     "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xmlschema",
-    "database_to_xml_and_xmlschema", "ts_stat", "pg_read_file", "pg_read_binary_file",
+    "database_to_xml_and_xmlschema", "ts_stat", "ts_rewrite", "pg_read_file",
+    "pg_read_binary_file",
     "lo_get", "loread", "pg_stat_get_activity", "pg_stat_get_backend_activity",
     "pg_logical_slot_get_changes", "pg_logical_slot_peek_changes",
     "pg_logical_slot_get_binary_changes", "pg_logical_slot_peek_binary_changes",
@@ -64,6 +65,76 @@ SIDE_CHANNEL_FUNCTIONS = frozenset({
 UNKNOWN_FUNCTION = "unknown function "
 # System functions whose result says nothing about the argument values.
 VALUE_FREE_FUNCTIONS = frozenset({"count", "pg_typeof", "num_nulls", "num_nonnulls"})
+# Set-returning system functions: how many rows they return depends on their arguments
+# (generate_series(1, ascii(ssn)), regexp_matches(ssn, '5', 'g'), unnest(...)), so those
+# are compared like a WHERE clause, wherever the call stands. A function in FROM counts
+# as one whatever its name.
+SET_RETURNING_FUNCTIONS = frozenset({
+    "generate_series", "generate_subscripts", "unnest", "regexp_matches",
+    "regexp_split_to_table", "string_to_table", "json_array_elements",
+    "json_array_elements_text", "jsonb_array_elements", "jsonb_array_elements_text",
+    "json_each", "json_each_text", "jsonb_each", "jsonb_each_text", "json_object_keys",
+    "jsonb_object_keys", "jsonb_path_query", "jsonb_path_query_tz",
+    "json_populate_recordset", "jsonb_populate_recordset", "json_to_recordset",
+    "jsonb_to_recordset", "ts_debug", "ts_parse", "ts_token_type", "pg_options_to_table",
+    "aclexplode", "txid_snapshot_xip", "pg_snapshot_xip", "pg_partition_tree",
+    "pg_partition_ancestors", "pg_get_keywords",
+})
+# System functions whose arguments decide how long the statement takes: a timing channel,
+# compared like a WHERE clause (pg_sleep(substr(ssn, 1, 1)::int) times out a digit).
+TIMING_FUNCTIONS = frozenset({"pg_sleep", "pg_sleep_for", "pg_sleep_until"})
+# Whether a computation fails (division by zero, a cast that does not parse, chr() of a
+# number too large) answers a question about its input even where its result is masked:
+# sensitive values reaching an argument that can make the call fail are compared like a
+# WHERE clause. These system functions cannot fail on any argument...
+TOTAL_FUNCTIONS = frozenset({
+    "upper", "lower", "initcap", "reverse", "md5", "length", "char_length",
+    "character_length", "octet_length", "bit_length", "concat", "concat_ws", "row_to_json",
+    "to_json", "to_jsonb", "array_to_json",
+    "json_build_array", "jsonb_build_array", "json_agg", "jsonb_agg", "json_agg_strict",
+    "jsonb_agg_strict", "array_agg", "string_agg", "min", "max", "count", "translate",
+    "replace", "btrim", "ltrim", "rtrim", "quote_literal", "quote_ident", "quote_nullable",
+    "position", "strpos", "starts_with", "ascii", "to_hex", "sha224", "sha256", "sha384",
+    "sha512", "num_nulls", "num_nonnulls", "pg_typeof", "array_to_string", "array_length",
+    "array_position", "array_positions", "cardinality", "json_extract_path",
+    "json_extract_path_text", "jsonb_extract_path", "jsonb_extract_path_text", "bool_and",
+    "bool_or", "every", "first_value", "last_value", "row_number", "rank", "dense_rank",
+    "percent_rank", "cume_dist",
+})
+# ... these only on their first N arguments (the string, not the position, length, count,
+# pattern or format that comes after it; not jsonb_path_*: a path's filter can branch on
+# the document, '$ ? (@.ssn like_regex "^5").x' fails in strict mode or not) ...
+TOTAL_LEADING_ARGS = {
+    "substr": 1, "substring": 1, "left": 1, "right": 1, "split_part": 2, "regexp_replace": 1,
+    "regexp_split_to_array": 1, "string_to_array": 3, "lpad": 1, "rpad": 1, "repeat": 1,
+    "overlay": 2, "encode": 1, "lag": 1, "lead": 1, "nth_value": 1,
+}
+# ... and these on their values, not their keys (a NULL key fails).
+TOTAL_VALUES = frozenset({"json_build_object", "jsonb_build_object"})
+# Operators that cannot fail whatever their operands (comparisons, concatenation, JSON
+# field access); pattern matches fail only on a bad pattern (their right side).
+TOTAL_OPERATORS = frozenset({"||", "=", "<>", "!=", "<", ">", "<=", ">=", "->", "->>", "#>",
+                             "#>>", "?", "?|", "?&", "@>", "<@", "&&"})
+PATTERN_OPERATORS = frozenset({"~", "~*", "!~", "!~*", "~~", "~~*", "!~~", "!~~*"})
+TOTAL_EXPRESSIONS = frozenset({"AEXPR_OP_ANY", "AEXPR_OP_ALL", "AEXPR_DISTINCT",
+                               "AEXPR_NOT_DISTINCT", "AEXPR_NULLIF", "AEXPR_IN",
+                               "AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM",
+                               "AEXPR_NOT_BETWEEN_SYM"})
+PATTERN_EXPRESSIONS = frozenset({"AEXPR_LIKE", "AEXPR_ILIKE", "AEXPR_SIMILAR"})
+# Arrays of arrays must have matching dimensions (ARRAY[...], array_agg, ||): an array
+# whose length comes from a masked value makes them fail or not. These return arrays.
+ARRAY_FUNCTIONS = frozenset({
+    "string_to_array", "regexp_split_to_array", "regexp_match", "array_agg", "array_append",
+    "array_prepend", "array_cat", "array_remove", "array_replace", "array_fill",
+    "array_positions", "array_sample", "array_shuffle", "trim_array", "array_reverse",
+    "array_sort",
+})
+# Expressions that parse or check their input and fail on it (XMLPARSE and xmlelement,
+# JSON(), JSON_VALUE/QUERY/EXISTS with ERROR ON ERROR, JSON_OBJECT keys).
+FALLIBLE_NODES = frozenset({"XmlExpr", "XmlSerialize", "JsonParseExpr", "JsonFuncExpr",
+                            "JsonObjectConstructor", "JsonObjectAgg"})
+# Casts that cannot fail: to text-like types (a too long value is cut, not refused).
+TOTAL_CAST_TYPES = frozenset({"text", "varchar", "bpchar", "name", "char", "unknown"})
 # Set-returning system functions and how many columns they return.
 _SRF_WIDTH = {
     **dict.fromkeys((
@@ -838,6 +909,11 @@ class _Analyzer:
             self._predicate(body.get(key), scope)
         for key in ("groupClause", "sortClause", "distinctClause"):
             self._predicate(_by_position(body.get(key), columns), scope)
+        distinct = body.get("distinctClause")
+        if distinct and not any(distinct):
+            # Plain DISTINCT compares whole rows: how many come back answers whether two
+            # values are equal (SELECT DISTINCT left(ssn, 1) ... UNION ALL SELECT '5').
+            self._compared(_merge_all(columns), scope)
         for window in body.get("windowClause", []) or []:
             self._predicate(window, scope)
         if body.get("intoClause"):
@@ -1048,7 +1124,10 @@ class _Analyzer:
         if kind == "RangeFunction":
             return self._function_entry(body, scope)
         if kind == "RangeTableSample":
-            return self._from_item(body.get("relation"), scope)
+            item = self._from_item(body.get("relation"), scope)
+            # The sample size and seed may be sub-selects: they decide how many rows come.
+            self._predicate([body.get("args"), body.get("repeatable")], scope)
+            return item
         if kind in ("RangeTableFunc", "JsonTable"):
             return self._table_function(kind, body, scope)
         entry = _Entry("?unknown?", None, OutputSources.unknown(f"cannot trace {kind}"))
@@ -1147,6 +1226,7 @@ class _Analyzer:
                 fbody, dict) else "?function?"
             first_name = first_name or fname
             value = self._expr(call, scope).derived()
+            self._compared(value, scope)  # (its arguments decide how many rows come)
             fallback = fallback.merge(value)
             if not coldefs and len(body.get("functions", [])) == 1:
                 coldefs = list(body.get("coldeflist", []) or [])
@@ -1190,6 +1270,7 @@ class _Analyzer:
             names = _json_table_names(body.get("columns", []))
         alias = body.get("alias") or {}
         value = value.derived()
+        self._compared(value, scope)  # (the document decides how many rows come)
         columns: Columns = _rename([(n, value) for n in names],
                                    _strings(alias.get("colnames", [])))
         entry = _Entry(alias.get("aliasname") or kind.lower(), columns, value)
@@ -1255,12 +1336,36 @@ class _Analyzer:
         if kind == "A_Expr":
             return self._operator(body, scope, outputs_visible)
         if kind in ("NullTest", "BooleanTest"):
-            self._expr(body.get("arg"), scope, outputs_visible)
+            value = self._expr(body.get("arg"), scope, outputs_visible)
+            if kind == "BooleanTest" or _only(body.get("arg"))[0] != "ColumnRef":
+                # The unmasked answer answers the condition: (ssn > '5') IS TRUE,
+                # substring(ssn from '^5') IS NULL (a plain ssn IS NULL does not).
+                self._compared(value, scope)
             return EMPTY
         if kind == "CaseExpr":
             return self._case(body, scope, outputs_visible)
+        if kind == "A_ArrayExpr":
+            elements = body.get("elements", []) or []
+            value = self._expr(elements, scope, outputs_visible)
+            if value.sources and any(_array_valued(e) for e in elements):
+                self._compared(value, scope)  # (sub-arrays of unequal length fail)
+            return value
+        if kind == "TypeCast":
+            value = self._expr(body.get("arg"), scope, outputs_visible)
+            target = body.get("typeName") or {}
+            names = _strings(target.get("names", []))
+            if value.sources and (target.get("arrayBounds") or not names
+                                  or names[-1] not in TOTAL_CAST_TYPES):
+                self._compared(value, scope)  # ('x' || ssn)::int fails or not
+            return value.derived()
         if kind in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
             return _merge_all(self._query(node, scope, scope.ctes))
+        if kind in FALLIBLE_NODES:
+            value = self._expr(list(body.values()) if isinstance(body, dict) else [],
+                               scope, outputs_visible)
+            if value.sources:
+                self._compared(value, scope)  # (XMLPARSE, JSON(), JSON_VALUE ... fail)
+            return value
         # Any other node (operators, casts, CASE, ROW(), arrays, JSON constructors...):
         # the result is derived from everything inside it.
         return self._expr(list(body.values()) if isinstance(body, dict) else [],
@@ -1424,10 +1529,25 @@ class _Analyzer:
     def _function(self, body: dict[str, Any], scope: _Scope) -> OutputSources:
         names = _strings(body.get("funcname", []))
         name = names[-1] if names else "?"
-        args = self._expr(body.get("args", []) or [], scope)
+        each = [self._expr(arg, scope) for arg in body.get("args", []) or []]
+        args = EMPTY
+        for value in each:
+            args = args.merge(value)
+        args = args.derived()
         for key in ("agg_order", "agg_filter", "over"):
             self._predicate(body.get(key), scope)
         kind = self._function_kind(names)
+        if kind == "system" and (name in SET_RETURNING_FUNCTIONS or name in TIMING_FUNCTIONS):
+            self._compared(args, scope)
+        elif kind == "system" and name == "array_agg" and args.sources and any(
+                _array_valued(a) for a in body.get("args", []) or []):
+            self._compared(args, scope)  # (arrays of unequal length fail to accumulate)
+        elif kind == "system" and args.sources and name not in TOTAL_FUNCTIONS:
+            # (only the arguments that can make it fail: the string substr() cuts cannot)
+            fallible = each[0::2] if name in TOTAL_VALUES else each[
+                TOTAL_LEADING_ARGS.get(name, 0):]
+            for value in fallible:
+                self._compared(value, scope)
         if kind in ("user", "unknown"):
             reason = (f"function {'.'.join(names)} is not a system function; list it in "
                       "masking.trusted_functions if its result depends only on its arguments"
@@ -1453,7 +1573,19 @@ class _Analyzer:
 
     def _operator(self, body: dict[str, Any], scope: _Scope,
                   outputs_visible: bool) -> OutputSources:
-        value = self._expr([body.get("lexpr"), body.get("rexpr")], scope, outputs_visible)
+        right = self._expr(body.get("rexpr"), scope, outputs_visible)
+        value = self._expr(body.get("lexpr"), scope, outputs_visible).merge(right).derived()
+        if value.sources:
+            op = body.get("kind", "AEXPR_OP")
+            symbol = (_strings(body.get("name", [])) or ["?"])[-1]
+            if op in PATTERN_EXPRESSIONS or (op == "AEXPR_OP" and symbol in PATTERN_OPERATORS):
+                # (a pattern that does not parse fails: ssn on the right side)
+                self._compared(right, scope)
+            elif (op not in TOTAL_EXPRESSIONS and not (
+                    op == "AEXPR_OP" and symbol in TOTAL_OPERATORS)) or (
+                    symbol == "||" and (_array_valued(body.get("lexpr"))
+                                        or _array_valued(body.get("rexpr")))):
+                self._compared(value, scope)  # 1 / (ascii(ssn) - 53) fails or not
         if body.get("kind") == "AEXPR_NULLIF":
             # NULL exactly when the two are equal: the result answers the comparison.
             self._compared(value, scope)
@@ -1584,6 +1716,20 @@ def _along_path(infos: list[RelationInfo], path: list[str]) -> list[RelationInfo
 
 def _is_star(node: Node) -> bool:
     return _only(node)[0] == "A_Star"
+
+
+def _array_valued(node: Node) -> bool:
+    """Whether an expression is an array by its form (its type is not known here)."""
+    kind, body = _only(node)
+    if kind == "A_ArrayExpr":
+        return True
+    if kind == "SubLink":
+        return body.get("subLinkType") == "ARRAY_SUBLINK"
+    if kind == "TypeCast":
+        return bool((body.get("typeName") or {}).get("arrayBounds"))
+    if kind == "FuncCall":
+        return (_strings(body.get("funcname", [])) or [""])[-1] in ARRAY_FUNCTIONS
+    return False
 
 
 def _merge_all(columns: Iterable[tuple[str, Output]] | Iterable[OutputSources]) -> OutputSources:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -537,7 +538,12 @@ class Enforcer(StatementGate):
         literals never change where a column comes from) until the catalog changes."""
         search_path = session.upstream.parameters.get("search_path")
         user = session.target.upstream.user
-        key = (session.target.name, search_path, default_analyzer().shape_key(sql) or sql)
+        shape = default_analyzer().shape_key(sql)
+        if shape is not None and _POSITIONS_NORMALISED.search(shape):
+            # The shape turned the positions of DISTINCT ON / ROLLUP / CUBE / GROUPING SETS
+            # into parameters: DISTINCT ON (1) and (2) would share what is predicated on.
+            shape = None
+        key = (session.target.name, search_path, shape or sql)
         hints = self._hints_cache.get(key)
         if hints is None:
             hints = await self.masking.analyze(
@@ -559,7 +565,8 @@ class Enforcer(StatementGate):
         for item in hints:
             key = ("p", item.execute) if item.execute is not None else (
                 ("c", item.fetch_cursor) if item.fetch_cursor is not None else None)
-            known = names.get(key) if key is not None and item.outputs is None else None
+            known = names.get(key) if key is not None and item.outputs is None and \
+                not _shadowed(session, key) else None
             out.append(item if known is None else known)
         return out
 
@@ -579,13 +586,23 @@ class Enforcer(StatementGate):
                 _forget(names, "c", item.closes)
             key = ("p", item.execute) if item.execute is not None else (
                 ("c", item.fetch_cursor) if item.fetch_cursor is not None else None)
-            known = names.get(key) if key is not None and item.outputs is None else None
+            known = names.get(key) if key is not None and item.outputs is None and \
+                not _shadowed(session, key) else None
             if known is not None:
                 item = replace(known, kind=item.kind, prepare=None, cursor=None,
                                execute=item.execute, fetch_cursor=item.fetch_cursor)
             for key, name in (("p", item.prepare), ("c", item.cursor)):
                 if name is not None:
                     names[(key, name)] = None if (key, name) in names else item
+            # SQL names prepared statements and cursors in the protocol's namespaces: a
+            # statement or portal the gateway saw under the same name is no longer the
+            # one the server holds, so binding or executing it is refused from now on.
+            for name in (item.prepare, item.deallocates):
+                if name is not None:
+                    _drop_names(session.statements, name)
+            for name in (item.cursor, item.closes):
+                if name is not None:
+                    _drop_names(session.portals, name)
             out.append(item)
         return out
 
@@ -593,7 +610,7 @@ class Enforcer(StatementGate):
         """How to mask an error or notice of the statement the server is answering: its
         texts are withheld when it runs code masking cannot see through, and the names
         it spelled itself may be quoted back."""
-        from hoopops.proxy.session import K_PARSE
+        from hoopops.proxy.session import K_BIND, K_CLOSE, K_DESCRIBE, K_PARSE
 
         head = session.pending[0] if session.pending else None
         if head is None:
@@ -605,10 +622,16 @@ class Enforcer(StatementGate):
             verdict = session.statements[head.name].decision
             found = getattr(verdict, "masking_hints", None)
             hints = found[0] if found else None
+        elif head.kind in (K_BIND, K_DESCRIBE, K_CLOSE):
+            # About the request (the parameters the client sent, a name), not about rows.
+            return {"numbers": False}
         else:
             return {}
+        # Bare numbers go only where a statement reads sensitive data (or cannot be
+        # traced): elsewhere the limits and sizes errors print stay readable.
         return {"withhold": self.masking.untraceable(hints),
-                "keep": getattr(hints, "identifiers", ())}
+                "keep": getattr(hints, "identifiers", ()),
+                "numbers": self.masking.touches_sensitive(hints)}
 
     def _hints(self, run: Run) -> Any:
         verdict = run.decision
@@ -883,6 +906,24 @@ def _decision_version(verdict: Verdict) -> str | None:
     return decision.policy_version if decision is not None else None
 
 
+# Clauses whose integer constants are output positions, which shape keys normalise away.
+_POSITIONS_NORMALISED = re.compile(r"(?i)\b(?:DISTINCT\s+ON|ROLLUP|CUBE|GROUPING\s+SETS)\b")
+
+
+def _shadowed(session: Session, key: tuple[str, str]) -> bool:
+    """Whether a Parse or Bind on the protocol has used the name PREPARE / DECLARE gave (the
+    namespaces are shared): the server's statement or portal is then that one, and what
+    PREPARE said (or a PREPARE that failed on the server) says nothing about it."""
+    return key[1] in (session.statements if key[0] == "p" else session.portals)
+
+
+def _drop_names(known: dict[str, Any], name: str) -> None:
+    if name == "*":
+        known.clear()
+    else:
+        known.pop(name, None)
+
+
 def _forget(names: dict[tuple[str, str], Any], kind: str, name: str) -> None:
     for key in [k for k in names if k[0] == kind and name in ("*", k[1])]:
         del names[key]
@@ -913,6 +954,7 @@ def _sample(run: Run) -> dict[str, Any] | None:
 # stays its own.
 _SAMPLE_SHAPES: dict[tuple[int, tuple[int, ...]],
                      tuple[Any, list[str], tuple[int | None, ...]]] = {}
+_SAMPLE_SHAPE_MAX_COLUMNS = 100
 
 
 def _sample_shape(fields: list[Any] | None, formats: tuple[int, ...]
@@ -933,9 +975,12 @@ def _sample_shape(fields: list[Any] | None, formats: tuple[int, ...]
         binary = [f == 1 for f in formats]
     kinds = tuple((listed[i].type_oid if i < len(listed) else 0) if is_binary else None
                   for i, is_binary in enumerate(binary))
-    if len(_SAMPLE_SHAPES) >= 1024:
-        _SAMPLE_SHAPES.clear()
-    _SAMPLE_SHAPES[key] = (fields, columns, kinds)
+    if len(listed) <= _SAMPLE_SHAPE_MAX_COLUMNS:
+        # (shared by every session: one agent's ever new 1,600-column results must not
+        # fill it with lists of that size)
+        if len(_SAMPLE_SHAPES) >= 1024:
+            _SAMPLE_SHAPES.clear()
+        _SAMPLE_SHAPES[key] = (fields, columns, kinds)
     return columns, kinds
 
 

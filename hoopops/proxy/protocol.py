@@ -145,6 +145,12 @@ def parse_startup(payload: bytes) -> StartupPacket:
     if code >> 16 != 3:
         raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
                             "the gateway speaks protocol 3", "0A000")
+    try:
+        # Names and values reach the audit trail, events and the console as text.
+        payload[4:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("startup packet is not valid UTF-8: send parameter names and "
+                            "values (user, database, application_name...) in UTF-8") from None
     params: dict[str, str] = {}
     order: list[str] = []
     pos = 4
@@ -476,6 +482,22 @@ def parse_at(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, str]:
     if count < 0 or pos + 2 + 4 * count != end:
         raise ProtocolError("malformed Parse parameter types")
     return name, sql
+
+
+_BARE_NAMES = {SYNC: "Sync", FLUSH: "Flush", COPY_DONE: "CopyDone"}
+
+
+def check_bare(mtype: int, raw: bytes) -> None:
+    """Refuse a Sync, Flush or CopyDone that carries data, and a CopyFail that is not one
+    string: the server answers those with an error (and, for Flush, skips to the next
+    Sync), which the gateway would not foresee if it forwarded them."""
+    if mtype == COPY_FAIL:
+        if raw.find(b"\x00", 5) != len(raw) - 1:
+            raise ProtocolError("malformed CopyFail message: its reason must be one "
+                                "NUL-terminated string")
+    elif len(raw) != 5 and mtype in _BARE_NAMES:
+        raise ProtocolError(f"malformed {_BARE_NAMES[mtype]} message: it carries no data, "
+                            f"got {len(raw) - 5} bytes")
 
 
 def decode_describe_or_close(payload: bytes) -> tuple[str, str]:

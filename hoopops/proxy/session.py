@@ -53,6 +53,15 @@ _INT32 = struct.Struct("!i").unpack_from
 # inspects (see Session._client_fast): only its ReadyForQuery moves the queue on.
 K_QUERY, K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE, K_SYNC, K_GROUP = range(8)
 _EXTENDED = frozenset((K_PARSE, K_BIND, K_DESCRIBE, K_EXECUTE, K_CLOSE))
+# Heads the queue after an extended-protocol error that emptied it: the server skips
+# every request up to the next Sync ("Extended Query": whatever the message type, a Query
+# or FunctionCall too), including those the client sends after the error has arrived,
+# so their expectations are dropped when that Sync's ReadyForQuery comes.
+K_SKIPPING = 8
+_SYNC_KINDS = (K_SYNC, K_GROUP)
+
+# Client messages that carry nothing (Sync, Flush, CopyDone; Terminate ends the session).
+_BARE = frozenset((p.SYNC, p.FLUSH, p.COPY_DONE))
 
 _TX_STATES = {b"I": "idle", b"T": "in transaction", b"E": "failed transaction"}
 _BYTE = tuple(bytes((i,)) for i in range(256))
@@ -175,6 +184,7 @@ _QUERY_PENDING = Pending(K_QUERY)
 _EXECUTE_PENDING = Pending(K_EXECUTE)  # of the unnamed portal, with no row limit
 _DESCRIBE_PENDING = Pending(K_DESCRIBE)
 _GROUP_PENDING = Pending(K_GROUP)
+_SKIPPING_PENDING = Pending(K_SKIPPING)
 
 
 def _parse_pending(name: str) -> Pending:
@@ -229,12 +239,18 @@ class SessionInfo:
 def _refusal_do_block(sqlstate: str, message: str, hint: str | None) -> str:
     """SQL that makes the server raise exactly our error (so its state matches)."""
     def lit(text: str) -> str:
-        return "'" + text.replace("$hoopops$", "").replace("'", "''") + "'"
+        return "'" + text.replace("'", "''") + "'"
 
     options = f"ERRCODE = {lit(sqlstate)}, MESSAGE = {lit(message)}"
     if hint:
         options += f", HINT = {lit(hint)}"
-    return f"DO $hoopops$BEGIN RAISE EXCEPTION USING {options}; END$hoopops$"
+    body = f"BEGIN RAISE EXCEPTION USING {options}; END"
+    # The message can carry client text (the parser's "at or near" echoes the statement):
+    # the body is quoted with a tag it does not contain, so it cannot end early.
+    tag = "$hoopops$"
+    while tag in body:
+        tag = tag[:-1] + "_$"
+    return f"DO {tag}{body}{tag}"
 
 
 class ClientGone(Exception):
@@ -375,6 +391,8 @@ class Session:
         # The rest of a gate's after_result that _server_run began and that has to wait:
         # the server lane finishes it before relaying anything more.
         self._server_wait: Any = None
+        # The error that made the server skip to a Sync not yet sent (K_SKIPPING).
+        self._skipped_by: dict[str, str] = {}
         # Statements recorded by the general path whose records may not be on disk yet:
         # nothing more goes to the server before _durable() (see _flush).
         self._unflushed = False
@@ -406,6 +424,11 @@ class Session:
         return b"".join(parts)
 
     async def run(self) -> None:
+        if self._stopped:
+            # Killed before it ran (the gate could not record its start, say): nothing
+            # would ever end the lanes, so end here.
+            await self._teardown()
+            return
         loop = asyncio.get_running_loop()
         expires = self.info.identity.expires_at
         if expires is not None:
@@ -437,6 +460,7 @@ class Session:
                     self.end_reason = f"gateway error: {type(exc).__name__}"
                     self._fatal("XX000", "the gateway hit an internal error and closed this "
                                 "session; nothing after the last completed statement ran")
+                    self._cancel_in_flight()
         finally:
             await self._teardown()
 
@@ -454,16 +478,32 @@ class Session:
         self.upstream.close()
         with contextlib.suppress(Exception):
             self.client_writer.close()
+        for writer in (self.client_writer, self.upstream.writer):
+            _cut_if_stuck(writer.transport)
         await self.gate.session_closed(self)
 
     def _fatal(self, sqlstate: str, message: str) -> None:
+        data = p.error_response(sqlstate, message, "FATAL")
         with contextlib.suppress(Exception):
-            self._client.write(p.error_response(sqlstate, message, "FATAL"))
+            if self._client.transport is None:  # before run(): still startup's stream
+                self.client_writer.write(data)
+            else:
+                self._client.write(data)
+
+    def _cancel_in_flight(self) -> None:
+        """The gateway closes the session while the server may be running something for
+        it: cancel that (a backend reads its socket only between statements, so closing
+        the connection would let it run on, unseen)."""
+        if self.pending and self._cancel_task is None:
+            self._cancel_task = asyncio.ensure_future(self.cancel_upstream())
 
     def _token_expired(self) -> None:
         self.end_reason = "token expired"
         self._fatal("28000", "your token expired; the gateway closed the session. Reconnect "
                     "with a fresh token")
+        # A backend reads its socket only between statements: closing it would leave a
+        # running statement running, on behalf of a token no longer valid.
+        self._cancel_task = asyncio.ensure_future(self.cancel_upstream())
         self._stop()
 
     def kill(self, reason: str = "terminated by an analyst") -> None:
@@ -578,6 +618,8 @@ class Session:
                     break
                 raw = bytes(buf[pos:nxt])
                 pos = nxt
+                if (mtype in _BARE and length != 4) or mtype == p.COPY_FAIL:
+                    p.check_bare(mtype, raw)
                 if mtype == p.TERMINATE:
                     if out:
                         await self._durable()
@@ -604,6 +646,7 @@ class Session:
                 upstream.write(b"".join(out))
             self.end_reason = f"protocol error: {exc}"
             self._fatal(exc.sqlstate, f"hoopops: {exc}")
+            self._cancel_in_flight()
             raise ClientGone from None
         finally:
             del buf[:pos]
@@ -805,7 +848,9 @@ class Session:
                                     or self.gate.outdated(self, verdict)):
             return False
         self._bound(portal_name, stmt, result_formats)
-        self.pending.append(_BIND_PENDING)
+        # (named when masking: a Bind the server refuses leaves the portal it had under it)
+        self.pending.append(Pending(K_BIND, name=portal_name) if portal_name and self.gate.masks
+                            else _BIND_PENDING)
         out.append(raw)
         return True
 
@@ -870,6 +915,16 @@ class Session:
         portal_name, statement_name, result_formats = p.scan_bind(payload)
         stmt = self.statements.get(statement_name)
         if stmt is None:
+            if self.gate.masks:
+                # SQL PREPARE names statements in the same namespace as Parse: bound here,
+                # its rows would come back with nothing known about where they come from.
+                self._refuse_extended("42501", f'hoopops: prepared statement '
+                                      f'"{statement_name}" is not one the gateway saw '
+                                      "prepared by Parse (PREPARE made it, or its last Parse "
+                                      "failed), so masking cannot trace its results",
+                                      "run a statement prepared with PREPARE by EXECUTE; "
+                                      "after a failed Parse, Close the name first", out)
+                return
             # Unknown to the gateway means unknown to the server: let it say so.
             self.pending.append(Pending(K_BIND))
             out.append(raw)
@@ -908,6 +963,14 @@ class Session:
         name, _ = p.decode_execute(raw[5:])
         portal = self.portals.get(name)
         if portal is None:
+            if self.gate.masks:
+                # A cursor opened with DECLARE is a portal of the same namespace: executed
+                # here, its rows would come back with nothing known about their sources.
+                self._refuse_extended("42501", f'hoopops: portal "{name}" is not one the '
+                                      "gateway saw bound (DECLARE opened it, or its last "
+                                      "Bind failed), so masking cannot trace its results",
+                                      "read a cursor with FETCH", out)
+                return
             self.pending.append(Pending(K_EXECUTE))
             out.append(raw)
             return
@@ -1063,6 +1126,8 @@ class Session:
                 nxt = pos + 1 + length
                 if nxt > end or length < 4 or length > limit:
                     break  # incomplete (or invalid: the general path says so)
+                if (mtype == 83 or mtype == 72) and length != 4:
+                    break  # (a Sync or Flush with a payload: the general path refuses it)
                 if mtype == 83:  # Sync
                     if shape == 2:
                         self._queue_each(buf, start, pos)
@@ -1733,6 +1798,12 @@ class Session:
             if mtype == p.ERROR_RESPONSE:
                 return None  # a FATAL from the server (shutdown, terminate): pass it on
             raise p.ProtocolError(f"server sent {chr(mtype)!r} with nothing outstanding")
+        if head.kind == K_SKIPPING and mtype == p.READY_FOR_QUERY:
+            pending.popleft()
+            await self._skip_to_sync(self._skipped_by)
+            if not pending:
+                raise p.ProtocolError("server sent 'Z' with nothing outstanding")
+            head = pending[0]
         kind = head.kind
         if mtype == p.READY_FOR_QUERY:
             self.tx_status = bytes(buf[pos + 5:pos + 6])
@@ -1750,7 +1821,11 @@ class Session:
                 run.sqlstate = fields.get("C")
                 run.error = fields.get("M")
             replacement: bytes | None = None
-            if head.injected_error:
+            # A request the gateway injected is answered to the client only by its error
+            # (swallowed otherwise): after it the server skips to Sync, so this error is
+            # the only answer the client's pipeline gets, and hiding it would pass off a
+            # refused or failed request as a success.
+            if head.injected_error or (head.swallow and head.kind != K_DESCRIBE):
                 kept = {k: v for k, v in fields.items() if k not in _INJECTION_NOISE}
                 replacement = p.frame(p.ERROR_RESPONSE, p.error_fields(kept))
             else:
@@ -1759,21 +1834,21 @@ class Session:
                     fields = p.parse_error_fields(replacement[5:])
                     if run is not None and not run.finished:
                         run.error = fields.get("M")
-            if head.swallow:
-                replacement = b""
+            if self.gate.masks and kind in (K_PARSE, K_BIND):
+                # The server kept what the name held before (a duplicate name), or nothing:
+                # masking by the text the gateway saw could leak, so the name is forgotten
+                # and a Bind (Execute) of it refused. (With masking on, requests are queued
+                # one by one, each with its name; skipped ones: _skip_to_sync.)
+                (self.statements if kind == K_PARSE else self.portals).pop(head.name, None)
             if kind in _EXTENDED:
                 if run is not None and not run.finished:
                     await self._finish(run)
                 # The server discards everything up to Sync after an error.
-                while pending and pending[0].kind != K_SYNC:
-                    dropped = pending.popleft()
-                    if dropped.run is not None and not dropped.run.finished:
-                        # It never ran (an error at Bind, say, or earlier in the pipeline):
-                        # the trail must not record it as a success.
-                        if dropped.run.sqlstate is None:
-                            dropped.run.sqlstate = fields.get("C")
-                            dropped.run.error = fields.get("M")
-                        await self._finish(dropped.run)
+                await self._skip_to_sync(fields)
+                if not pending:
+                    # The Sync is still to come from the client: skip to it when it does.
+                    self._skipped_by = fields
+                    pending.append(_SKIPPING_PENDING)
             elif fields.get("S") in ("FATAL", "PANIC"):
                 return replacement
             return replacement
@@ -1838,6 +1913,27 @@ class Session:
                 return replacement
         raise p.ProtocolError(f"server sent {chr(mtype)!r} where the gateway expected a "
                               f"reply to request kind {kind}")
+
+    async def _skip_to_sync(self, error: dict[str, str]) -> None:
+        """Drop the expectations the server skips after ``error`` (an extended-protocol
+        request failed): all up to the next Sync, or the group that ends with it."""
+        pending = self.pending
+        while pending and pending[0].kind not in _SYNC_KINDS:
+            dropped = pending.popleft()
+            if dropped.kind == K_PARSE and self.gate.masks:
+                self.statements.pop(dropped.name, None)  # (skipped: see the error branch)
+            elif dropped.kind == K_BIND and self.gate.masks:
+                self.portals.pop(dropped.name, None)
+            if dropped.run is not None and not dropped.run.finished:
+                # It never ran (an error at Bind, say, or earlier in the pipeline):
+                # the trail must not record it as a success.
+                if dropped.run.sqlstate is None:
+                    dropped.run.sqlstate = error.get("C")
+                    dropped.run.error = error.get("M")
+                await self._finish(dropped.run)
+        run = pending[0].run if pending and pending[0].kind == K_GROUP else None
+        if run is not None and run.sqlstate is None and not run.finished:
+            run.sqlstate, run.error = error.get("C"), error.get("M")  # (finished at its Z)
 
     async def _on_group_reply(self, head: Pending, mtype: int, buf: bytearray, pos: int,
                               nxt: int) -> None:
@@ -1910,6 +2006,25 @@ def _outcome(outcome: Any) -> Any:
     return _ready(outcome) if isinstance(outcome, Verdict) else outcome
 
 
+# How long a closed session's socket may take to hand over what is still buffered for it.
+CLOSE_GRACE = 2.0
+
+
+def _cut_if_stuck(transport: asyncio.BaseTransport) -> None:
+    """A transport closed with output still buffered stays open until its peer reads it:
+    a client that stops reading would keep the socket (and the buffer) as long as it
+    likes, after its session ended and so outside limits.max_connections. It gets a
+    moment to read, then the socket is cut."""
+    with contextlib.suppress(Exception):
+        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, _abort, transport)
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    with contextlib.suppress(Exception):
+        transport.abort()  # type: ignore[attr-defined]
+
+
 def _write_head(transport: asyncio.Transport, data: bytes | bytearray, buf: bytearray,
                 done: int) -> None:
     """Send the first ``done`` bytes of a read (``data`` is the read, or ``buf`` holding it
@@ -1931,6 +2046,10 @@ def new_session_id() -> str:
 
 
 _ROW_DESCRIPTIONS: dict[bytes, list[p.Field]] = {}
+# Only descriptions up to this size are kept: the cache is shared by every session, and a
+# result of 1,600 columns with long names decodes to ~0.4 MB that one agent could have it
+# keep 4,096 times over (results of ordinary width are far below this).
+_ROW_DESCRIPTION_CACHE_MAX = 2048
 
 
 def _row_description(payload: bytes) -> list[p.Field]:
@@ -1938,7 +2057,9 @@ def _row_description(payload: bytes) -> list[p.Field]:
     over and over, and the decoded fields are never modified."""
     fields = _ROW_DESCRIPTIONS.get(payload)
     if fields is None:
-        if len(_ROW_DESCRIPTIONS) >= 4096:
-            _ROW_DESCRIPTIONS.clear()
-        fields = _ROW_DESCRIPTIONS[payload] = p.decode_row_description(payload)
+        fields = p.decode_row_description(payload)
+        if len(payload) <= _ROW_DESCRIPTION_CACHE_MAX:
+            if len(_ROW_DESCRIPTIONS) >= 4096:
+                _ROW_DESCRIPTIONS.clear()
+            _ROW_DESCRIPTIONS[payload] = fields
     return fields
