@@ -17,25 +17,10 @@ import psycopg
 import pytest
 
 from hoopops.devdb import LocalPostgres
+from tests.clients.gw import logged_in, serves
 from tests.clients.rawpg import RawClient, error_fields, message, query, startup_packet
 from tests.clients.util import poll, psql_args, run, service_backends
 from tests.conftest import RunningGateway, psql_path
-
-
-async def serves(gw: RunningGateway) -> None:
-    """A normal client still gets answers."""
-    conn = await asyncpg.connect(gw.dsn())
-    try:
-        assert await conn.fetchval("select 'still serving'") == "still serving"
-    finally:
-        await conn.close()
-
-
-async def logged_in(gw: RunningGateway) -> RawClient:
-    raw = await RawClient.open(gw.port)
-    reply = await raw.login(gw.token())
-    assert reply.types().endswith(b"Z"), reply.errors()
-    return raw
 
 
 def fatal(rest: bytes) -> dict[str, str]:

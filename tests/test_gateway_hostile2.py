@@ -13,10 +13,10 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from hoopops.devdb import LocalPostgres
+from tests.clients.gw import logged_in, serves
 from tests.clients.rawpg import RawClient, message
 from tests.clients.util import admin, poll, wait_active
 from tests.conftest import RunningGateway
@@ -27,21 +27,6 @@ masking:
   columns:
     "*.nothing_here.secret": redact
 """
-
-
-async def serves(gw: RunningGateway) -> None:
-    conn = await asyncpg.connect(gw.dsn())
-    try:
-        assert await conn.fetchval("select 'still serving'") == "still serving"
-    finally:
-        await conn.close()
-
-
-async def logged_in(gw: RunningGateway) -> RawClient:
-    raw = await RawClient.open(gw.port)
-    reply = await raw.login(gw.token())
-    assert reply.types().endswith(b"Z"), reply.errors()
-    return raw
 
 
 def cstr(text: str) -> bytes:

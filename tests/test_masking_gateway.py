@@ -821,6 +821,18 @@ SQL_NAMED: list[tuple[str, list[str | bytes], bytes]] = [
 ]
 
 
+async def _set_up(client: RawClient, gw: RunningGateway, setup: list[str | bytes]) -> None:
+    """Log in, then run each setup step (SQL text as a simple Query, or raw messages),
+    each failing exactly when it is a _Fails."""
+    login = await client.login(gw.token())
+    assert login.types().endswith(b"Z"), login.errors()
+    for step in setup:
+        data = message(b"Q", step.encode() + b"\0") if isinstance(step, str) else step
+        await client.send(data)
+        done = await client.read_until(b"Z", within=20)
+        assert bool(done.errors()) == isinstance(step, _Fails), (step, done.errors())
+
+
 @pytest.mark.parametrize(("setup", "exchange"), [(s, e) for _, s, e in SQL_NAMED],
                          ids=[name for name, _, _ in SQL_NAMED])
 async def test_sql_named_statements_and_cursors(setup: list[str | bytes], exchange: bytes,
@@ -832,13 +844,7 @@ async def test_sql_named_statements_and_cursors(setup: list[str | bytes], exchan
     refuses that with a clear error, and the session goes on."""
     client = await RawClient.open(masked.port)
     try:
-        login = await client.login(masked.token())
-        assert login.types().endswith(b"Z"), login.errors()
-        for step in setup:
-            data = message(b"Q", step.encode() + b"\0") if isinstance(step, str) else step
-            await client.send(data)
-            done = await client.read_until(b"Z", within=20)
-            assert bool(done.errors()) == isinstance(step, _Fails), (step, done.errors())
+        await _set_up(client, masked, setup)
         await client.send(exchange)
         reply = await client.read_until(b"Z", within=20)
         leaks = piidb.secrets.find(_wire_text(reply.messages))
@@ -975,13 +981,7 @@ async def test_sql_names_used_by_the_protocol(setup: list[str | bytes], exchange
     so what PREPARE / DECLARE said about them is not used (they are masked whole)."""
     client = await RawClient.open(masked.port)
     try:
-        login = await client.login(masked.token())
-        assert login.types().endswith(b"Z"), login.errors()
-        for step in setup:
-            data = message(b"Q", step.encode() + b"\0") if isinstance(step, str) else step
-            await client.send(data)
-            done = await client.read_until(b"Z", within=20)
-            assert bool(done.errors()) == isinstance(step, _Fails), (step, done.errors())
+        await _set_up(client, masked, setup)
         await client.send(exchange)
         reply = await client.read_until(b"Z", within=20)
         assert not reply.errors(), reply.errors()

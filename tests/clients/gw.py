@@ -5,9 +5,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import asyncpg
+
 from hoopops.config import load_config
 from hoopops.devdb import LocalPostgres
+from tests.clients.rawpg import RawClient
 from tests.conftest import AUDIENCE, ISSUER, JWT_SECRET, RunningGateway
+
+
+async def serves(gw: RunningGateway) -> None:
+    """A normal client still gets answers."""
+    conn = await asyncpg.connect(gw.dsn())
+    try:
+        assert await conn.fetchval("select 'still serving'") == "still serving"
+    finally:
+        await conn.close()
+
+
+async def logged_in(gw: RunningGateway) -> RawClient:
+    """A raw-protocol client, logged in and ready for a query."""
+    raw = await RawClient.open(gw.port)
+    reply = await raw.login(gw.token())
+    assert reply.types().endswith(b"Z"), reply.errors()
+    return raw
 
 
 def config_text(targets: dict[str, str], extra: str = "", listen: str = "127.0.0.1:0") -> str:
