@@ -912,7 +912,11 @@ class Session:
 
     async def _on_bind(self, raw: bytes, out: list[bytes]) -> None:
         payload = raw[5:]
-        portal_name, statement_name, result_formats = p.scan_bind(payload)
+        # Walked once: with the values when the audit trail will record them.
+        bind = p.decode_bind(payload) if self.gate.audits else None
+        portal_name, statement_name, result_formats = (
+            (bind.portal, bind.statement, bind.result_formats) if bind is not None
+            else p.scan_bind(payload))
         stmt = self.statements.get(statement_name)
         if stmt is None:
             if self.gate.masks:
@@ -942,7 +946,7 @@ class Session:
         params: BoundParams | None = None
         if verdict is not None and verdict.action == "review" and not (
                 self.gate.session_allows(self, verdict)):
-            params = BoundParams.of(p.decode_bind(payload))
+            params = BoundParams.of(bind or p.decode_bind(payload))
             await self._flush(out)
             verdict = await self._hold(verdict, stmt.sql, params)
             if verdict.action != "allow":
@@ -952,9 +956,9 @@ class Session:
                 self._refuse_extended(verdict.sqlstate, verdict.message, verdict.hint, out)
                 return
             stmt = PreparedInfo(stmt.sql, verdict, stmt.fields)
-        elif self.gate.audits:
+        elif bind is not None:
             # Parameter values are decoded only when the audit trail records them.
-            params = BoundParams.of(p.decode_bind(payload))
+            params = BoundParams.of(bind)
         self.portals[portal_name] = PortalInfo(stmt, params, result_formats)
         self.pending.append(Pending(K_BIND, name=portal_name))
         out.append(raw)
