@@ -26,8 +26,9 @@ NOW = 1778312125.0  # 2026-05-09T07:35:25Z
 def test_agent_text_is_literal_and_control_characters_are_visible() -> None:
     text = plain("[bold]x[/bold] [/foo]\x1b[2J\x07")
     assert isinstance(text, Text)
-    assert text.plain == "[bold]x[/bold] [/foo]·[2J·"
-    assert text.spans == []
+    assert text.plain == "[bold]x[/bold] [/foo]\\x1b[2J\\x07"
+    # No markup styling: the only spans mark the escapes (hoopops.display).
+    assert [(s.start, s.end) for s in text.spans] == [(21, 25), (28, 32)]
     assert one_line("SELECT\n  '[/foo]'\t,  1").plain == "SELECT '[/foo]' , 1"
     assert one_line("x" * 50, limit=10).plain == "x" * 9 + "…"
     assert plain(None).plain == "∅"

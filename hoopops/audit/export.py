@@ -5,6 +5,14 @@ removed, and every row names its schema version (``schema``). ``docs/audit.md`` 
 each field. In JSON Lines, nested values (groups, params, facts, the result sample, the
 masking actions) are JSON; in CSV they are the same JSON as text, empty cells are null,
 and booleans are ``true``/``false``.
+
+CSV and spreadsheets: a cell starting with ``=``, ``+``, ``-`` or ``@`` (or a tab or
+carriage return) is a formula to Excel, LibreOffice and Google Sheets, and agents choose
+the SQL, names and error texts that land in cells (``=HYPERLINK(...)``, ``=cmd|...``).
+So a text cell starting with one of those characters, or with ``'``, is written with one
+``'`` in front, which spreadsheets show as text and do not evaluate. The data stays exact:
+to read a text cell back, drop one leading ``'`` if there is one. Numbers, booleans and
+JSON cells are never prefixed; JSON Lines is never changed.
 """
 
 from __future__ import annotations
@@ -89,6 +97,11 @@ def record_row(r: sqlite3.Row) -> dict[str, Any]:
             "prev_hash": r["prev_hash"], "hash": r["hash"]}
 
 
+# Leading characters that make a spreadsheet read a cell as a formula (OWASP's list), and
+# the quote itself, so that one leading quote can always be dropped to get the value back.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -96,6 +109,8 @@ def _cell(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value  # see the module docstring
     return str(value)
 
 
@@ -116,8 +131,10 @@ class RowWriter:
         if self.format == "csv":
             self._csv.writerow([_cell(row[f]) for f in self.fields])
         else:
+            # ASCII with \u escapes: the same values, and a line printed to a terminal
+            # cannot carry the agent's control or bidi characters to it raw.
             self._buffer.write(json.dumps({f: row[f] for f in self.fields},
-                                          ensure_ascii=False, separators=(",", ":")))
+                                          ensure_ascii=True, separators=(",", ":")))
             self._buffer.write("\n")
         self.pending += 1
 

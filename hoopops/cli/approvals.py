@@ -17,6 +17,7 @@ from hoopops.approvals import ApprovalBroker, ApprovalError, Decision
 from hoopops.audit import ApprovalView, AuditError, SQLiteAuditStore
 from hoopops.cli.common import add_config_argument, fail, load_config_or_exit, print_json
 from hoopops.config import Config
+from hoopops.display import folded, terminal
 from hoopops.events import EventBus
 
 
@@ -83,8 +84,9 @@ def _list(args: argparse.Namespace) -> int:
             print("no statements are waiting for approval")
             return 0
         now = time.time()
-        rows = [[f"#{a.id}", f"{max(0, int(a.expires_at - now))}s", a.subject,
-                 a.rule_id or "-", a.session_id, " ".join(a.sql.split())[:70]]
+        rows = [[f"#{a.id}", f"{max(0, int(a.expires_at - now))}s", terminal(a.subject),
+                 terminal(a.rule_id or "-"), terminal(a.session_id),
+                 folded(a.sql, 70)]
                 for a in pending]
         headers = ["ID", "EXPIRES IN", "IDENTITY", "RULE", "SESSION", "SQL"]
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -149,11 +151,11 @@ def _report(view: ApprovalView, as_json: bool) -> None:
         return
     if view.status == "approved":
         scope = "for the rest of the session" if view.scope == "session" else "once"
-        print(f"approved #{view.id} {scope} (by {view.decided_by}); the gateway releases the "
-              "statement within a second")
+        print(f"approved #{view.id} {scope} (by {terminal(view.decided_by)}); the gateway "
+              "releases the statement within a second")
     else:
-        why = f": {view.comment}" if view.comment else ""
-        print(f"denied #{view.id} (by {view.decided_by}){why}")
+        why = f": {terminal(view.comment)}" if view.comment else ""
+        print(f"denied #{view.id} (by {terminal(view.decided_by)}){why}")
 
 
 def _approve(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from hoopops.audit import (
 from hoopops.audit.records import iso
 from hoopops.cli.common import add_config_argument, fail, load_config_or_exit, print_json
 from hoopops.config import Config, parse_duration
+from hoopops.display import folded, terminal
 
 
 def when(text: str) -> float:
@@ -84,7 +86,9 @@ def register(subparsers: Any) -> None:
     add_config_argument(p)
     add_filters(p)
     p.add_argument("--session", metavar="SESSION", help="only this session")
-    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                   help="jsonl (default) or csv; in CSV a text cell starting with = + - @ "
+                   "or ' gets one leading ' so spreadsheets never run it as a formula")
     p.add_argument("--records", action="store_true",
                    help="export the raw hash-chained records instead of one row per statement")
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
@@ -137,13 +141,15 @@ async def _with_store(config: Config, args: argparse.Namespace, handler: Handler
         return await handler(store, args)
     except AuditError as exc:
         return fail(str(exc))
+    except sqlite3.DatabaseError as exc:
+        return fail(f"the audit store {store.path} is damaged (SQLite: {exc}); run hoopops "
+                    "audit verify, and restore the file from a backup")
     finally:
         await store.close()
 
 
 def _short(text: str | None, width: int) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+    return folded(text, width)
 
 
 def _stamp(epoch: float | None) -> str:
@@ -151,6 +157,8 @@ def _stamp(epoch: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
+    # Every cell may be agent text (subject, application name): one line, escapes shown.
+    rows = [[terminal(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     for line in [headers, *rows]:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip())
@@ -193,14 +201,15 @@ async def _show(store: SQLiteAuditStore, args: argparse.Namespace) -> int:
 
 
 def _print_session(s: SessionView) -> None:
-    print(f"session {s.id}")
-    print(f"  identity   {s.subject}  groups: {', '.join(s.groups) or '-'}  issuer: "
-          f"{s.issuer or '-'}  token: {s.token_id or '-'}")
-    print(f"  client     {s.client_addr or '-'}:{s.client_port or '-'}  user: "
-          f"{s.claimed_user or '-'}  application: {s.application_name or '-'}  "
+    t = terminal  # agent text (identity fields, startup parameters) shown, never obeyed
+    print(f"session {t(s.id)}")
+    print(f"  identity   {t(s.subject)}  groups: {t(', '.join(s.groups)) or '-'}  issuer: "
+          f"{t(s.issuer or '-')}  token: {t(s.token_id or '-')}")
+    print(f"  client     {t(s.client_addr or '-')}:{s.client_port or '-'}  user: "
+          f"{t(s.claimed_user or '-')}  application: {t(s.application_name or '-')}  "
           f"tls: {'yes' if s.tls else 'no'}")
-    print(f"  target     {s.target}")
-    ended = "still open" if s.open else f"{_stamp(s.ended_at)} ({s.end_reason})"
+    print(f"  target     {t(s.target)}")
+    ended = "still open" if s.open else f"{_stamp(s.ended_at)} ({t(s.end_reason)})"
     print(f"  started    {_stamp(s.started_at)}   ended: {ended}")
     if not s.open:
         print(f"  traffic    {s.bytes_in} bytes in, {s.bytes_out} bytes out")
@@ -209,23 +218,26 @@ def _print_session(s: SessionView) -> None:
 
 def _print_statement(t: StatementView) -> None:
     print()
-    rule = f" rule {t.rule_id}" if t.rule_id else ""
+    rule = f" rule {terminal(t.rule_id)}" if t.rule_id else ""
     print(f"#{t.seq}  {_stamp(t.received_at)}  {t.decision}{rule}  (record #{t.id})")
-    for line in t.sql.strip().splitlines() or [""]:
+    # Line feeds and tabs keep their layout; everything a terminal would obey (or that
+    # shows as nothing) is spelled out, and floods of blank lines are counted.
+    for line in terminal(t.sql.strip(), layout=True).split("\n"):
         print(f"    {line}")
     if t.params is not None:
-        print(f"    params: {json.dumps(t.params, ensure_ascii=False)}")
+        print(f"    params: {terminal(json.dumps(t.params, ensure_ascii=False))}")
     if t.approval is not None:
         a = t.approval
-        decided = f" by {a.decided_by}" if a.decided_by else ""
+        decided = f" by {terminal(a.decided_by)}" if a.decided_by else ""
         scope = f" ({a.scope})" if a.scope else ""
-        comment = f": {a.comment}" if a.comment else ""
+        comment = f": {terminal(a.comment)}" if a.comment else ""
         print(f"    approval #{a.id} {a.status}{scope}{decided} at {_stamp(a.decided_at)}"
               f"{comment}")
     if t.finished:
-        outcome = (f"error {t.sqlstate}: {t.error_message}" if t.sqlstate
-                   else f"{t.command_tag or 'done'}, {t.rows if t.rows is not None else '-'} "
-                   "row(s)")
+        # Error texts quote the agent's input.
+        outcome = (f"error {t.sqlstate}: {terminal(t.error_message)}" if t.sqlstate
+                   else f"{terminal(t.command_tag or 'done')}, "
+                   f"{t.rows if t.rows is not None else '-'} row(s)")
         duration = f"{t.duration_ms:.1f} ms" if t.duration_ms is not None else "not run"
         print(f"    result: {outcome}  ({duration})")
         if t.result_sha256:
@@ -235,7 +247,8 @@ def _print_statement(t: StatementView) -> None:
     else:
         print("    result: none recorded")
     for m in t.masking:
-        print(f"    masked {m.column_or_detector} with {m.strategy} x{m.count}")
+        print(f"    masked {terminal(m.column_or_detector)} with {terminal(m.strategy)} "
+              f"x{m.count}")
 
 
 async def _export(store: SQLiteAuditStore, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from hoopops.config import Config, ConfigError, load_config
+from hoopops.display import terminal
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -30,5 +31,6 @@ def print_json(value: Any) -> None:
 
 
 def fail(message: str, status: int = 1) -> int:
-    print(f"hoopops: {message}", file=sys.stderr)
+    # Messages quote what they failed on (session ids, store errors): never raw.
+    print(f"hoopops: {terminal(message, layout=True)}", file=sys.stderr)
     return status

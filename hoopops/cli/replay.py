@@ -12,6 +12,7 @@ from typing import Any
 
 from hoopops.cli.audit import when
 from hoopops.cli.common import add_config_argument, fail, load_config_or_exit, print_json
+from hoopops.display import terminal
 from hoopops.replay import (
     PolicyDiffReport,
     ReplayError,
@@ -96,7 +97,8 @@ def _show(report: ReplayReport | PolicyDiffReport, as_json: bool) -> int:
     if as_json:
         print_json(report.to_json())
     else:
-        print(report.render())
+        # The report quotes recorded SQL, values and errors: shown, never obeyed.
+        print(terminal(report.render(), layout=True))
     return report.exit_status
 
 

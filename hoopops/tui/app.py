@@ -24,12 +24,14 @@ from rich.text import Text
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
+from textual.notifications import SeverityLevel
 from textual.screen import ModalScreen, Screen
 from textual.timer import Timer
 from textual.worker import Worker, WorkerState
 
 from hoopops import events
 from hoopops.audit.records import ApprovalView
+from hoopops.display import terminal
 from hoopops.tui.format import one_line
 from hoopops.tui.screens.confirm import Confirm
 from hoopops.tui.screens.connect import ConnectScreen
@@ -123,6 +125,14 @@ class ConsoleApp(App[None]):
         self.sandbox_dsn: str | None = None
 
     # -- start and stop ------------------------------------------------------------------
+
+    def notify(self, message: str, *, title: str = "", severity: SeverityLevel = "information",
+               timeout: float | None = None, markup: bool = True) -> None:
+        """Every toast goes through here (screens' and widgets' ``notify`` too). Many
+        quote agent text (a subject, a statement, an error): never markup, and escapes
+        spelled out (``hoopops.display``), whatever the caller passed."""
+        super().notify(terminal(message, layout=True), title=terminal(title),
+                       severity=severity, timeout=timeout, markup=False)
 
     def _apply_keymap(self, keymap: dict[str, str]) -> list[str]:
         known = binding_ids()

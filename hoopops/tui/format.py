@@ -8,6 +8,7 @@ Everything an agent controls (SQL, values, application names, subjects) becomes 
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import time
 from datetime import UTC, datetime
@@ -17,27 +18,53 @@ from rich.text import Text
 
 from hoopops.audit.records import Filters
 from hoopops.config import parse_duration
+from hoopops.display import visible
 
 # Beyond this, pretty-printing (a full parse) is not worth blocking the loop for.
 _PRETTY_LIMIT = 20_000
 # Beyond this, the screen shows the head only (the export and the store have it all).
 _SHOW_LIMIT = 100_000
-_CONTROL = {i: "·" for i in range(32) if i not in (9, 10)} | {127: "·"}
+# How escapes and flood counts (hoopops.display) look: never like the agent's own text.
+MARK_STYLE = "bold reverse red"
 
 
-def plain(value: object, limit: int | None = None) -> Text:
-    """Any value as literal text (never markup), control characters made visible."""
-    text = "∅" if value is None else str(value)
-    text = text.translate(_CONTROL)
+def shown(value: str, *, layout: bool = False, style: str = "") -> Text:
+    """Agent text as a ``Text``: never markup, every character a terminal would obey (or
+    that shows as nothing) spelled out and marked (see ``hoopops.display``)."""
+    safe = visible(value, layout=layout)
+    text = Text(safe.text, style=style)
+    for start, end in safe.marks:
+        text.stylize(MARK_STYLE, start, end)
+    return text
+
+
+def plain(value: object, limit: int | None = None, *, layout: bool = True,
+          style: str = "") -> Text:
+    """Any value as literal text (never markup), control characters made visible.
+
+    ``layout=False`` escapes line feeds and tabs too: for table cells, which show one
+    line and would silently hide whatever follows a line feed."""
+    if value is None:
+        return Text("∅", style="dim italic")
+    text = str(value)
     if limit is not None and len(text) > limit:
-        text = text[: max(1, limit - 1)] + "…"
-    return Text(text, style="dim italic" if value is None else "")
+        # Cut before escaping (escapes only lengthen it), then cut the escaped form.
+        text = text[:limit]
+        cut = shown(text, layout=layout, style=style)
+        cut.truncate(max(1, limit - 1))
+        cut.append("…")
+        return cut
+    return shown(text, layout=layout, style=style)
 
 
 def one_line(sql: str, limit: int = 200) -> Text:
     """A statement squeezed onto one line for a table cell."""
     # Only the head can show; never split a multi-megabyte statement every refresh.
-    return plain(" ".join(sql[: limit * 4].split()), limit)
+    # Only layout whitespace folds into a space: anything else is spelled out (plain).
+    return plain(_LAYOUT_SPACE.sub(" ", sql[: limit * 4]).strip(" "), limit, layout=False)
+
+
+_LAYOUT_SPACE = re.compile(r"[ \t\r\n]+")
 
 
 def pretty_sql(sql: str) -> str:
@@ -63,14 +90,25 @@ def highlighted_sql(sql: str, pretty: bool = True) -> Text:
 
 @functools.lru_cache(maxsize=256)
 def _highlighted(sql: str, pretty: bool) -> Text:
-    cut = len(sql) > _SHOW_LIMIT
-    code = sql[:_SHOW_LIMIT] if cut else (pretty_sql(sql) if pretty else sql)
-    code = code.translate(_CONTROL)
+    shown_chars = min(len(sql), _SHOW_LIMIT)
+    code = sql[:shown_chars] if len(sql) > shown_chars else (pretty_sql(sql) if pretty
+                                                            else sql)
+    safe = visible(code, layout=True)
+    if len(safe.text) > _SHOW_LIMIT:
+        # Escapes take up to ten characters each: show as much of the head as fits the
+        # same budget, or a statement of escapes costs the gateway's loop seconds.
+        # (As sent, not pretty-printed: the pretty form is for statements that fit.)
+        shown_chars = max(1, min(shown_chars, len(code) * _SHOW_LIMIT // len(safe.text)))
+        safe = visible(sql[:shown_chars], layout=True)
+    cut = shown_chars < len(sql)
+    code = safe.text
     text = Syntax(code, "sql", theme="ansi_dark", word_wrap=True,
                   background_color="default").highlight(code)
+    for start, end in safe.marks:
+        text.stylize(MARK_STYLE, start, end)
     text.rstrip()
     if cut:
-        text.append(f"\n… {len(sql) - _SHOW_LIMIT:,} more characters (export the session "
+        text.append(f"\n… {len(sql) - shown_chars:,} more characters (export the session "
                     "for the full text)", style="bold yellow")
     return text
 

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 
-from hoopops.tui.format import one_line
+from hoopops.tui.format import one_line, plain
 from hoopops.tui.screens.confirm import Confirm
 from hoopops.tui.screens.deny_prompt import DenyPrompt
 from hoopops.tui.widgets.approval_detail import ApprovalDetail
@@ -190,7 +190,7 @@ class DashboardScreen(Screen[None]):
         question = Text("Kill session ", style="bold")
         question.append(session_id[:12])
         question.append(" of ")
-        question.append(who, style="bold")
+        question.append_text(plain(who, 80, layout=False, style="bold"))
         question.append("?")
         detail = Text("The agent gets a FATAL error and its running query is cancelled.",
                       style="dim")

@@ -12,7 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Static
 
 from hoopops.audit.records import ApprovalView
-from hoopops.tui.format import one_line
+from hoopops.tui.format import one_line, plain
 
 
 class DenyPrompt(ModalScreen[str | None]):
@@ -33,7 +33,8 @@ class DenyPrompt(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="deny-box"):
             title = Text(f"Deny approval #{self.approval.id}", style="bold")
-            title.append(f"  ({self.approval.subject})", style="dim")
+            title.append_text(plain(f"  ({self.approval.subject})", 84, layout=False,
+                                    style="dim"))
             yield Static(title, id="deny-title")
             yield Static(one_line(self.approval.sql, 160), id="deny-sql")
             yield Input(placeholder="reason (optional, shown to the agent and audited)",

@@ -42,7 +42,7 @@ def summary_text(report: ReplayReport) -> Text:
 
 def head_text(report: ReplayReport) -> Text:
     text = Text("Sandbox replay ", style="bold")
-    text.append(report.subject, style="bold")
+    text.append_text(plain(report.subject, 80, layout=False, style="bold"))
     text.append(f" → {report.target}  session {report.session_id[:12]}  into ")
     text.append(report.sandbox)  # password-free (Upstream.display)
     text.append("\npolicies: ", style="dim")
@@ -90,8 +90,8 @@ def detail(st: StatementReplay) -> RenderableType:
                                     style="dim"))
     if st.error_now:
         grid.add_row("error now", plain(st.error_now, 500))
-    masking = Text(f"then {masking_text(st.masking_then)}   now "
-                   f"{masking_text(st.masking_now)}")
+    masking = plain(f"then {masking_text(st.masking_then)}   now "
+                    f"{masking_text(st.masking_now)}", layout=False)
     if st.masking_drift:
         masking.stylize(DRIFT_STYLE)
     grid.add_row("masking", masking)

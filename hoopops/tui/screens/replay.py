@@ -20,7 +20,7 @@ from textual.widgets import Footer, Static
 from textual.worker import get_current_worker
 
 from hoopops.audit.records import SessionView, StatementView
-from hoopops.tui.format import stamp
+from hoopops.tui.format import plain, stamp
 from hoopops.tui.source import SourceError
 from hoopops.tui.widgets.result_grid import ResultGrid
 from hoopops.tui.widgets.step_view import StepView
@@ -151,19 +151,22 @@ class ReplayScreen(Screen[None]):
         s = self.session
         head = Text("Replay ", style="bold")
         if s is not None:
-            head.append(s.subject, style="bold")
-            head.append(f" → {s.target}  ")
+            head.append_text(plain(s.subject, 80, layout=False, style="bold"))
+            head.append(" → ")
+            head.append_text(plain(s.target, 80, layout=False))
+            head.append("  ")
             head.append(f"{stamp(s.started_at)}Z", style="dim")
             head.append("  session ")
             head.append(s.id[:12])
             if s.application_name:
                 head.append("  ")
-                head.append(s.application_name, style="dim")
+                head.append_text(plain(s.application_name, 80, layout=False,
+                                       style="dim"))
             if s.ended_at is None:
                 head.append("  (still open)", style="yellow")
             elif s.end_reason:
                 head.append("  ended: ")
-                head.append(s.end_reason, style="dim")
+                head.append_text(plain(s.end_reason, 200, layout=False, style="dim"))
         else:
             head.append(f"session {self.session_id[:12]}")
             if self._loaded:

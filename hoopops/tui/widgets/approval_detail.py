@@ -11,6 +11,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from hoopops.audit.records import ApprovalView
+from hoopops.display import hidden_characters
 from hoopops.tui.format import clock, countdown, highlighted_sql, plain
 
 
@@ -98,9 +99,10 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
         title.append_text(countdown(a.expires_at, now))
         title.append(f"  requested {clock(a.created_at)}", style="dim")
         head.add_row("approval", title)
-        who = plain(a.subject)
+        who = plain(a.subject, 80, layout=False)
         if a.groups:
-            who.append(f"  ({', '.join(a.groups)})", style="dim")
+            who.append_text(plain(f"  ({', '.join(a.groups)})", 200, layout=False,
+                                  style="dim"))
         head.add_row("identity", who)
         head.add_row("session", plain(a.session_id[:12]))
         if self.target:
@@ -116,6 +118,12 @@ class ApprovalDetail(VerticalScroll, can_focus=True):
         masking = masking_summary(self.facts)
         if masking:
             head.add_row("masked", plain(masking))
+        hidden = hidden_characters(a.sql)
+        if hidden:
+            # Bidi controls can make the statement read differently from how it runs.
+            head.add_row(Text("warning", style="bold red"),
+                         Text(f"the statement contains {hidden}, shown as escapes",
+                              style="bold red"))
         if a.params:
             head.add_row("params", plain(", ".join(_param(p) for p in a.params), 400))
         keys = Text("a", style="bold reverse")

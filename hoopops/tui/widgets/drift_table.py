@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 from rich.text import Text
 from textual.binding import Binding, BindingType
 
-from hoopops.tui.format import DECISION_STYLES, one_line
+from hoopops.tui.format import DECISION_STYLES, one_line, plain
 from hoopops.tui.widgets.keyed_table import KeyedTable
 
 if TYPE_CHECKING:
@@ -50,13 +50,14 @@ def result_cell(st: StatementReplay) -> Text:
 def masking_cell(st: StatementReplay) -> Text:
     then = masking_text(st.masking_then)
     if not st.compared or st.masking_now is None:
-        return Text(then, style="dim")
+        return plain(then, layout=False, style="dim")
     if st.masking_drift:
-        text = Text(then)
+        text = plain(then, layout=False)
         text.append(" → ", style="dim")
-        text.append(masking_text(st.masking_now), style=DRIFT_STYLE)
+        text.append_text(plain(masking_text(st.masking_now), layout=False, style=DRIFT_STYLE))
         return text
-    return Text(then if st.masking_then else "none", style="" if st.masking_then else "dim")
+    return plain(then if st.masking_then else "none", layout=False,
+                 style="" if st.masking_then else "dim")
 
 
 class DriftTable(KeyedTable):

@@ -42,13 +42,13 @@ class HistoryTable(KeyedTable):
         for s in sessions:
             client = f"{s.client_addr}:{s.client_port}" if s.client_addr else ""
             rows.append((s.id, (
-                Text(stamp(s.started_at)), plain(s.subject, 40), plain(s.target),
+                Text(stamp(s.started_at)), plain(s.subject, 40, layout=False), plain(s.target),
                 Text(str(s.statements)),
                 Text(str(s.blocked), style="bold red" if s.blocked else "dim"),
                 Text(str(s.reviewed), style="bold yellow" if s.reviewed else "dim"),
                 Text(stamp(s.ended_at)) if s.ended_at is not None
                 else Text("open", style="green"),
-                plain(s.application_name or "", 60), plain(client),
-                plain(s.end_reason or "", 120))))
+                plain(s.application_name or "", 60, layout=False), plain(client, layout=False),
+                plain(s.end_reason or "", 120, layout=False))))
         # Newest first, as the store returns them; a refresh adds new sessions on top.
         self.sync(rows, sort_column="started", sort_key=lambda c: c.plain, reverse=True)

@@ -36,7 +36,7 @@ class MaskingHit:
 
 def _cell(value: object, width: int) -> str:
     # plain(): control characters made visible, long values cut with an ellipsis.
-    return plain(value, width).plain.ljust(width)
+    return plain(value, width, layout=False).plain.ljust(width)
 
 
 def hit_line(hit: MaskingHit) -> str:

@@ -45,9 +45,11 @@ class SessionsTable(KeyedTable):
             if s.blocked:
                 statements.append(f"/{s.blocked}", style="red")
             rows.append((s.id, (
-                plain(s.subject, 40), state_text(s.state), plain(s.target), Text(ago(
+                plain(s.subject, 40, layout=False), state_text(s.state), plain(s.target),
+                Text(ago(
                     s.started_at, now)), statements, one_line(s.last_sql, 300),
-                plain(",".join(s.groups), 60), plain(s.client), plain(s.application, 60))))
+                plain(",".join(s.groups), 60, layout=False), plain(s.client, layout=False),
+                plain(s.application, 60, layout=False))))
         return rows
 
     def show(self, sessions: Sequence[LiveSession], now: float) -> None:

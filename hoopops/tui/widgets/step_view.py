@@ -26,12 +26,12 @@ def _approval(s: StatementView) -> Text:
         text.append(f" ({a.scope})")
     if a.decided_by:
         text.append(" by ")
-        text.append(a.decided_by, style="bold")
+        text.append_text(plain(a.decided_by, 80, layout=False, style="bold"))
     if a.decided_at is not None:
         text.append(f" at {stamp(a.decided_at)}Z", style="dim")
     if a.comment:
         text.append(": ")
-        text.append(a.comment)
+        text.append_text(plain(a.comment, 500))
     return text
 
 
@@ -42,7 +42,7 @@ def _masking(s: StatementView) -> Text:
     for index, m in enumerate(s.masking):
         if index:
             text.append(", ")
-        text.append(m.column_or_detector, style="cyan")
+        text.append_text(plain(m.column_or_detector, 80, layout=False, style="cyan"))
         text.append(f" {m.strategy} x{m.count}")
     return text
 
@@ -53,7 +53,7 @@ def _outcome(s: StatementView) -> Text:
                     style="dim")
     parts: list[Text] = []
     if s.command_tag:
-        parts.append(Text(s.command_tag, style="bold"))
+        parts.append(plain(s.command_tag, 80, layout=False, style="bold"))
     elif s.sqlstate:
         parts.append(Text("refused" if s.decision in ("block", "review") else "failed",
                           style="bold red"))
@@ -63,7 +63,8 @@ def _outcome(s: StatementView) -> Text:
         parts.append(Text(f"{s.duration_ms:.1f} ms"))
     if s.sqlstate:
         error = Text(f"{s.sqlstate} ", style="bold red")
-        error.append(s.error_message or "", style="red")
+        # Error texts quote the agent's input.
+        error.append_text(plain(s.error_message or "", 2000, style="red"))
         parts.append(error)
     return Text("  ").join(parts)
 
@@ -84,7 +85,7 @@ class StepView(Static):
         decision = decision_text(s.decision)
         if s.rule_id:
             decision.append("  rule ")
-            decision.append(s.rule_id, style="bold")
+            decision.append_text(plain(s.rule_id, 80, layout=False, style="bold"))
         grid.add_row("decision", decision)
         grid.add_row("approval", _approval(s))
         grid.add_row("masking", _masking(s))
