@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -166,8 +167,11 @@ class ApprovalBroker:
         self.poll_interval = poll_interval
         self.clock = clock
         self._pending: dict[int, PendingApproval] = {}
-        # session id -> fingerprint -> the approval that granted it for the session
-        self._grants: dict[str, dict[str, int]] = {}
+        # session id -> (fingerprint, rule) -> the approval that granted it for the session.
+        # The rule is part of the grant: after a reload that reviews the same statement
+        # under another rule (another reason to look), the analyst's earlier yes is not
+        # an answer to the new question.
+        self._grants: dict[str, dict[tuple[str, str | None], int]] = {}
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -234,13 +238,14 @@ class ApprovalBroker:
 
     # --- session scope -------------------------------------------------------------------
 
-    def session_allows(self, session_id: str, fingerprint: str) -> bool:
-        return self.session_approval(session_id, fingerprint) is not None
+    def session_allows(self, session_id: str, fingerprint: str, rule_id: str | None) -> bool:
+        return self.session_approval(session_id, fingerprint, rule_id) is not None
 
-    def session_approval(self, session_id: str, fingerprint: str) -> int | None:
-        """The approval that granted this fingerprint for the rest of the session, if any
-        (record it as the statement's ``approval_id``)."""
-        return self._grants.get(session_id, {}).get(fingerprint)
+    def session_approval(self, session_id: str, fingerprint: str,
+                         rule_id: str | None) -> int | None:
+        """The approval that granted this fingerprint, under this rule, for the rest of the
+        session, if any (record it as the statement's ``approval_id``)."""
+        return self._grants.get(session_id, {}).get((fingerprint, rule_id))
 
     async def session_closed(self, session_id: str, reason: str = "session closed") -> None:
         """Withdraw the session's held statements and forget its grants."""
@@ -266,6 +271,9 @@ class ApprovalBroker:
         decided_by = (decided_by or "").strip()
         if not decided_by:
             raise ApprovalError("a decision must name who made it")
+        if any(unicodedata.category(c) in ("Cc", "Cf") for c in decided_by):
+            raise ApprovalError(f"the name {decided_by!r} contains invisible or control "
+                                "characters; decide under your plain name")
         view = await self.store.get_approval(approval_id)
         if view is None:
             raise ApprovalError(f"no approval #{approval_id}")
@@ -274,7 +282,7 @@ class ApprovalBroker:
             raise ApprovalError(f"approval #{approval_id} is no longer pending: it was "
                                 f"{view.status}{by}")
         approving = decision is not Decision.DENIED
-        if approving and decided_by.casefold() == view.subject.casefold():
+        if approving and same_person(decided_by, view.subject):
             raise ApprovalError(f"{decided_by} requested approval #{approval_id} and cannot "
                                 "approve it; another analyst must decide")
         now = self.clock()
@@ -320,7 +328,8 @@ class ApprovalBroker:
         decision = _decision_of(view)
         outcome = self._outcome(pending, decision, view.decided_by, view.comment)
         if decision is Decision.APPROVED_SESSION:
-            self._grants.setdefault(pending.session_id, {})[pending.fingerprint] = pending.id
+            self._grants.setdefault(pending.session_id, {})[
+                (pending.fingerprint, pending.view.rule_id)] = pending.id
         self._finish(pending, outcome)
         self._publish_decided(view)
         return outcome
@@ -381,6 +390,17 @@ class ApprovalBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+
+
+def same_person(a: str, b: str) -> bool:
+    """Whether two names read as the same to a person: compatibility forms (fullwidth
+    letters, roman numerals), invisible characters, spacing and case do not tell people
+    apart, so they must not get a requester past four eyes either."""
+    def plain(name: str) -> str:
+        folded = unicodedata.normalize("NFKC", name)
+        return "".join(c for c in folded if unicodedata.category(c) not in ("Cc", "Cf")
+                       and not c.isspace()).casefold()
+    return plain(a) == plain(b)
 
 
 def _decision_of(view: ApprovalView) -> Decision:

@@ -21,6 +21,7 @@ from hoopops.identity import Identity
 AGENT = Identity(subject="agent-7", groups=("agents",), issuer="https://idp", token_id="t1",
                  expires_at=None)
 SQL = "DELETE FROM orders WHERE id = $1"
+RULE = "writes-need-review"
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ async def held(broker: ApprovalBroker, store: SQLiteAuditStore, sid: str, sql: s
                params: list[str | None] | None = None, fingerprint: str = "fp-delete"):
     params = ["42"] if params is None else params
     stmt = await store.statement_received(StatementRecord(
-        sid, 1, time.time(), sql, params, {}, "review", "writes-need-review"))
-    return await broker.create(sid, AGENT, sql, params, fingerprint, "writes-need-review",
+        sid, 1, time.time(), sql, params, {}, "review", RULE))
+    return await broker.create(sid, AGENT, sql, params, fingerprint, RULE,
                                "writes to orders", statement_id=stmt)
 
 
@@ -76,7 +77,7 @@ async def test_approve_once(broker: ApprovalBroker, store: SQLiteAuditStore,
     assert outcome.decision is Decision.APPROVED_ONCE and outcome.approved
     assert outcome.sqlstate is None and outcome.decided_by == "analyst"
     assert outcome.authorises(sid, AGENT, SQL, ["42"])
-    assert not broker.session_allows(sid, "fp-delete")
+    assert not broker.session_allows(sid, "fp-delete", RULE)
     decided = await feed.get()
     assert decided.data == {"approval_id": pending.id, "session_id": sid,
                             "decision": "approved_once", "decided_by": "analyst",
@@ -92,12 +93,12 @@ async def test_approve_for_the_session(broker: ApprovalBroker, store: SQLiteAudi
     await broker.decide(pending.id, "approved_session", "analyst")
     outcome = await pending.wait()
     assert outcome.decision is Decision.APPROVED_SESSION
-    assert broker.session_allows(sid, "fp-delete")
-    assert broker.session_approval(sid, "fp-delete") == pending.id
-    assert not broker.session_allows(sid, "fp-other")
-    assert not broker.session_allows(other, "fp-delete")
+    assert broker.session_allows(sid, "fp-delete", RULE)
+    assert broker.session_approval(sid, "fp-delete", RULE) == pending.id
+    assert not broker.session_allows(sid, "fp-other", RULE)
+    assert not broker.session_allows(other, "fp-delete", RULE)
     await broker.session_closed(sid)
-    assert not broker.session_allows(sid, "fp-delete")
+    assert not broker.session_allows(sid, "fp-delete", RULE)
 
 
 async def test_deny(broker: ApprovalBroker, store: SQLiteAuditStore) -> None:
@@ -217,7 +218,7 @@ async def test_an_approval_cannot_be_replayed(broker: ApprovalBroker,
     impostor = Identity("agent-8", (), AGENT.issuer, None, None)
     assert not outcome.authorises(sid, impostor, SQL, ["42"])
     # Not again: the same statement later in the session needs its own approval ...
-    assert not broker.session_allows(sid, "fp-delete")
+    assert not broker.session_allows(sid, "fp-delete", RULE)
     second = await held(broker, store, sid)
     assert second.id != first.id and not second.done
     # ... and the spent approval cannot be decided again.
@@ -227,8 +228,8 @@ async def test_an_approval_cannot_be_replayed(broker: ApprovalBroker,
     third = await held(broker, store, other)
     await broker.decide(third.id, Decision.APPROVED_SESSION, "analyst")
     await third.wait()
-    assert broker.session_allows(other, "fp-delete") and not broker.session_allows(
-        sid, "fp-delete")
+    assert broker.session_allows(other, "fp-delete", RULE) and not broker.session_allows(
+        sid, "fp-delete", RULE)
 
 
 async def test_decision_from_another_store_instance_is_noticed(
@@ -278,7 +279,7 @@ async def test_works_in_process_with_audit_disabled(bus: EventBus) -> None:
     broker = ApprovalBroker(NullAuditStore(), bus, timeout=5, poll_interval=0.05)
     pending = await broker.create("s", AGENT, SQL, None, "fp", None, None)
     await broker.decide(pending.id, Decision.APPROVED_SESSION, "analyst")
-    assert (await pending.wait()).approved and broker.session_allows("s", "fp")
+    assert (await pending.wait()).approved and broker.session_allows("s", "fp", None)
     await broker.close()
 
 

@@ -97,7 +97,7 @@ async def test_session_scope_and_deny_from_another_process(setup) -> None:
     assert (await asyncio.wait_for(first.wait(), 5)).decision is Decision.APPROVED_SESSION
     denied = await asyncio.wait_for(second.wait(), 5)
     assert denied.decision is Decision.DENIED and "not on prod" in denied.message
-    assert broker.session_allows(sid, "fp-del")
+    assert broker.session_allows(sid, "fp-del", "writes")
 
 
 async def test_requester_cannot_approve_from_the_cli(setup) -> None:

@@ -211,3 +211,32 @@ async def test_results_are_reported_without_audit(gateway_factory: Any) -> None:
         sub.close()
     assert (3, "SELECT 3", None) in seen
     assert seen[-3:] == [(2, "SELECT 2", None), (5, "SELECT 5", None), (1, None, "22012")]
+
+
+async def test_a_statement_the_server_refuses_at_parse_is_recorded_once(
+        gateway_factory: Any) -> None:
+    """asyncpg prepares first (Parse, Describe, Sync) and never sends the Execute of a
+    statement whose Parse failed: the trail still has it, with the server's SQLSTATE. A
+    client that sends Parse, Bind, Execute and Sync together gets one record, not two."""
+    gw: RunningGateway = await gateway_factory(audit=True)
+    conn = await asyncpg.connect(gw.dsn())
+    try:
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await conn.fetch("SELECT * FROM no_such_table /* q:prepare */")
+        with pytest.raises(asyncpg.UndefinedTableError):
+            await conn.fetch("SELECT * FROM no_such_table WHERE 1 = $1 /* q:prepare2 */", 1)
+        assert await conn.fetchval("SELECT 7 /* q:after */") == 7
+    finally:
+        await conn.close()
+    pconn = await psycopg.AsyncConnection.connect(gw.dsn(), autocommit=True)
+    async with pconn:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await pconn.execute("SELECT * FROM no_such_table WHERE 1 = %s /* q:group */", (1,))
+    trail = await _trail(gw)
+    for mark in ("prepare", "prepare2", "group"):
+        records = _marked(trail, mark)
+        assert len(records) == 1, (mark, records)
+        assert records[0]["sqlstate"] == "42P01" and records[0]["decision"] == "allow", records
+    assert _marked(trail, "after")[0]["sqlstate"] is None
+    report = await gw.gateway.store.verify()  # type: ignore[attr-defined]
+    assert report.ok, report.first_problem

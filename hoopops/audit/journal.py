@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -40,6 +42,11 @@ from pathlib import Path
 # while the gateway keeps writing.
 ROTATE_BYTES = 8 * 1024 * 1024
 _SUFFIX = ".log"
+# The only records a gateway journals (the rest are chained directly). The CRC detects a
+# torn line, not a forged one: anyone who can write the journal directory can compute it,
+# so recovery also refuses any line a gateway could not have written.
+JOURNAL_KINDS = frozenset({"statement.received", "statement.finished", "masking.applied"})
+_ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
 
 
 class JournalError(Exception):
@@ -74,6 +81,23 @@ def _decode(line: bytes) -> JournalLine | None:
     except ValueError:
         return None
     return JournalLine(kind, at, session_id or None, payload)
+
+
+def refusal(line: JournalLine) -> str | None:
+    """Why an intact line cannot be a record a gateway journaled, or None if it can be."""
+    if line.kind not in JOURNAL_KINDS:
+        return f"kind {line.kind!r} is never journaled"
+    if not _ISO_TIME.match(line.at):
+        return f"time {line.at!r} is not in the form the gateway writes"
+    if line.session_id is None:
+        return "it names no session"
+    try:
+        payload = json.loads(line.payload)
+    except ValueError:
+        return "its payload is not JSON"
+    if not isinstance(payload, dict):
+        return "its payload is not a JSON object"
+    return None
 
 
 def read_lines(path: Path, offset: int = 0) -> Iterator[tuple[JournalLine, int]]:

@@ -42,7 +42,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -69,6 +69,7 @@ from hoopops.audit.journal import (
     journal_dir,
     orphaned_runs,
     read_lines,
+    refusal,
 )
 from hoopops.audit.records import (
     ApprovalRequest,
@@ -127,6 +128,10 @@ _SET_MARK = "INSERT OR REPLACE INTO journal_marks (run, file_no, offset) VALUES 
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # Bounded so one transaction (and the memory it holds) stays small under a flood.
 _MAX_BATCH = 2000
+# Chained after the records recovered from a dead gateway's journal (see _recover_run).
+RECOVERY_KIND = "audit.recovered"
+# Refused journal lines listed in that record; the count covers the rest.
+_MAX_REFUSALS_KEPT = 50
 # Journaled records (made durable by the journal, awaited by nobody) are chained in
 # batches at least this often, or as soon as this many wait, or at once when anyone
 # awaits a record or reads the store.
@@ -209,6 +214,8 @@ class SQLiteAuditStore(AuditStore):
         self.result_bytes = result_bytes
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
+        # False for readers (the CLI): they must never turn some other file into a store.
+        self.create = True
         self.stats = WriterStats()
         # The write connection lives on one dedicated thread and is touched nowhere else;
         # the executor's own queue serialises batches, prune and migrations.
@@ -257,6 +264,7 @@ class SQLiteAuditStore(AuditStore):
                                     "configuration? check audit.path in hoopops.yaml)")
         store = cls(path, result_rows=result_rows, result_bytes=result_bytes,
                     synchronous=synchronous, busy_timeout=busy_timeout)
+        store.create = create
         try:
             await store._on_writer(store._open_writer)
             store._reader = await store._connect()
@@ -289,6 +297,12 @@ class SQLiteAuditStore(AuditStore):
                              timeout=self.busy_timeout)
         self._wdb = db
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and not self.create:
+            tables = [r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 6")]
+            held = f"it holds tables {', '.join(tables)}" if tables else "it is empty"
+            raise AuditError(f"{self.path} is not a hoopops audit store (no schema version; "
+                             f"{held}); check audit.path, or whether the file was replaced")
         if version == 0:
             # Only possible before the first table exists; lets prune hand pages back.
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -355,11 +369,32 @@ class SQLiteAuditStore(AuditStore):
                          (orphan.run,)).fetchone()
         done = (0, 0) if row is None else (int(row[0]), int(row[1]))
         recovered = 0
+        first_seq = self._head(db)[0] + 1
+        refused: list[dict[str, Any]] = []
+        refused_count = 0
+        last: tuple[int, int] | None = None
+
+        def refuse(file_no: int, end: int, line: JournalLine, reason: str) -> None:
+            nonlocal refused_count
+            refused_count += 1
+            log.error("audit: journal record of run %s refused (%s): %s %s", orphan.run,
+                      reason, line.kind, line.at)
+            if len(refused) < _MAX_REFUSALS_KEPT:
+                refused.append({"file": file_no, "line_ends_at": end, "kind": line.kind,
+                                "reason": reason})
+
         for file_no, path in orphan.files:
             if file_no < done[0]:
                 continue
             start = done[1] if file_no == done[0] else 0
-            lines = list(read_lines(path, start))
+            lines = []
+            for line, end in read_lines(path, start):
+                reason = refusal(line)
+                if reason is None:
+                    lines.append((line, end))
+                else:
+                    refuse(file_no, end, line, reason)
+                last = (file_no, end)
             for chunk in range(0, len(lines), _MAX_BATCH):
                 part = lines[chunk:chunk + _MAX_BATCH]
                 try:
@@ -372,9 +407,16 @@ class SQLiteAuditStore(AuditStore):
                             recovered += self._replay(db, orphan.run, file_no, [one])
                         except sqlite3.IntegrityError as exc:
                             self._rollback()
-                            log.error("audit: a journal record of run %s could not be "
-                                      "stored (%s): %s %s", orphan.run, exc, one[0].kind,
-                                      one[0].at)
+                            refuse(file_no, one[1], one[0], f"the store refused it: {exc}")
+        if last is not None and (recovered or refused_count):
+            # Chained after them: these records were not chained by the process that wrote
+            # them, and until now rested only on the journal file (whose CRC is no seal).
+            note = {"run": orphan.run, "records": recovered,
+                    "first_seq": first_seq if recovered else None,
+                    "last_seq": first_seq + recovered - 1 if recovered else None,
+                    "refused": refused, "refused_count": refused_count}
+            self._replay(db, orphan.run, last[0], [(JournalLine(
+                RECOVERY_KIND, iso(time.time()), None, canonical_json(note)), last[1])])
         return recovered
 
     def _replay(self, db: sqlite3.Connection, run: str, file_no: int,
@@ -1153,16 +1195,16 @@ class SQLiteAuditStore(AuditStore):
         return [_approval_view(r) for r in rows]
 
     async def get_approval(self, approval_id: int) -> ApprovalView | None:
-        rows = await self._fetch("SELECT * FROM approvals WHERE id = ?", (int(approval_id),))
-        return _approval_view(rows[0]) if rows else None
+        rows = await self._fetch(f"{_APPROVAL_SELECT} WHERE a.id = ?", (int(approval_id),))
+        return _backed_approval_view(rows[0]) if rows else None
 
     async def get_approvals(self, approval_ids: Sequence[int]) -> dict[int, ApprovalView]:
         ids = [int(i) for i in approval_ids]
         if not ids:
             return {}
-        rows = await self._fetch("SELECT * FROM approvals WHERE id IN "
+        rows = await self._fetch(f"{_APPROVAL_SELECT} WHERE a.id IN "
                                  "(SELECT value FROM json_each(?))", (json.dumps(ids),))
-        return {int(r["id"]): _approval_view(r) for r in rows}
+        return {int(r["id"]): _backed_approval_view(r) for r in rows}
 
     async def recent_masking(self, limit: int = 100) -> list[MaskingView]:
         rows = await self._fetch(f"{_MASKING_SELECT} ORDER BY m.seq DESC, m.idx LIMIT ?",
@@ -1190,7 +1232,14 @@ class SQLiteAuditStore(AuditStore):
                                            "is broken")
                 await self._verify_triggers(db, report)
             finally:
-                await db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+        except sqlite3.DatabaseError as exc:
+            # A damaged page is found only when the walk reaches it: that is a broken
+            # trail to report, not a crash.
+            report.add(Problem(None, f"the store file is damaged (SQLite: {exc}) after "
+                               f"{report.records} record(s) were read; nothing past that "
+                               "point can be checked: restore the file from a backup"))
         finally:
             await db.close()
         report.elapsed_s = time.perf_counter() - started
@@ -1202,14 +1251,16 @@ class SQLiteAuditStore(AuditStore):
             head_row = await cursor.fetchone()
         head = (int(head_row[0]), str(head_row[1])) if head_row else None
         anchor: tuple[int, str] | None = None
-        async with db.execute("SELECT payload FROM chain WHERE kind = ? ORDER BY seq",
+        anchored_by: tuple[int, str] = (0, "")  # the prune record behind ``anchor``
+        async with db.execute("SELECT seq, at, payload FROM chain WHERE kind = ? ORDER BY seq",
                               (PRUNE_KIND,)) as cursor:
-            async for (payload,) in cursor:
+            async for (prune_seq, prune_at, payload) in cursor:
                 with contextlib.suppress(ValueError, KeyError, TypeError):
                     data = json.loads(payload)
                     candidate = (int(data["through_seq"]), str(data["through_hash"]))
                     if anchor is None or candidate[0] > anchor[0]:
                         anchor = candidate
+                        anchored_by = (int(prune_seq), str(prune_at))
         checker = ChainChecker(report, anchor)
         checker.want_hashes({seq for seq, _ in expect})
         async with db.execute(f"SELECT {', '.join(CHAIN_COLUMNS)} FROM chain "
@@ -1222,9 +1273,19 @@ class SQLiteAuditStore(AuditStore):
         for seq, digest in expect:
             found = checker.hashes.get(seq)
             if found is None:
-                if anchor is not None and seq <= anchor[0]:
-                    report.warnings.append(f"record #{seq} was pruned; the prune anchor "
-                                           "vouches for the records before it")
+                if anchor is not None and seq == anchor[0] and digest.lower() != anchor[1]:
+                    report.add(Problem(seq, f"record #{seq} was pruned, but the prune anchor "
+                                       f"(record #{anchored_by[0]}) gives it hash "
+                                       f"{anchor[1][:16]}…, not the {digest[:16]}… you kept: "
+                                       "the chain was rewritten before the prune"))
+                elif anchor is not None and seq <= anchor[0]:
+                    # Removing a prefix and chaining a prune record is what prune does, and
+                    # also what someone with the file could do; only the time says which.
+                    report.warnings.append(
+                        f"record #{seq}, whose hash you kept, was pruned by record "
+                        f"#{anchored_by[0]} at {anchored_by[1]}; that prune was chained after "
+                        "your kept head, so check it was your retention run, and keep the "
+                        "new head")
                 else:
                     report.add(Problem(seq, f"record #{seq}, whose hash you kept, is not in "
                                        "the chain (the tail was cut off or rewritten)"))
@@ -1517,6 +1578,50 @@ def _approval_view(r: sqlite3.Row) -> ApprovalView:
         expires_at=from_iso(r["expires_at"]), binding_sha256=r["binding_sha256"],
         status=r["status"], scope=r["scope"], decided_by=r["decided_by"],
         decided_at=opt_from_iso(r["decided_at"]), comment=r["comment"])
+
+
+# An approval's row with the chain record that settled it: a gateway releases a statement
+# on what the approvals table says, and that table is only a projection anyone with the
+# file can edit, so a decision counts only when its chain record says the same.
+_APPROVAL_SELECT = ("SELECT a.*, c.kind AS c_kind, c.at AS c_at, c.session_id AS c_session, "
+                    "c.payload AS c_payload, c.prev_hash AS c_prev, c.hash AS c_hash "
+                    "FROM approvals a LEFT JOIN chain c ON c.seq = a.decided_seq")
+
+
+def _decision_problem(r: sqlite3.Row) -> str | None:
+    """Why an approved row is not backed by the chain, or None when it is."""
+    if r["c_hash"] is None:
+        return "no chain record settles it"
+    if r["c_kind"] != "approval.decided" or record_hash_text(
+            int(r["decided_seq"]), r["c_kind"], r["c_at"], r["c_session"], r["c_payload"],
+            r["c_prev"]) != r["c_hash"]:
+        return f"chain record #{r['decided_seq']} is not an intact decision"
+    try:
+        data = json.loads(r["c_payload"])
+    except ValueError:
+        return f"chain record #{r['decided_seq']} is unreadable"
+    claimed = {"approval_id": r["id"], "status": r["status"], "scope": r["scope"],
+               "decided_by": r["decided_by"]}
+    if not isinstance(data, dict) or any(data.get(k) != v for k, v in claimed.items()):
+        return f"chain record #{r['decided_seq']} records a different decision"
+    return None
+
+
+def _backed_approval_view(r: sqlite3.Row) -> ApprovalView:
+    """The approval as its row says, except that an approval the chain does not back
+    reads as withdrawn (fail closed: the statement must not run on an edited row)."""
+    view = _approval_view(r)
+    if view.status != "approved":
+        return view
+    problem = _decision_problem(r)
+    if problem is None:
+        return view
+    log.error("audit: approval #%s reads approved in the approvals table, but %s; treated "
+              "as withdrawn (the store was edited by hand: run hoopops audit verify)",
+              view.id, problem)
+    return replace(view, status="withdrawn", scope=None, decided_by=None,
+                   comment=f"refused: the approvals table says approved, but {problem} "
+                   "(edited by hand?)")
 
 
 def _masking_view(r: sqlite3.Row) -> MaskingView:

@@ -245,7 +245,8 @@ class Enforcer(StatementGate):
             hints = None
         approval_id = None
         if action == "review" and self.broker is not None:
-            approval_id = self.broker.session_approval(session.id, _fingerprint(decision))
+            approval_id = self.broker.session_approval(session.id, _fingerprint(decision),
+                                                       decision.rule_id)
             if approval_id is not None:
                 action = "allow"
         if action != "block":
@@ -344,7 +345,9 @@ class Enforcer(StatementGate):
     def session_allows(self, session: Session, verdict: Verdict) -> bool:
         if self.broker is None:
             return False
-        return self.broker.session_allows(session.id, _fingerprint(verdict.decision))
+        decision = verdict.decision
+        return self.broker.session_allows(session.id, _fingerprint(decision),
+                                          decision.rule_id if decision is not None else None)
 
     # -- approvals --------------------------------------------------------------------------
 
@@ -454,7 +457,9 @@ class Enforcer(StatementGate):
                              received_at: float) -> None:
         if not self.audit_on:
             return
-        action = verdict.decision.action if verdict.decision is not None else "block"
+        # (no policy decision: the verdict's own action — a refusal, or a statement the
+        # server itself failed, which the policy had allowed)
+        action = verdict.decision.action if verdict.decision is not None else verdict.action
         try:
             held = self._take_held(session, sql, params)
             if held is not None:
@@ -497,8 +502,10 @@ class Enforcer(StatementGate):
         approval_id = None
         if verdict.action == "review" and self.broker is not None:
             # Let through by a session-scope approval granted after it was parsed.
-            approval_id = self.broker.session_approval(session.id,
-                                                       _fingerprint(verdict.decision))
+            decision = verdict.decision
+            approval_id = self.broker.session_approval(
+                session.id, _fingerprint(decision),
+                decision.rule_id if decision is not None else None)
         if held is not None:
             run.audit_id = held.statement_id  # recorded, durably, before it was held
         else:

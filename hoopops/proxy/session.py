@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from hoopops import events
@@ -815,6 +815,26 @@ class Session:
         self._prepared(msg.name, msg.sql, verdict)
         self.pending.append(_parse_pending(msg.name))
         out.append(raw)
+
+    async def _record_failed_parse(self, head: Pending, fields: dict[str, str]) -> None:
+        """A statement the server refused at Parse (a missing table, a syntax the gateway's
+        parser accepts) never reaches Execute, where statements are recorded: record it
+        here, with the server's SQLSTATE, unless an Execute queued behind it in the same
+        pipeline carries it (that run is recorded and ends with this error)."""
+        for later in self.pending:
+            if later is not head and (later.kind in _SYNC_KINDS or later.run is not None):
+                if later.run is not None:
+                    return
+                break
+        prepared = self.statements.get(head.name)
+        if prepared is None:
+            return
+        decided = prepared.decision
+        failed = (replace(decided, sqlstate=fields.get("C") or "XX000",
+                          message=fields.get("M") or "")
+                  if isinstance(decided, Verdict)
+                  else Verdict("allow", fields.get("C") or "XX000", fields.get("M") or ""))
+        await self.gate.record_refusal(self, prepared.sql, None, failed, time.time())
 
     def _prepared(self, name: str, sql: str, verdict: Any) -> None:
         statements = self.statements
@@ -1838,6 +1858,8 @@ class Session:
                     fields = p.parse_error_fields(replacement[5:])
                     if run is not None and not run.finished:
                         run.error = fields.get("M")
+            if kind == K_PARSE and self.gate.audits:
+                await self._record_failed_parse(head, fields)
             if self.gate.masks and kind in (K_PARSE, K_BIND):
                 # The server kept what the name held before (a duplicate name), or nothing:
                 # masking by the text the gateway saw could leak, so the name is forgotten
