@@ -17,20 +17,10 @@ from hoopops.approvals import ApprovalBroker, Decision
 from hoopops.audit import SessionRecord, SQLiteAuditStore
 from hoopops.events import EventBus
 from hoopops.identity import Identity
+from tests.clients.offline import store_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """\
-targets:
-  main:
-    upstream: postgresql://gateway@127.0.0.1:5432/app
-identity:
-  hs256_secret: "0123456789abcdef0123456789abcdef"
-audit:
-  path: audit.db
-approvals:
-  timeout: 60s
-  poll_interval: 0.2
-"""
+CONFIG = store_config(extra="approvals:\n  timeout: 60s\n  poll_interval: 0.2\n")
 AGENT = Identity("agent-cli", ("agents",), "https://idp", "tok", None)
 
 

@@ -22,16 +22,9 @@ from hoopops.audit import (
     StatementResult,
 )
 from hoopops.cli import audit as audit_cli
+from tests.clients.offline import store_config
 
-CONFIG = """\
-targets:
-  main:
-    upstream: postgresql://gateway@127.0.0.1:5432/app
-identity:
-  hs256_secret: "0123456789abcdef0123456789abcdef"
-audit:
-  path: trail/audit.db
-"""
+CONFIG = store_config("trail/audit.db")
 DAY = 86400.0
 
 

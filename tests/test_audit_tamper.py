@@ -29,19 +29,12 @@ from hoopops.audit import SQLiteAuditStore
 from hoopops.audit.chain import GENESIS, canonical_json, record_hash_text
 from hoopops.audit.journal import journal_dir
 from hoopops.audit.schema import CHAIN_COLUMNS, PROJECTIONS, schema_statements
+from tests.clients.offline import store_config
 from tests.clients.util import psql_args, run
 from tests.conftest import RunningGateway, psql_path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = """\
-targets:
-  main:
-    upstream: postgresql://gateway@127.0.0.1:5432/app
-identity:
-  hs256_secret: "0123456789abcdef0123456789abcdef"
-audit:
-  path: audit.db
-"""
+CONFIG = store_config()
 _PRISTINE: dict[str, Path] = {}
 
 
