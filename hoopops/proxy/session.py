@@ -1858,7 +1858,7 @@ class Session:
                     fields = p.parse_error_fields(replacement[5:])
                     if run is not None and not run.finished:
                         run.error = fields.get("M")
-            if kind == K_PARSE and self.gate.audits:
+            if kind == K_PARSE and self.gate.audits and not head.swallow:
                 await self._record_failed_parse(head, fields)
             if self.gate.masks and kind in (K_PARSE, K_BIND):
                 # The server kept what the name held before (a duplicate name), or nothing:
