@@ -338,7 +338,7 @@ async def test_console_in_tmux_keeps_its_title_and_screen(tmp_path: Path, pg: An
         psql = await asyncio.create_subprocess_exec(
             psql_path(pg), "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "agent",
             "-d", "appdb", "-c", "SELECT '\x1b]2;pwned-too\x1b\\\x1b[2J\x1b[H' AS x; "
-            "SELECT pg_sleep(8)",
+            "SELECT pg_sleep(60)",  # live for the whole check, however slow the machine
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             await _pane(name, "tmux-agent")
@@ -354,6 +354,8 @@ async def test_console_in_tmux_keeps_its_title_and_screen(tmp_path: Path, pg: An
             title = _tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
             assert title == "analyst"  # never retitled by the agent
         finally:
+            if psql.returncode is None:
+                psql.terminate()  # the agent goes away mid-statement; the session ends
             await asyncio.wait_for(psql.communicate(), 30)
         await _audit_show_in_tmux(config_path)
     finally:
