@@ -17,7 +17,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 import unicodedata
@@ -36,6 +35,7 @@ from hoopops.display import folded, hidden_characters, visible
 from hoopops.identity import mint_token
 from hoopops.tui.app import ConsoleApp
 from hoopops.tui.source import GatewaySource
+from tests.clients.tmux import tmux, wait_pane
 from tests.conftest import RunningGateway, psql_path, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,12 +310,6 @@ async def test_cli_human_output_shows_escapes_json_and_csv_keep_the_data(rig: Ri
 # -- a real terminal ----------------------------------------------------------------------
 
 
-def _tmux(*args: str) -> str:
-    done = subprocess.run(["tmux", *args], capture_output=True, text=True, check=False,
-                          timeout=10)
-    return done.stdout
-
-
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 async def test_console_in_tmux_keeps_its_title_and_screen(tmp_path: Path, pg: Any) -> None:
     """``hoopops console`` in a tmux pane, a psql agent whose application name and
@@ -328,10 +322,10 @@ async def test_console_in_tmux_keeps_its_title_and_screen(tmp_path: Path, pg: An
     name = f"hoopops-display-{uuid.uuid4().hex[:8]}"
     command = (f"cd {ROOT} && {sys.executable} -m hoopops console --config {config_path} "
                f"--log-file {tmp_path / 'console.log'} --export-dir {tmp_path}; sleep 30")
-    _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
+    tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
     try:
-        await _pane(name, "Live sessions")
-        _tmux("select-pane", "-t", name, "-T", "analyst")
+        await wait_pane(name, "Live sessions")
+        tmux("select-pane", "-t", name, "-T", "analyst")
         token = mint_token(config.identity, "tmux-agent", ["agents"], 600)
         env = {"PGPASSWORD": token, "PGCONNECT_TIMEOUT": "10", "PATH": "/usr/bin:/bin",
                "PGAPPNAME": "\x1b]2;pwned\x1b\\\x1b[2J"}
@@ -341,17 +335,17 @@ async def test_console_in_tmux_keeps_its_title_and_screen(tmp_path: Path, pg: An
             "SELECT pg_sleep(60)",  # live for the whole check, however slow the machine
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            await _pane(name, "tmux-agent")
+            await wait_pane(name, "tmux-agent")
             await asyncio.sleep(1.5)  # a repaint or two with the agent's text on screen
-            title = _tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
+            title = tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
             assert title == "analyst"  # never retitled by the agent
-            shown = await _pane(name, "SELECT '\\x1")
+            shown = await wait_pane(name, "SELECT '\\x1")
             assert "Live sessions (1)" in shown
             # The session screen shows the application name and the statement whole.
-            await asyncio.to_thread(_tmux, "send-keys", "-t", name, "Enter")
-            shown = await _pane(name, "\\x1b]2;pwned\\x1b\\\\")
+            await asyncio.to_thread(tmux, "send-keys", "-t", name, "Enter")
+            shown = await wait_pane(name, "\\x1b]2;pwned\\x1b\\\\")
             assert "\\x1b]2;pwned-too" in shown
-            title = _tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
+            title = tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
             assert title == "analyst"  # never retitled by the agent
         finally:
             if psql.returncode is None:
@@ -359,7 +353,7 @@ async def test_console_in_tmux_keeps_its_title_and_screen(tmp_path: Path, pg: An
             await asyncio.wait_for(psql.communicate(), 30)
         await _audit_show_in_tmux(config_path)
     finally:
-        _tmux("kill-session", "-t", name)
+        tmux("kill-session", "-t", name)
 
 
 async def _audit_show_in_tmux(config_path: Path) -> None:
@@ -375,25 +369,15 @@ async def _audit_show_in_tmux(config_path: Path) -> None:
         assert time.monotonic() < deadline, "the session never reached the audit store"
         await asyncio.sleep(0.2)
     name = f"hoopops-audit-{uuid.uuid4().hex[:8]}"
-    _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36",
+    tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36",
           f"sleep 1; cd {ROOT} && {sys.executable} -m hoopops audit show {sessions[0]['id']} "
           f"-c {config_path}; echo END-OF-SHOW; sleep 30")
     try:
-        _tmux("select-pane", "-t", name, "-T", "auditor")
-        shown = await _pane(name, "END-OF-SHOW")
+        tmux("select-pane", "-t", name, "-T", "auditor")
+        shown = await wait_pane(name, "END-OF-SHOW")
         assert "\\x1b]2;pwned" in shown
-        title = _tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
+        title = tmux("display-message", "-p", "-t", name, "#{pane_title}").strip()
         assert title == "auditor"  # never retitled by the recorded agent text
     finally:
-        _tmux("kill-session", "-t", name)
+        tmux("kill-session", "-t", name)
 
-
-async def _pane(name: str, needle: str, within: float = 30) -> str:
-    deadline = time.monotonic() + within
-    shown = ""
-    while time.monotonic() < deadline:
-        shown = await asyncio.to_thread(_tmux, "capture-pane", "-p", "-t", name)
-        if needle in shown:
-            return shown
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{needle!r} never appeared in the console; last screen:\n{shown}")

@@ -11,7 +11,6 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -24,6 +23,7 @@ import pytest
 from hoopops.config import load_config
 from hoopops.devdb import free_port
 from hoopops.identity import mint_token
+from tests.clients.tmux import tmux, wait_pane
 from tests.conftest import psql_path, write_config
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -31,23 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None,
                                 reason="tmux is not installed (.ci/run installs it)")
-
-
-def _tmux(*args: str) -> str:
-    done = subprocess.run(["tmux", *args], capture_output=True, text=True, check=False,
-                          timeout=10)
-    return done.stdout
-
-
-async def _wait_pane(name: str, needle: str, within: float = 30) -> str:
-    deadline = time.monotonic() + within
-    screen = ""
-    while time.monotonic() < deadline:
-        screen = await asyncio.to_thread(_tmux, "capture-pane", "-p", "-t", name)
-        if needle in screen:
-            return screen
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{needle!r} never appeared in the console; last screen:\n{screen}")
 
 
 async def test_console_in_tmux_approves_a_psql_statement(tmp_path: Path, pg: Any) -> None:
@@ -68,10 +51,10 @@ async def test_console_in_tmux_approves_a_psql_statement(tmp_path: Path, pg: Any
     name = f"hoopops-e2e-{uuid.uuid4().hex[:8]}"
     command = (f"cd {ROOT} && {sys.executable} -m hoopops console --config {config_path} "
                f"--log-file {log} --export-dir {tmp_path}; sleep 30")
-    _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
+    tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
     psql: asyncio.subprocess.Process | None = None
     try:
-        screen = await _wait_pane(name, "Live sessions")
+        screen = await wait_pane(name, "Live sessions")
         assert f"127.0.0.1:{port}" in screen
         token = mint_token(config.identity, "psql-agent", ["agents"], 600)
         psql = await asyncio.create_subprocess_exec(
@@ -80,20 +63,20 @@ async def test_console_in_tmux_approves_a_psql_statement(tmp_path: Path, pg: Any
             "UPDATE tmux_orders SET status = 'shipped' WHERE id = 7 RETURNING id, status",
             env={"PGPASSWORD": token, "PGCONNECT_TIMEOUT": "10", "PATH": "/usr/bin:/bin"},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        await _wait_pane(name, "Pending approvals (1)")
-        await _wait_pane(name, "psql-agent")
+        await wait_pane(name, "Pending approvals (1)")
+        await wait_pane(name, "psql-agent")
         assert psql.returncode is None, "psql must be waiting for the analyst"
-        await asyncio.to_thread(_tmux, "send-keys", "-t", name, "a")
+        await asyncio.to_thread(tmux, "send-keys", "-t", name, "a")
         out, err = await asyncio.wait_for(psql.communicate(), 15)
         assert psql.returncode == 0, err.decode()
         assert out.decode().strip().splitlines()[0] == "7|shipped"
         assert "awaiting approval" in err.decode()  # the NOTICE psql printed while held
-        await _wait_pane(name, "Pending approvals (0)")
+        await wait_pane(name, "Pending approvals (0)")
         # Quit (asks first, because the gateway stops with the console).
-        await asyncio.to_thread(_tmux, "send-keys", "-t", name, "q")
-        await _wait_pane(name, "Quit hoopops console?")
-        await asyncio.to_thread(_tmux, "send-keys", "-t", name, "y")
-        await _wait_pane(name, "", within=1)
+        await asyncio.to_thread(tmux, "send-keys", "-t", name, "q")
+        await wait_pane(name, "Quit hoopops console?")
+        await asyncio.to_thread(tmux, "send-keys", "-t", name, "y")
+        await wait_pane(name, "", within=1)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -110,7 +93,7 @@ async def test_console_in_tmux_approves_a_psql_statement(tmp_path: Path, pg: Any
         if psql is not None and psql.returncode is None:
             psql.kill()
             await psql.wait()
-        _tmux("kill-session", "-t", name)
+        tmux("kill-session", "-t", name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -132,13 +115,13 @@ async def test_sighup_reloads_policies_and_a_hangup_still_quits(tmp_path: Path,
     name = f"hoopops-hup-{uuid.uuid4().hex[:8]}"
     command = (f"cd {ROOT} && exec {sys.executable} -m hoopops console --config "
                f"{config_path} --log-file {tmp_path / 'console.log'}")
-    _tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
+    tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "36", command)
     pid: int | None = None
     try:
-        await _wait_pane(name, "Live sessions")
-        pid = int(_tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip())
+        await wait_pane(name, "Live sessions")
+        pid = int(tmux("display-message", "-p", "-t", name, "#{pane_pid}").strip())
         os.kill(pid, signal.SIGHUP)
-        await _wait_pane(name, "SIGHUP: policy folder re-read")
+        await wait_pane(name, "SIGHUP: policy folder re-read")
         assert _pid_alive(pid)
         conn = await asyncpg.connect(host="127.0.0.1", port=port, user="agent",
                                      password=mint_token(load_config(config_path).identity,
@@ -149,7 +132,7 @@ async def test_sighup_reloads_policies_and_a_hangup_still_quits(tmp_path: Path,
         finally:
             await conn.close()
     finally:
-        _tmux("kill-session", "-t", name)
+        tmux("kill-session", "-t", name)
     deadline = time.monotonic() + 15
     while pid is not None and _pid_alive(pid):
         assert time.monotonic() < deadline, "the console outlived its terminal"
